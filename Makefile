@@ -1,0 +1,49 @@
+# prelabel: `make demo` and `make test` work on a fresh machine (they install first).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+PRELABEL   := $(BIN)/prelabel
+# The default weights; on a machine without internet pass a local checkpoint file:
+#   make demo PRETRAINED=/path/to/open_clip_pytorch_model.bin
+MODEL      ?= ViT-B-32
+PRETRAINED ?= laion2b_s34b_b79k
+DEMO_OUT   ?= out/demo
+
+.PHONY: install test demo lint clean
+
+install: $(VENV)/.installed
+
+# torch and torchvision are pinned here, in the install step, to the builds that install
+# from this machine's local disk; pyproject.toml only sets a lower bound.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# Pre-label the bundled photographs. Without internet the default weights cannot be
+# downloaded (exit code 3): the demo then says so loudly and runs with random weights,
+# which shows the pipeline working but gives meaningless tags.
+demo: install
+	@$(PRELABEL) folder samples/images --config configs/demo.yaml --out $(DEMO_OUT) \
+		--model $(MODEL) --pretrained $(PRETRAINED); rc=$$?; \
+	if [ $$rc -eq 3 ]; then \
+		echo ""; \
+		echo "*** The $(MODEL)/$(PRETRAINED) weights are not available here (offline?)."; \
+		echo "*** Running the demo with RANDOM weights instead: the pipeline runs, the tags are meaningless."; \
+		echo "*** For real tags: make demo PRETRAINED=/path/to/checkpoint (or run where the weights can be downloaded)."; \
+		echo ""; \
+		$(PRELABEL) folder samples/images --config configs/demo.yaml --out $(DEMO_OUT) \
+			--model $(MODEL) --pretrained none; \
+	else exit $$rc; fi
+
+lint: install
+	$(BIN)/ruff check prelabel connectors tests
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

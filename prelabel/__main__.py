@@ -1,0 +1,3 @@
+from prelabel.cli import main
+
+main()

@@ -1,0 +1,136 @@
+"""The zero-shot text classifier: one ensembled text embedding per label.
+
+Each label's prompts are its configured descriptions, or its name expanded through the
+prompt templates. Their normalised text embeddings are averaged and re-normalised (prompt
+ensembling, as in the CLIP paper). A classifier is built once per (model, labels,
+prompts) and cached in memory and on disk under its fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+
+from prelabel.config import Config
+from prelabel.model import LoadedModel, inference
+
+log = logging.getLogger(__name__)
+
+_MEMORY: dict[tuple[str, str], TextClassifier] = {}
+
+
+@dataclass(frozen=True)
+class TextClassifier:
+    """Turns normalised image embeddings into per-label probabilities."""
+
+    labels: tuple[str, ...]
+    weights: torch.Tensor
+    """[embed_dim, n_labels], unit columns, fp32, on the model's device."""
+    logit_scale: float
+    logit_bias: float | None
+    """Set for SigLIP-family models, whose scores are per-label sigmoids."""
+    fingerprint: str
+
+    def probabilities(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[N, embed_dim] unit image embeddings -> [N, n_labels] probabilities.
+
+        CLIP: softmax over the labels of ``logit_scale * cosine``. SigLIP: an independent
+        sigmoid of ``logit_scale * cosine + logit_bias`` per label.
+        """
+        logits = self.logit_scale * (image_features.float() @ self.weights)
+        if self.logit_bias is not None:
+            return torch.sigmoid(logits + self.logit_bias)
+        return logits.softmax(dim=-1)
+
+
+def label_prompts(labels: Sequence[str], config: Config) -> dict[str, list[str]]:
+    """The prompts of each label: its config descriptions, else the templates filled in."""
+    prompts = {}
+    for name in labels:
+        entry = config.label(name)
+        if entry is not None and entry.descriptions:
+            prompts[name] = list(entry.descriptions)
+        else:
+            prompts[name] = [template.replace("{}", name) for template in config.prompts.templates]
+    return prompts
+
+
+def classifier_fingerprint(model_identity: str, prompts: dict[str, list[str]]) -> str:
+    """A stable hash of everything the classifier's weights depend on."""
+    payload = {
+        "model": model_identity,
+        "prompts": [[label, list(texts)] for label, texts in prompts.items()],
+        "open_clip": open_clip.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def build_classifier(
+    loaded: LoadedModel, prompts: dict[str, list[str]], cache_dir: Path | None = None
+) -> TextClassifier:
+    """Build (or fetch from the memory or disk cache) the classifier for these prompts."""
+    fingerprint = classifier_fingerprint(loaded.identity, prompts)
+    memory_key = (fingerprint, str(loaded.device))
+    if memory_key in _MEMORY:
+        return _MEMORY[memory_key]
+    path = cache_dir / "classifiers" / f"{fingerprint}.pt" if cache_dir else None
+    weights = _read_cached(path, len(prompts))
+    if weights is None:
+        weights = _ensemble(loaded, prompts)
+        _write_cached(path, weights)
+    model = loaded.model
+    bias = getattr(model, "logit_bias", None)
+    classifier = TextClassifier(
+        labels=tuple(prompts),
+        weights=weights.to(loaded.device),
+        logit_scale=float(model.logit_scale.detach().float().exp()),
+        logit_bias=None if bias is None else float(bias.detach().float()),
+        fingerprint=fingerprint,
+    )
+    _MEMORY[memory_key] = classifier
+    return classifier
+
+
+def _ensemble(loaded: LoadedModel, prompts: dict[str, list[str]]) -> torch.Tensor:
+    texts = [text for label_texts in prompts.values() for text in label_texts]
+    with inference(loaded):
+        tokens = loaded.tokenizer(texts).to(loaded.device)
+        embeddings = loaded.model.encode_text(tokens, normalize=True).float()
+    columns, start = [], 0
+    for label_texts in prompts.values():
+        mean = embeddings[start : start + len(label_texts)].mean(dim=0)
+        columns.append(mean / mean.norm())
+        start += len(label_texts)
+    return torch.stack(columns, dim=1).cpu()
+
+
+def _read_cached(path: Path | None, n_labels: int) -> torch.Tensor | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt cache entry is rebuilt, never fatal
+        log.warning("ignoring unreadable classifier cache %s: %s", path, exc)
+        return None
+    if not isinstance(weights, torch.Tensor) or weights.ndim != 2 or weights.shape[1] != n_labels:
+        return None
+    return weights
+
+
+def _write_cached(path: Path | None, weights: torch.Tensor) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(weights, tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("could not cache the classifier at %s: %s", path, exc)

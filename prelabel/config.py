@@ -1,0 +1,195 @@
+"""The run configuration: a YAML file validated on load, plus command-line overrides.
+
+`configs/example.yaml` documents every key. Validation is strict: an unknown key, a
+wrong type or a value out of range is a `ConfigError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from prelabel.errors import ConfigError
+
+# open_clip's seven "simple" ImageNet templates (open_clip.zero_shot_metadata), which
+# the open_clip authors found to match the 80-template ensemble closely.
+SIMPLE_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which OpenCLIP model to run, and where."""
+
+    name: str = "ViT-B-32"
+    """An open_clip architecture name, `hf-hub:org/repo`, or `local-dir:/path`."""
+    pretrained: str = "laion2b_s34b_b79k"
+    """A pretrained tag, a local checkpoint file, or `none` for random weights (tests only)."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Autocast precision on CUDA; `auto` picks bf16 where supported, else fp16. CPU is fp32."""
+    batch_size: Annotated[int, Field(gt=0)] | None = None
+    """Images per model batch; default 128 on CUDA, 32 on CPU."""
+    cache_dir: str | None = None
+    """Where text classifiers (and downloaded weights) are cached; default ~/.cache/prelabel."""
+
+
+class LabelConfig(_Strict):
+    """One candidate label, with optional descriptions and threshold overrides."""
+
+    name: Annotated[str, Field(min_length=1)]
+    descriptions: list[Annotated[str, Field(min_length=1)]] = []
+    """Prompts used as they are; when empty, the name is expanded through the templates."""
+    accept_threshold: Probability | None = None
+    min_margin: Probability | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a label name cannot be blank")
+        return value
+
+
+class PromptConfig(_Strict):
+    """How label names become text prompts."""
+
+    templates: list[str] = list(SIMPLE_TEMPLATES)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one template is needed")
+        for template in value:
+            if "{}" not in template:
+                raise ValueError(f"template {template!r} has no '{{}}' where the label goes")
+        return value
+
+
+class RoutingConfig(_Strict):
+    """When a prediction is accepted as a tag, and when it goes to a human."""
+
+    accept_threshold: Probability = 0.6
+    """Accept when the top-1 probability is at least this (multi-label: per-label cut-off)."""
+    min_margin: Probability = 0.1
+    """...and the gap between the first and second probability is at least this."""
+    multi_label: bool = False
+    """Tag every label whose probability reaches its threshold, instead of the top-1 only."""
+    top_k: Annotated[int, Field(gt=0, le=50)] = 5
+    """How many candidates are kept with each prediction (review lists, state)."""
+
+
+class DecodeConfig(_Strict):
+    """Image decoding."""
+
+    draft: bool = True
+    """Decode large JPEGs at reduced scale (Pillow draft mode) before resizing."""
+    workers: Annotated[int, Field(gt=0)] | None = None
+    """Decode threads; default: the number of CPU cores."""
+
+
+class Config(_Strict):
+    """A whole prelabel configuration."""
+
+    model: ModelConfig = ModelConfig()
+    labels: list[LabelConfig] = []
+    prompts: PromptConfig = PromptConfig()
+    routing: RoutingConfig = RoutingConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, value: list[LabelConfig]) -> list[LabelConfig]:
+        seen: set[str] = set()
+        for label in value:
+            if label.name in seen:
+                raise ValueError(f"label {label.name!r} is listed twice")
+            seen.add(label.name)
+        return value
+
+    def label(self, name: str) -> LabelConfig | None:
+        """The config entry for a label name, if the config has one."""
+        return next((label for label in self.labels if label.name == name), None)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config (or the defaults), then apply dotted-key overrides.
+
+    `overrides` maps dotted keys such as ``"model.batch_size"`` to values; a value of
+    None means "not given" and is skipped.
+    """
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        data = _read_yaml(Path(path))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{where}: '{key}' must be a mapping")
+            node = child
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_describe(exc)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
+        )
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line naming each offending key, e.g. ``labels[0].name: field required``."""
+    parts = []
+    for error in exc.errors():
+        key = ""
+        for item in error["loc"]:
+            key += f"[{item}]" if isinstance(item, int) else (f".{item}" if key else str(item))
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{key or 'top level'}: {message}")
+    return "; ".join(parts)

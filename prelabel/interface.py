@@ -1,0 +1,102 @@
+"""The contract between the pipeline's stages: what flows, and what a connector provides.
+
+Data flows one way::
+
+    FrameSource.frames() -> Frame -> worker -> Prediction -> router -> Decision -> DecisionSink
+
+A connector (a folder, a CVAT server) supplies a `FrameSource` and a `DecisionSink`;
+the pipeline never looks inside a frame's `ref`, which belongs to the connector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One image to label.
+
+    `data` is the encoded file (JPEG, PNG, ...) or an image the source already decoded
+    (video frames). When the source could not read the frame at all, `data` is None and
+    `error` says why; such a frame still flows through the pipeline and ends in review.
+    """
+
+    ref: Hashable
+    """The connector's handle for writing results back (a path, a (job, frame) pair)."""
+    name: str
+    """A human-readable name, used in reports."""
+    data: bytes | Image.Image | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's scores for one frame.
+
+    `scores` holds the top-k (label, probability) pairs, most likely first. A frame that
+    could not be decoded has no scores and an `error` instead.
+    """
+
+    ref: Hashable
+    name: str
+    scores: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+    size: tuple[int, int] | None = None
+    """(width, height) of the decoded frame, when it could be decoded."""
+
+    @property
+    def top_label(self) -> str | None:
+        return self.scores[0][0] if self.scores else None
+
+    @property
+    def confidence(self) -> float:
+        """The top-1 probability (0 for an unreadable frame)."""
+        return self.scores[0][1] if self.scores else 0.0
+
+    @property
+    def margin(self) -> float:
+        """The gap between the first and second probability (the top-1 alone if one label)."""
+        if not self.scores:
+            return 0.0
+        second = self.scores[1][1] if len(self.scores) > 1 else 0.0
+        return self.scores[0][1] - second
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one frame: tag it with `tags`, or send it to review for `reason`."""
+
+    prediction: Prediction
+    tags: tuple[tuple[str, float], ...] = ()
+    """(label, probability) pairs to write as tags; empty when the frame goes to review."""
+    reason: str | None = None
+    """Why a human must look; None when the frame is accepted."""
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+class FrameSource(Protocol):
+    """Yields the frames to label, in a stable order."""
+
+    def frames(self) -> Iterator[Frame]: ...
+
+    def __len__(self) -> int:
+        """How many frames `frames()` will yield (for progress bars)."""
+        ...
+
+
+class DecisionSink(Protocol):
+    """Receives every decision exactly once, then is closed."""
+
+    def write(self, decision: Decision) -> None: ...
+
+    def close(self) -> None:
+        """Flush everything; after this returns the results are durable."""
+        ...

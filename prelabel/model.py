@@ -1,0 +1,207 @@
+"""Loading an OpenCLIP model: by name and pretrained tag, `hf-hub:`, `local-dir:` or a file.
+
+`load_model` returns the model in eval mode on its device, with its own preprocessing
+transform and tokenizer, and an `identity` string that names the weights exactly; the
+identity goes into every fingerprint and into each tag written to CVAT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import open_clip
+import torch
+from PIL import Image
+
+from prelabel.config import ModelConfig
+from prelabel.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+RANDOM_SEED = 0
+"""Seed for `pretrained: none`, so that random-weight runs are reproducible."""
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An OpenCLIP model ready for inference."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    identity: str
+    """E.g. ``ViT-B-32/laion2b_s34b_b79k``; random weights say so (``.../random-seed0``)."""
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    """fp16 or bf16 on CUDA, None (plain fp32) on CPU."""
+    image_size: tuple[int, int]
+
+    @property
+    def random_weights(self) -> bool:
+        return self.identity.endswith(f"/random-seed{RANDOM_SEED}")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context for inference on this model's device (a no-op on CPU)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU; anything else must be a valid torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"model.device: {name!r} is not a device (use auto, cpu or cuda:N)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} was asked for, but CUDA is not available here")
+    return device
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load the model `config` names, in eval mode, on the configured device.
+
+    Raises `ModelError` with a hint when the weights cannot be found or downloaded.
+    `pretrained: none` loads random weights (seeded, so runs repeat) and logs a loud
+    warning: predictions are then meaningless, which is only useful for tests.
+    """
+    device = resolve_device(config.device)
+    random_weights = config.pretrained.lower() == "none"
+    name = config.name
+    is_schema = name.startswith(("hf-hub:", "local-dir:"))
+    if random_weights:
+        log.warning(
+            "!!! pretrained: none -- the model has RANDOM weights; its tags are meaningless. "
+            "Use this for tests and benchmarks only. !!!"
+        )
+        identity = f"{name}/random-seed{RANDOM_SEED}"
+    else:
+        identity = _identity_and_check(name, config.pretrained, is_schema, config.cache_dir)
+
+    pretrained = None if random_weights or is_schema else config.pretrained
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name,
+                pretrained=pretrained,
+                load_weights=not random_weights,
+                device=device,
+                cache_dir=config.cache_dir,
+            )
+        tokenizer = open_clip.get_tokenizer(name, cache_dir=config.cache_dir)
+    except (RuntimeError, FileNotFoundError, ValueError, OSError) as exc:
+        raise ModelError(
+            f"cannot load model {name!r} with pretrained {config.pretrained!r}: {_first_line(exc)}",
+            hint="check the name with `python -m open_clip.pretrained` or pass a local checkpoint "
+            "with --pretrained PATH",
+        ) from exc
+    model.eval()
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        identity=identity,
+        device=device,
+        autocast_dtype=_autocast_dtype(device, config.precision),
+        image_size=_as_pair(model.visual.image_size),
+    )
+
+
+def _identity_and_check(name: str, pretrained: str, is_schema: bool, cache_dir: str | None) -> str:
+    """Name the weights exactly, and fail fast when they cannot be had."""
+    if name.startswith("local-dir:"):
+        folder = Path(name.removeprefix("local-dir:"))
+        weights = [p for p in folder.glob("*") if p.suffix in _WEIGHT_SUFFIXES]
+        if not weights:
+            raise ModelError(
+                f"no weights file in {folder} (open_clip looks for open_clip_model.safetensors "
+                "or open_clip_pytorch_model.bin)",
+                hint="add the weights, or pass --pretrained none for random weights (tests only)",
+            )
+        return f"{name}/{_file_stamp(weights[0])}"
+    if is_schema:
+        return name
+    if os.path.isfile(pretrained):
+        return f"{name}/{_file_stamp(Path(pretrained))}"
+    if pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
+        raise ModelError(
+            f"{pretrained!r} is neither a pretrained tag of {name!r} nor a checkpoint file",
+            hint=f"tags for {name}: {tags}",
+        )
+    _check_downloadable(name, pretrained, cache_dir)
+    return f"{name}/{pretrained}"
+
+
+def _check_downloadable(name: str, tag: str, cache_dir: str | None) -> None:
+    """Fail in seconds, not minutes of retries, when weights are neither cached nor reachable."""
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub_entry = cfg.get("hf_hub") or ""
+    if not hub_entry or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    # As open_clip.pretrained.download_pretrained reads it: "org/repo/" or "org/repo/file".
+    repo, filename = os.path.split(hub_entry)
+    candidates = (
+        [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    )
+    for candidate in candidates:
+        if isinstance(try_to_load_from_cache(repo, candidate, cache_dir=cache_dir), str):
+            return
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError:
+        raise ModelError(
+            f"weights for {name}/{tag} are not cached and {endpoint.hostname} cannot be reached",
+            hint="on a machine without internet pass a local checkpoint with --pretrained "
+            "PATH (or --pretrained none to check the pipeline with random weights)",
+        ) from None
+
+
+def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _file_stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.name}@{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _as_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def inference(loaded: LoadedModel) -> Iterator[None]:
+    """`torch.inference_mode()` plus the model's autocast."""
+    with torch.inference_mode(), loaded.autocast():
+        yield

@@ -1,0 +1,78 @@
+"""Routing: each prediction is accepted as tags, or sent to a human with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prelabel.config import Config
+from prelabel.interface import Decision, Prediction
+
+_EPSILON = 1e-9
+"""Comparisons at a threshold forgive float rounding (0.7 - 0.6 is 0.0999...)."""
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """Thresholds, global and per label (a per-label value overrides the global one)."""
+
+    accept_threshold: float
+    min_margin: float
+    multi_label: bool = False
+    label_thresholds: dict[str, float] = field(default_factory=dict)
+    label_margins: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config) -> RoutingPolicy:
+        routing = config.routing
+        return cls(
+            accept_threshold=routing.accept_threshold,
+            min_margin=routing.min_margin,
+            multi_label=routing.multi_label,
+            label_thresholds={
+                label.name: label.accept_threshold
+                for label in config.labels
+                if label.accept_threshold is not None
+            },
+            label_margins={
+                label.name: label.min_margin
+                for label in config.labels
+                if label.min_margin is not None
+            },
+        )
+
+    def threshold(self, label: str) -> float:
+        return self.label_thresholds.get(label, self.accept_threshold)
+
+    def margin(self, label: str) -> float:
+        return self.label_margins.get(label, self.min_margin)
+
+
+def route(prediction: Prediction, policy: RoutingPolicy) -> Decision:
+    """Decide one frame.
+
+    Single-label: accept the top-1 label when its probability reaches the label's
+    threshold and its lead over the second reaches the label's minimum margin.
+    Multi-label: accept every label whose probability reaches its own threshold.
+    Anything else, and every unreadable frame, goes to review with the reason.
+    """
+    if prediction.error is not None:
+        return Decision(prediction, reason=f"unreadable: {prediction.error}")
+    if not prediction.scores:
+        return Decision(prediction, reason="no scores")
+    if policy.multi_label:
+        tags = tuple(
+            (label, p) for label, p in prediction.scores if p + _EPSILON >= policy.threshold(label)
+        )
+        if tags:
+            return Decision(prediction, tags=tags)
+        return Decision(prediction, reason="no label reached its threshold")
+    label, confidence = prediction.scores[0]
+    threshold = policy.threshold(label)
+    if confidence + _EPSILON < threshold:
+        return Decision(prediction, reason=f"low confidence {confidence:.1%} < {threshold:.1%}")
+    min_margin = policy.margin(label)
+    if prediction.margin + _EPSILON < min_margin:
+        return Decision(
+            prediction, reason=f"small margin {prediction.margin:.1%} < {min_margin:.1%}"
+        )
+    return Decision(prediction, tags=((label, confidence),))

@@ -1,0 +1,141 @@
+"""The model worker: frames in, predictions out, in the same order.
+
+Decoding and preprocessing run in a thread pool a few batches ahead of the model (Pillow
+releases the GIL while it decodes), so the model rarely waits for images. Frames that
+cannot be decoded come out as predictions with an `error` instead of scores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from prelabel.classifier import TextClassifier
+from prelabel.decode import DecodeError, decode
+from prelabel.interface import Frame, Prediction
+from prelabel.model import LoadedModel, inference
+from prelabel.timing import StageTimer
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How the worker batches and decodes."""
+
+    batch_size: int
+    top_k: int
+    draft: bool = True
+    decode_workers: int | None = None
+    """Decode threads; None means one per CPU core."""
+    prefetch_batches: int = 2
+    """How many batches are decoded ahead of the model (bounds memory)."""
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    frame: Frame
+    tensor: torch.Tensor | None
+    size: tuple[int, int] | None
+    error: str | None
+
+
+def predict(
+    frames: Iterable[Frame],
+    loaded: LoadedModel,
+    classifier: TextClassifier,
+    options: WorkerOptions,
+    timer: StageTimer | None = None,
+) -> Iterator[Prediction]:
+    """Yield one `Prediction` per frame, in input order, scoring frames in batches."""
+    timer = timer or StageTimer()
+    workers = options.decode_workers or os.cpu_count() or 1
+    window = options.batch_size * (options.prefetch_batches + 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future[_Decoded]] = deque()
+        batch: list[_Decoded] = []
+        for frame in frames:
+            pending.append(pool.submit(_prepare, frame, loaded, options.draft, timer))
+            while len(pending) >= window:
+                yield from _collect(pending.popleft(), batch, loaded, classifier, options, timer)
+        while pending:
+            yield from _collect(pending.popleft(), batch, loaded, classifier, options, timer)
+        yield from _flush(batch, loaded, classifier, options, timer)
+
+
+def _collect(
+    future: Future[_Decoded],
+    batch: list[_Decoded],
+    loaded: LoadedModel,
+    classifier: TextClassifier,
+    options: WorkerOptions,
+    timer: StageTimer,
+) -> Iterator[Prediction]:
+    with timer.stage("wait_decode"):
+        decoded = future.result()
+    batch.append(decoded)
+    if len(batch) >= options.batch_size:
+        yield from _flush(batch, loaded, classifier, options, timer)
+
+
+def _flush(
+    batch: list[_Decoded],
+    loaded: LoadedModel,
+    classifier: TextClassifier,
+    options: WorkerOptions,
+    timer: StageTimer,
+) -> Iterator[Prediction]:
+    if not batch:
+        return
+    items = list(batch)
+    batch.clear()
+    good = [item for item in items if item.tensor is not None]
+    scores: dict[int, tuple[tuple[str, float], ...]] = {}
+    if good:
+        with timer.stage("model"):
+            probabilities = score_batch(
+                torch.stack([item.tensor for item in good]), loaded, classifier
+            )
+        k = min(options.top_k, len(classifier.labels))
+        values, indices = probabilities.topk(k, dim=-1)
+        for item, row_values, row_indices in zip(
+            good, values.tolist(), indices.tolist(), strict=True
+        ):
+            scores[id(item)] = tuple(
+                (classifier.labels[index], value)
+                for value, index in zip(row_values, row_indices, strict=True)
+            )
+    for item in items:
+        yield Prediction(
+            ref=item.frame.ref,
+            name=item.frame.name,
+            scores=scores.get(id(item), ()),
+            error=item.error,
+            size=item.size,
+        )
+
+
+def score_batch(
+    pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier
+) -> torch.Tensor:
+    """[N, 3, H, W] preprocessed images -> [N, n_labels] probabilities on the CPU, fp32."""
+    with inference(loaded):
+        features = loaded.model.encode_image(
+            pixels.to(loaded.device, non_blocking=True), normalize=True
+        )
+        return classifier.probabilities(features).float().cpu()
+
+
+def _prepare(frame: Frame, loaded: LoadedModel, draft: bool, timer: StageTimer) -> _Decoded:
+    with timer.stage("decode"):
+        try:
+            image, size = decode(frame, loaded.image_size, draft=draft)
+            tensor = loaded.preprocess(image)
+        except DecodeError as exc:
+            return _Decoded(frame, None, None, str(exc))
+        except Exception as exc:  # a frame the transform chokes on is a review item, not a crash
+            return _Decoded(frame, None, None, f"cannot preprocess image: {exc}")
+    return _Decoded(frame, tensor, size, None)
