@@ -69,9 +69,7 @@ class FolderSource:
             try:
                 yield Frame(ref=ref, name=relative, data=path.read_bytes())
             except OSError as exc:
-                yield Frame(
-                    ref=ref, name=relative, data=None, error=f"cannot read file: {exc.strerror}"
-                )
+                yield Frame(ref=ref, name=relative, data=None, error=f"cannot read file: {exc.strerror}")
 
 
 class FolderSink:
@@ -117,9 +115,7 @@ class FolderSink:
             "image": ref.relative,
             "frame": ref.index,
             "reason": decision.reason,
-            "candidates": [
-                {"label": label, "score": round(p, 6)} for label, p in prediction.scores
-            ],
+            "candidates": [{"label": label, "score": round(p, 6)} for label, p in prediction.scores],
         }
         self._review.write(json.dumps(record, ensure_ascii=False) + "\n")
 

@@ -31,9 +31,7 @@ def _split_labels(value: str | None) -> list[str] | None:
 def model_options(func):
     """The flags that override the config's model and routing sections."""
     options = [
-        click.option(
-            "--config", "config_path", type=click.Path(path_type=Path), help="YAML config file."
-        ),
+        click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file."),
         click.option("--model", help="open_clip model name, hf-hub:org/repo or local-dir:PATH."),
         click.option(
             "--pretrained",
@@ -145,6 +143,215 @@ def folder(
     if source.skipped:
         click.echo(f"  skipped {source.skipped} files that are not images")
     click.echo(f"  tags:   {sink.annotations_path}\n  review: {sink.review_path}")
+
+
+def server_options(func):
+    """Where the CVAT server is and how to log in (as cvat-cli does)."""
+    options = [
+        click.option("--server-host", help="CVAT URL, e.g. https://app.cvat.ai (or CVAT_HOST)."),
+        click.option(
+            "--auth",
+            metavar="USER[:PASS]",
+            help="User and password; the PASS variable can hold the password. "
+            "Without it: CVAT_ACCESS_TOKEN, CVAT_USERNAME/CVAT_PASSWORD, or a cvat-cli profile.",
+        ),
+        click.option("--profile", help="A saved cvat-cli profile (server and token)."),
+        click.option("--org", "organization", metavar="SLUG", help="Organization slug."),
+        click.option("--insecure", is_flag=True, help="Skip TLS certificate checks (trusted networks only)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def target_options(func):
+    """Exactly one of --project-id, --task-id, --job-id."""
+    options = [
+        click.option("--project-id", type=int, help="Every job of this project."),
+        click.option("--task-id", type=int, help="Every job of this task."),
+        click.option("--job-id", type=int, help="This job only."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _one_target(project_id, task_id, job_id) -> dict:
+    given = {
+        key: value
+        for key, value in (("project_id", project_id), ("task_id", task_id), ("job_id", job_id))
+        if value is not None
+    }
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --project-id, --task-id or --job-id")
+    return given
+
+
+def _connect(config, server_host, auth, profile, organization, insecure):
+    import os
+
+    from connectors.cvat.connect import ServerOptions, connect
+
+    host = server_host or os.environ.get("CVAT_HOST") or config.cvat.host
+    return connect(
+        ServerOptions(
+            host=host,
+            auth=auth,
+            profile=profile,
+            organization=organization if organization is not None else config.cvat.organization,
+            insecure=insecure,
+        )
+    )
+
+
+def _setup_hint(target: dict) -> str:
+    key, value = next(iter(target.items()))
+    if key == "job_id":
+        return "prelabel setup --project-id N (or --task-id N) for the job's project or task"
+    return f"prelabel setup --{key.replace('_', '-')} {value}"
+
+
+@cli.command()
+@target_options
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file.")
+@server_options
+def setup(project_id, task_id, job_id, config_path, **server):
+    """Add the attributes prelabel writes to a project's (or task's) tag labels.
+
+    Each label of type tag or any gets, where it lacks them, a `confidence` number
+    attribute (0-100), a `model` text attribute and a `needs_review` checkbox. Existing
+    attributes and everything else stay as they are; running it twice changes nothing.
+    """
+    from connectors.cvat.jobs import find_labels
+    from connectors.cvat.labels import add_missing_attributes, check_schema
+    from prelabel.config import load_config
+
+    target = _one_target(project_id, task_id, job_id)
+    if "job_id" in target:
+        raise click.UsageError("setup works on a project or a task: give --project-id or --task-id")
+    config = load_config(config_path)
+    client = _connect(config, **server)
+    where, labels = find_labels(client, **target)
+    added = add_missing_attributes(client, labels)
+    for name, attributes in added.items():
+        click.echo(f"label {name!r}: added {', '.join(attributes)}")
+    if not added:
+        click.echo(f"{where}: every tag label already has the attributes; nothing changed")
+    check_schema(find_labels(client, **target)[1], where, _setup_hint(target))
+
+
+@cli.command(name="run")
+@target_options
+@model_options
+@server_options
+@click.option("--dry-run", is_flag=True, help="Print what would be done; write nothing.")
+@click.option("--limit", type=click.IntRange(min=1), help="Label at most this many frames (trials).")
+@click.option(
+    "--quality",
+    type=click.Choice(["compressed", "original"]),
+    default="compressed",
+    show_default=True,
+    help="Which frame quality to download.",
+)
+@click.option(
+    "--include-tagged",
+    is_flag=True,
+    help="Also label frames that already carry a tag (existing tags are never changed).",
+)
+@click.option(
+    "--review-file",
+    type=click.Path(path_type=Path),
+    default=Path(".prelabel/review.jsonl"),
+    show_default=True,
+    help="Where the frames routed to review are listed.",
+)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def run_command(
+    project_id,
+    task_id,
+    job_id,
+    config_path,
+    dry_run,
+    limit,
+    quality,
+    include_tagged,
+    review_file,
+    progress,
+    server_host,
+    auth,
+    profile,
+    organization,
+    insecure,
+    **flags,
+):
+    """Pre-label the jobs of a CVAT project, task or job that still need labels.
+
+    Frames are streamed chunk by chunk through the model. Each accepted frame gets a tag
+    (source "auto") with its confidence (0-100) and the model's name as attributes; the
+    other frames are routed to review. Frames that already carry a tag are skipped, and no
+    existing annotation is ever changed or deleted.
+    """
+    from connectors.cvat.driver import candidate_names, label_jobs
+    from connectors.cvat.jobs import find_work
+    from prelabel.config import load_config
+
+    target = _one_target(project_id, task_id, job_id)
+    config = load_config(config_path, _overrides(**flags))
+    client = _connect(config, server_host, auth, profile, organization, insecure)
+    work = find_work(client, **target, include_tagged=include_tagged, limit=limit)
+    names = candidate_names(work, config, _setup_hint(target))
+    _print_plan(work, names, dry_run)
+    if dry_run or not work.jobs:
+        return
+
+    from prelabel.runner import RunStats, build_pipeline, format_summary
+
+    pipeline = build_pipeline(config, names)
+    total = RunStats()
+
+    def report(outcome) -> None:
+        stats, plan = outcome.stats, outcome.plan
+        click.echo(
+            f"job {plan.job_id} (task {plan.task_id}): {stats.frames} frames, "
+            f"{stats.accepted} accepted, {stats.review} for review, {stats.unreadable} unreadable, "
+            f"{stats.images_per_second:.1f} images/s"
+        )
+        total.merge(stats)
+
+    outcomes = label_jobs(client, work, pipeline, quality=quality, progress=progress, on_job=report)
+    _write_review_file(review_file, [item for outcome in outcomes for item in outcome.result.review])
+    click.echo(format_summary(total, title=f"{work.where}"))
+    click.echo(f"  review list: {review_file}")
+
+
+def _print_plan(work, names: list[str], dry_run: bool) -> None:
+    prefix = "dry run: would label" if dry_run else "labeling"
+    click.echo(f"{work.where}: labels {', '.join(names)}")
+    for plan in work.jobs:
+        click.echo(
+            f"  job {plan.job_id} (task {plan.task_id}): {prefix} {len(plan.frames)} frames"
+            f" ({plan.already_tagged} already tagged, {plan.deleted} deleted)"
+        )
+    for job_id, why in sorted(work.skipped_jobs.items()):
+        click.echo(f"  job {job_id}: skipped, {why}")
+    click.echo(f"  {work.frame_count} frames in {len(work.jobs)} jobs")
+
+
+def _write_review_file(path: Path, items) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for item in items:
+            record = {
+                "job": item.job_id,
+                "task": item.task_id,
+                "frame": item.frame,
+                "name": item.name,
+                "reason": item.reason,
+                "candidates": [{"label": label, "score": round(p, 6)} for label, p in item.candidates],
+            }
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def main() -> None:

@@ -105,6 +105,15 @@ class DecodeConfig(_Strict):
     """Decode threads; default: the number of CPU cores."""
 
 
+class CvatConfig(_Strict):
+    """The CVAT server. Credentials never go here: use CVAT_ACCESS_TOKEN or a cvat-cli profile."""
+
+    host: str | None = None
+    """E.g. https://app.cvat.ai; --server-host and CVAT_HOST take precedence."""
+    organization: str | None = None
+    """An organization slug; empty or absent means the personal workspace."""
+
+
 class Config(_Strict):
     """A whole prelabel configuration."""
 
@@ -113,6 +122,7 @@ class Config(_Strict):
     prompts: PromptConfig = PromptConfig()
     routing: RoutingConfig = RoutingConfig()
     decode: DecodeConfig = DecodeConfig()
+    cvat: CvatConfig = CvatConfig()
 
     @field_validator("labels")
     @classmethod
@@ -172,9 +182,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
-        )
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
     return data
 
 

@@ -17,9 +17,7 @@ class DecodeError(Exception):
     """The frame cannot be turned into an image; the message is the review reason."""
 
 
-def decode(
-    frame: Frame, size: tuple[int, int], *, draft: bool
-) -> tuple[Image.Image, tuple[int, int]]:
+def decode(frame: Frame, size: tuple[int, int], *, draft: bool) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `frame` to RGB; returns the image and the frame's original (width, height).
 
     With `draft`, a JPEG much larger than `size` is decoded at a reduced scale (Pillow's

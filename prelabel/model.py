@@ -63,9 +63,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ConfigError(
-            f"model.device: {name!r} is not a device (use auto, cpu or cuda:N)"
-        ) from None
+        raise ConfigError(f"model.device: {name!r} is not a device (use auto, cpu or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device: {name!r} was asked for, but CUDA is not available here")
     return device
@@ -157,9 +155,7 @@ def _check_downloadable(name: str, tag: str, cache_dir: str | None) -> None:
 
     # As open_clip.pretrained.download_pretrained reads it: "org/repo/" or "org/repo/file".
     repo, filename = os.path.split(hub_entry)
-    candidates = (
-        [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    )
+    candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
     for candidate in candidates:
         if isinstance(try_to_load_from_cache(repo, candidate, cache_dir=cache_dir), str):
             return

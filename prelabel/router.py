@@ -34,9 +34,7 @@ class RoutingPolicy:
                 if label.accept_threshold is not None
             },
             label_margins={
-                label.name: label.min_margin
-                for label in config.labels
-                if label.min_margin is not None
+                label.name: label.min_margin for label in config.labels if label.min_margin is not None
             },
         )
 
@@ -60,9 +58,7 @@ def route(prediction: Prediction, policy: RoutingPolicy) -> Decision:
     if not prediction.scores:
         return Decision(prediction, reason="no scores")
     if policy.multi_label:
-        tags = tuple(
-            (label, p) for label, p in prediction.scores if p + _EPSILON >= policy.threshold(label)
-        )
+        tags = tuple((label, p) for label, p in prediction.scores if p + _EPSILON >= policy.threshold(label))
         if tags:
             return Decision(prediction, tags=tags)
         return Decision(prediction, reason="no label reached its threshold")
@@ -72,7 +68,5 @@ def route(prediction: Prediction, policy: RoutingPolicy) -> Decision:
         return Decision(prediction, reason=f"low confidence {confidence:.1%} < {threshold:.1%}")
     min_margin = policy.margin(label)
     if prediction.margin + _EPSILON < min_margin:
-        return Decision(
-            prediction, reason=f"small margin {prediction.margin:.1%} < {min_margin:.1%}"
-        )
+        return Decision(prediction, reason=f"small margin {prediction.margin:.1%} < {min_margin:.1%}")
     return Decision(prediction, tags=((label, confidence),))

@@ -39,9 +39,7 @@ class Pipeline:
 def build_pipeline(config: Config, labels: Sequence[str]) -> Pipeline:
     """Load the configured model and build the classifier for `labels`, once."""
     if not labels:
-        raise ConfigError(
-            "no labels: give --labels a,b,c or list them under 'labels' in the config"
-        )
+        raise ConfigError("no labels: give --labels a,b,c or list them under 'labels' in the config")
     loaded = load_model(config.model)
     cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else DEFAULT_CACHE_DIR
     classifier = build_classifier(loaded, label_prompts(labels, config), cache_dir)
@@ -70,6 +68,17 @@ class RunStats:
     @property
     def images_per_second(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def merge(self, other: RunStats) -> None:
+        """Add another run's counts and times to this one."""
+        self.frames += other.frames
+        self.accepted += other.accepted
+        self.review += other.review
+        self.unreadable += other.unreadable
+        self.per_label.update(other.per_label)
+        self.seconds += other.seconds
+        for name, seconds in other.stages.items():
+            self.stages[name] = self.stages.get(name, 0.0) + seconds
 
 
 def run(
@@ -116,8 +125,7 @@ def run(
 def format_summary(stats: RunStats, *, title: str = "done") -> str:
     """A few human-readable lines: counts, per-label counts, speed and stage times."""
     lines = [
-        f"{title}: {stats.frames} images in {stats.seconds:.1f}s "
-        f"({stats.images_per_second:.1f} images/s)",
+        f"{title}: {stats.frames} images in {stats.seconds:.1f}s ({stats.images_per_second:.1f} images/s)",
         f"  accepted: {stats.accepted}   for review: {stats.review}"
         + (f" (unreadable: {stats.unreadable})" if stats.unreadable else ""),
     ]
@@ -125,8 +133,6 @@ def format_summary(stats: RunStats, *, title: str = "done") -> str:
         per_label = ", ".join(f"{label} {count}" for label, count in stats.per_label.most_common())
         lines.append(f"  per label: {per_label}")
     if stats.stages:
-        stages = ", ".join(
-            f"{name} {seconds:.1f}s" for name, seconds in sorted(stats.stages.items())
-        )
+        stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in sorted(stats.stages.items()))
         lines.append(f"  time per stage: {stages}")
     return "\n".join(lines)

@@ -96,14 +96,10 @@ def _flush(
     scores: dict[int, tuple[tuple[str, float], ...]] = {}
     if good:
         with timer.stage("model"):
-            probabilities = score_batch(
-                torch.stack([item.tensor for item in good]), loaded, classifier
-            )
+            probabilities = score_batch(torch.stack([item.tensor for item in good]), loaded, classifier)
         k = min(options.top_k, len(classifier.labels))
         values, indices = probabilities.topk(k, dim=-1)
-        for item, row_values, row_indices in zip(
-            good, values.tolist(), indices.tolist(), strict=True
-        ):
+        for item, row_values, row_indices in zip(good, values.tolist(), indices.tolist(), strict=True):
             scores[id(item)] = tuple(
                 (classifier.labels[index], value)
                 for value, index in zip(row_values, row_indices, strict=True)
@@ -118,14 +114,10 @@ def _flush(
         )
 
 
-def score_batch(
-    pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier
-) -> torch.Tensor:
+def score_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier) -> torch.Tensor:
     """[N, 3, H, W] preprocessed images -> [N, n_labels] probabilities on the CPU, fp32."""
     with inference(loaded):
-        features = loaded.model.encode_image(
-            pixels.to(loaded.device, non_blocking=True), normalize=True
-        )
+        features = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
         return classifier.probabilities(features).float().cpu()
 
 

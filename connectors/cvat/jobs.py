@@ -1,0 +1,187 @@
+"""Selecting work: which jobs of a project, task or job need pre-labels, and which frames.
+
+A job needs pre-labels when it is an annotation job (not ground truth, not a consensus
+replica) and some of its frames are neither deleted nor tagged. A frame that carries any
+tag, manual or auto, is skipped unless `include_tagged` is set; a human's tag is never
+touched either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cvat_sdk import Client
+from cvat_sdk.core.helpers import get_paginated_collection
+
+from connectors.cvat.connect import failing_as
+from connectors.cvat.labels import CvatLabel, candidate_labels
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One job's work: the task frame numbers to label, and how to fetch them."""
+
+    job_id: int
+    task_id: int
+    project_id: int | None
+    start_frame: int
+    stop_frame: int
+    step: int
+    chunk_size: int
+    chunk_type: str
+    """``imageset`` (zip chunks of images) or ``video`` (mp4 chunks)."""
+    frames: tuple[int, ...]
+    """Task frame numbers to label, ascending."""
+    names: dict[int, str] = field(repr=False)
+    sizes: dict[int, tuple[int, int]] = field(repr=False)
+    deleted: int = 0
+    already_tagged: int = 0
+
+    @property
+    def job_frames(self) -> range:
+        """Every task frame number this job covers (deleted ones included)."""
+        return range(self.start_frame, self.stop_frame + 1, self.step)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a run will do: the labels to choose from and the jobs, in id order."""
+
+    where: str
+    """``project 3``, ``task 7`` or ``job 12``: names the target in messages."""
+    labels: list[CvatLabel]
+    jobs: list[JobPlan]
+    skipped_jobs: dict[int, str]
+    """Job id -> why it is not worked on (its type, or nothing left to label)."""
+
+    @property
+    def frame_count(self) -> int:
+        return sum(len(job.frames) for job in self.jobs)
+
+
+def find_work(
+    client: Client,
+    *,
+    project_id: int | None = None,
+    task_id: int | None = None,
+    job_id: int | None = None,
+    include_tagged: bool = False,
+    limit: int | None = None,
+) -> Work:
+    """Read the target's labels and jobs, and plan each job that needs pre-labels.
+
+    `limit` caps the total number of frames (jobs are taken in id order).
+    """
+    where, labels, jobs = _read_target(client, project_id, task_id, job_id, with_jobs=True)
+    plans: list[JobPlan] = []
+    skipped: dict[int, str] = {}
+    budget = limit
+    for job in sorted(jobs, key=lambda job: job.id):
+        if job.type != "annotation":
+            skipped[job.id] = f"a {job.type.replace('_', ' ')} job"
+            continue
+        if budget is not None and budget <= 0:
+            skipped[job.id] = "beyond --limit"
+            continue
+        plan = _plan_job(client, job, include_tagged=include_tagged, budget=budget)
+        if not plan.frames:
+            skipped[job.id] = "nothing to label (every frame is tagged or deleted)"
+            continue
+        plans.append(plan)
+        if budget is not None:
+            budget -= len(plan.frames)
+    return Work(where=where, labels=labels, jobs=plans, skipped_jobs=skipped)
+
+
+def find_labels(
+    client: Client, *, project_id: int | None = None, task_id: int | None = None, job_id: int | None = None
+) -> tuple[str, list[CvatLabel]]:
+    """The target's name for messages (``project 3``) and its candidate labels."""
+    where, labels, _ = _read_target(client, project_id, task_id, job_id, with_jobs=False)
+    return where, labels
+
+
+def _read_target(
+    client: Client, project_id: int | None, task_id: int | None, job_id: int | None, *, with_jobs: bool
+) -> tuple[str, list[CvatLabel], list]:
+    if sum(value is not None for value in (project_id, task_id, job_id)) != 1:
+        raise ValueError("exactly one of project_id, task_id and job_id")
+    api = client.api_client
+    if project_id is not None:
+        where, key, value = f"project {project_id}", "project_id", project_id
+        retrieve = client.projects.retrieve
+    elif task_id is not None:
+        where, key, value = f"task {task_id}", "task_id", task_id
+        retrieve = client.tasks.retrieve
+    else:
+        where, key, value = f"job {job_id}", "job_id", job_id
+        retrieve = client.jobs.retrieve
+    with failing_as(f"reading {where}"):
+        target = retrieve(value)
+        labels = get_paginated_collection(api.labels_api.list_endpoint, **{key: value})
+        jobs = []
+        if with_jobs:
+            jobs = (
+                [target._model]
+                if key == "job_id"
+                else get_paginated_collection(api.jobs_api.list_endpoint, **{key: value})
+            )
+    return where, candidate_labels(labels), jobs
+
+
+def _plan_job(client: Client, job, *, include_tagged: bool, budget: int | None) -> JobPlan:
+    with failing_as(f"reading job {job.id}"):
+        meta, _ = client.api_client.jobs_api.retrieve_data_meta(job.id)
+        annotations, _ = client.api_client.jobs_api.retrieve_annotations(job.id)
+    step = _step(meta.frame_filter)
+    job_frames = range(job.start_frame, job.stop_frame + 1, step)
+    deleted = set(meta.deleted_frames or ())
+    tagged = {tag.frame for tag in annotations.tags}
+    names, sizes = _frame_info(meta, job_frames, job.data_compressed_chunk_type)
+    wanted = [frame for frame in job_frames if frame not in deleted]
+    already_tagged = sum(frame in tagged for frame in wanted)
+    if not include_tagged:
+        wanted = [frame for frame in wanted if frame not in tagged]
+    if budget is not None:
+        wanted = wanted[:budget]
+    return JobPlan(
+        job_id=job.id,
+        task_id=job.task_id,
+        project_id=job.project_id,
+        start_frame=job.start_frame,
+        stop_frame=job.stop_frame,
+        step=step,
+        chunk_size=meta.chunk_size,
+        chunk_type=job.data_compressed_chunk_type,
+        frames=tuple(wanted),
+        names=names,
+        sizes=sizes,
+        deleted=len(deleted & set(job_frames)),
+        already_tagged=already_tagged,
+    )
+
+
+def _frame_info(
+    meta, job_frames: Sequence[int], chunk_type: str
+) -> tuple[dict[int, str], dict[int, tuple[int, int]]]:
+    """Names and sizes by task frame number; a video's frames share its one entry."""
+    entries = list(meta.frames)
+    if chunk_type == "video" or len(entries) == 1 < len(job_frames):
+        entry = entries[0]
+        return (
+            {frame: f"{entry.name}#{frame}" for frame in job_frames},
+            {frame: (entry.width, entry.height) for frame in job_frames},
+        )
+    names, sizes = {}, {}
+    for frame, entry in zip(job_frames, entries, strict=False):
+        names[frame] = entry.name
+        sizes[frame] = (entry.width, entry.height)
+    return names, sizes
+
+
+def _step(frame_filter: str | None) -> int:
+    """CVAT's frame filter is ``step=N`` or empty."""
+    if frame_filter and frame_filter.startswith("step="):
+        return max(1, int(frame_filter.removeprefix("step=")))
+    return 1
