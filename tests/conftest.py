@@ -18,9 +18,7 @@ LABELS = ["cat", "coffee", "rocket", "astronaut", "galaxy"]
 
 def variants(count: int, size: tuple[int, int] | None = None) -> list[tuple[str, Image.Image]]:
     """`count` distinct real photographs: the samples, then crops, flips and rotations of them."""
-    originals = [
-        (path.stem, Image.open(path).convert("RGB")) for path in sorted(SAMPLES.glob("*.jpg"))
-    ]
+    originals = [(path.stem, Image.open(path).convert("RGB")) for path in sorted(SAMPLES.glob("*.jpg"))]
     images = []
     for i in range(count):
         stem, image = originals[i % len(originals)]
@@ -40,9 +38,7 @@ def variants(count: int, size: tuple[int, int] | None = None) -> list[tuple[str,
     return images
 
 
-def write_jpegs(
-    folder: Path, images: list[tuple[str, Image.Image]], quality: int = 90
-) -> list[Path]:
+def write_jpegs(folder: Path, images: list[tuple[str, Image.Image]], quality: int = 90) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, image in images:

@@ -130,16 +130,12 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, photo_dir, tiny_config, se
     elif setup == "no_labels":
         config = tmp_path / "nolabels.yaml"
         config.write_text(f'model:\n  name: "{TINY_MODEL}"\n  pretrained: none\n')
-    result = run_cli(
-        "folder", str(images), "--config", str(config), "--out", str(tmp_path / "o"), *labels
-    )
+    result = run_cli("folder", str(images), "--config", str(config), "--out", str(tmp_path / "o"), *labels)
     assert_one_line_error(result, fragment)
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run_cli(
-        "--debug", "folder", str(tmp_path / "nope"), "--labels", "cat", "--out", str(tmp_path)
-    )
+    result = run_cli("--debug", "folder", str(tmp_path / "nope"), "--labels", "cat", "--out", str(tmp_path))
     assert result.returncode != 0
     assert "Traceback" in result.stderr
 

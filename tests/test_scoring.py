@@ -89,9 +89,7 @@ def test_prompt_ensembling_is_the_renormalised_mean_of_normalised_embeddings(tmp
     config = Config.model_validate(
         {
             "model": {"name": TINY_MODEL, "pretrained": "none"},
-            "labels": [
-                {"name": "coffee", "descriptions": ["a cup of coffee", "espresso in a glass"]}
-            ],
+            "labels": [{"name": "coffee", "descriptions": ["a cup of coffee", "espresso in a glass"]}],
             "prompts": {"templates": ["a photo of a {}.", "a drawing of a {}."]},
         }
     )
@@ -176,9 +174,7 @@ def test_unreachable_hub_fails_fast_with_a_hint(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     start = time.monotonic()
     with pytest.raises(ModelError) as info:
-        load_model(
-            ModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path))
-        )
+        load_model(ModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path)))
     assert time.monotonic() - start < 10
     assert "--pretrained PATH" in info.value.one_line()
 

@@ -80,6 +80,10 @@ def connect(options: ServerOptions) -> Client:
         client.users.retrieve_current_user()  # a token is only checked on first use
     except AuthStoreError as exc:
         raise CvatError(str(exc)) from None
+    except ApiException as exc:
+        if exc.status in (400, 401):  # POST /api/auth/login refuses a password with a 400
+            raise _credentials_error(f"logging in to {where}", exc) from None
+        raise server_error(exc, f"logging in to {where}") from None
     except Exception as exc:
         raise server_error(exc, f"logging in to {where}") from None
     return client
@@ -120,10 +124,7 @@ def server_error(exc: BaseException, doing: str) -> PrelabelError:
         status = exc.status
         detail = _detail(exc)
         if status == 401:
-            return CvatError(
-                f"{doing}: the server rejected the credentials ({detail})",
-                hint="check the user name and password, or that the access token is valid and not revoked",
-            )
+            return _credentials_error(doing, exc)
         if status == 403:
             return CvatError(
                 f"{doing}: permission denied ({detail})",
@@ -145,6 +146,13 @@ def server_error(exc: BaseException, doing: str) -> PrelabelError:
             hint="check --server-host (or CVAT_HOST), e.g. https://app.cvat.ai or http://localhost:8080",
         )
     return CvatError(f"{doing}: {type(exc).__name__}: {_short(exc)}")
+
+
+def _credentials_error(doing: str, exc: ApiException) -> CvatError:
+    return CvatError(
+        f"{doing}: the server rejected the credentials ({_detail(exc)})",
+        hint="check the user name and password, or that the access token is valid and not revoked",
+    )
 
 
 def _detail(exc: ApiException) -> str:

@@ -1,0 +1,84 @@
+"""Media for the fake server: frame records and chunk building (zip of JPEGs, mp4 segments)."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import av
+from PIL import Image
+
+
+@dataclass
+class Frame:
+    """One task frame: its upload name, size, original bytes and decoded image."""
+
+    name: str
+    width: int
+    height: int
+    data: bytes
+    image: Image.Image = field(repr=False)
+
+
+def image_frame(name: str, data: bytes) -> Frame:
+    """A frame from an uploaded image file (JPEG/PNG bytes)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return Frame(name, image.width, image.height, data, image.convert("RGB"))
+
+
+def pil_frame(name: str, image: Image.Image, quality: int = 95) -> Frame:
+    """A frame from a PIL image (stored as JPEG)."""
+    return image_frame(name, encode_jpeg(image.convert("RGB"), quality))
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    """JPEG-encode an image."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def image_chunk(frames: Sequence[Frame], *, compressed: bool, quality: int) -> bytes:
+    """A zip of frames numbered from the chunk's start.
+
+    Follows cvat/apps/engine/media_extractors.py: ZipCompressedChunkWriter re-encodes
+    each image as `{idx:06d}.jpeg`; ZipChunkWriter (original quality) stores the file as
+    uploaded, named `{idx:06d}{original extension}`.
+    """
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for idx, frame in enumerate(frames):
+            if compressed:
+                zf.writestr(f"{idx:06d}.jpeg", encode_jpeg(frame.image, quality))
+            else:
+                ext = os.path.splitext(frame.name)[1].lower() or ".jpeg"
+                zf.writestr(f"{idx:06d}{ext}", frame.data)
+    return buf.getvalue()
+
+
+def video_chunk(frames: Sequence[Frame], *, fps: int = 25) -> bytes:
+    """An H.264 mp4 segment holding the frames in order (PyAV decodes it back)."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = frames[0].width
+        stream.height = frames[0].height
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast", "tune": "zerolatency"}
+        for frame in frames:
+            vf = av.VideoFrame.from_image(frame.image)
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def decode_video(data: bytes) -> list[Image.Image]:
+    """Decode every frame of a video file into RGB images."""
+    with av.open(io.BytesIO(data)) as container:
+        return [f.to_image() for f in container.decode(video=0)]

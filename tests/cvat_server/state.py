@@ -1,0 +1,683 @@
+"""In-memory model of the CVAT objects the fake server serves, guarded by one lock.
+
+Records are plain dicts (so tests can inspect them); media frames are `media.Frame`.
+Domain rules follow CVAT 2.73 where known; the source file followed is named next to
+each rule. Client mistakes that real CVAT silently accepts are stored as CVAT would and
+also appended to `violations`.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import bad_request, forbidden, not_found
+from .media import Frame
+
+LABEL_COLORS = ("#6080c0", "#406040", "#2080c0", "#c06060", "#c0a020", "#8040c0", "#20a0a0")
+JOB_STAGES = ("annotation", "validation", "acceptance")
+JOB_STATES = ("new", "in progress", "rejected", "completed")
+ANNOTATION_KINDS = ("tags", "shapes", "tracks")
+
+
+def now() -> str:
+    """A timestamp as CVAT prints it."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class State:
+    """All server data; every public method takes the lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.users: dict[int, dict[str, Any]] = {}
+        self.tokens: dict[str, int] = {}  # personal access tokens (Bearer)
+        self.keys: dict[str, int] = {}  # legacy login keys ("Token <key>")
+        self.sessions: dict[str, tuple[int, str]] = {}  # sessionid -> (user id, csrftoken)
+        self.projects: dict[int, dict[str, Any]] = {}
+        self.labels: dict[int, dict[str, Any]] = {}
+        self.tasks: dict[int, dict[str, Any]] = {}
+        self.jobs: dict[int, dict[str, Any]] = {}
+        self.annotations: dict[int, dict[str, list[dict[str, Any]]]] = {}
+        self.issues: dict[int, dict[str, Any]] = {}
+        self.comments: dict[int, dict[str, Any]] = {}
+        self.violations: list[dict[str, Any]] = []
+        self._ids: dict[str, int] = {}
+
+    # ----------------------------------------------------------------- helpers
+    def next_id(self, kind: str) -> int:
+        """A fresh id for a kind of object (each kind has its own sequence)."""
+        with self.lock:
+            self._ids[kind] = self._ids.get(kind, 0) + 1
+            return self._ids[kind]
+
+    def violation(self, kind: str, message: str, **context: Any) -> None:
+        """Record a client mistake that real CVAT accepts silently."""
+        with self.lock:
+            self.violations.append({"kind": kind, "message": message, **context})
+
+    def user_by_name(self, username: str) -> dict[str, Any]:
+        """The user with this username (KeyError if none)."""
+        with self.lock:
+            for user in self.users.values():
+                if user["username"] == username:
+                    return user
+        raise KeyError(username)
+
+    # ------------------------------------------------------------------- users
+    def add_user(self, username: str, password: str, *, is_superuser: bool = False) -> int:
+        """Create a user; superusers are in the `admin` group, others in `user`."""
+        with self.lock:
+            if any(u["username"] == username for u in self.users.values()):
+                raise ValueError(f"user {username!r} exists")
+            uid = self.next_id("user")
+            self.users[uid] = {
+                "id": uid,
+                "username": username,
+                "password": password,
+                "first_name": "",
+                "last_name": "",
+                "email": f"{username}@example.com",
+                "is_superuser": is_superuser,
+                "is_staff": is_superuser,
+                "is_active": True,
+                "date_joined": now(),
+                "last_login": None,
+            }
+            return uid
+
+    def add_token(self, username: str, token: str) -> None:
+        """Register a personal access token for a user."""
+        with self.lock:
+            self.tokens[token] = self.user_by_name(username)["id"]
+
+    def revoke_token(self, token: str) -> None:
+        """Revoke a personal access token (or a legacy login key)."""
+        with self.lock:
+            self.tokens.pop(token, None)
+            self.keys.pop(token, None)
+
+    def check_password(self, username: str, password: str) -> dict[str, Any] | None:
+        """The active user with these credentials, or None."""
+        with self.lock:
+            for user in self.users.values():
+                if user["username"] == username and user["password"] == password:
+                    return user if user["is_active"] else None
+        return None
+
+    def login(self, user: dict[str, Any]) -> tuple[str, str, str]:
+        """Open a session: returns (legacy key, sessionid, csrftoken)."""
+        with self.lock:
+            key = next((k for k, uid in self.keys.items() if uid == user["id"]), None)
+            if key is None:
+                key = secrets.token_hex(20)
+                self.keys[key] = user["id"]
+            sessionid, csrftoken = secrets.token_hex(16), secrets.token_hex(16)
+            self.sessions[sessionid] = (user["id"], csrftoken)
+            user["last_login"] = now()
+            return key, sessionid, csrftoken
+
+    def logout(self, user: dict[str, Any], sessionid: str | None) -> None:
+        """Close the session and delete the user's legacy key (dj-rest-auth LogoutView)."""
+        with self.lock:
+            if sessionid:
+                self.sessions.pop(sessionid, None)
+            for key in [k for k, uid in self.keys.items() if uid == user["id"]]:
+                del self.keys[key]
+
+    # -------------------------------------------------------------- projects
+    def add_project(self, name: str, *, owner: str, labels: Sequence[dict[str, Any]] = ()) -> int:
+        """Create a project with labels ({name, type, color?, attributes?})."""
+        with self.lock:
+            pid = self.next_id("project")
+            ts = now()
+            self.projects[pid] = {
+                "id": pid,
+                "name": name,
+                "owner_id": self.user_by_name(owner)["id"],
+                "assignee_id": None,
+                "assignee_updated_date": None,
+                "bug_tracker": "",
+                "created_date": ts,
+                "updated_date": ts,
+            }
+            for spec in labels:
+                self.upsert_label(pid, dict(spec))
+            return pid
+
+    def upsert_label(self, project_id: int, spec: dict[str, Any]) -> dict[str, Any]:
+        """Create a label, or update the one whose `id` is given.
+
+        Follows LabelSerializer.update_label in cvat/apps/engine/serializers.py: an
+        attribute with an id updates that attribute; one without an id is matched by
+        name (updated in place) or created; existing attributes not mentioned are kept;
+        `deleted: true` removes a label or an attribute.
+        """
+        with self.lock:
+            if spec.get("id") is not None:
+                label = self.labels.get(spec["id"])
+                if label is None or label["project_id"] != project_id:
+                    raise bad_request({"labels": [f"Label with id #{spec['id']} does not exist"]})
+                if spec.get("deleted"):
+                    del self.labels[label["id"]]
+                    return label
+            else:
+                lid = self.next_id("label")
+                label = {
+                    "id": lid,
+                    "name": spec["name"],
+                    "color": LABEL_COLORS[(lid - 1) % len(LABEL_COLORS)],
+                    "type": spec.get("type") or "any",
+                    "project_id": project_id,
+                    "attributes": [],
+                }
+                self.labels[lid] = label
+            for key in ("name", "color", "type"):
+                if spec.get(key):
+                    label[key] = spec[key]
+            for attr in spec.get("attributes") or []:
+                self._upsert_attribute(label, dict(attr))
+            self.touch_project(project_id)
+            return label
+
+    def _upsert_attribute(self, label: dict[str, Any], attr: dict[str, Any]) -> None:
+        existing = None
+        if attr.get("id") is not None:
+            existing = next((a for a in label["attributes"] if a["id"] == attr["id"]), None)
+            if existing is None:
+                raise bad_request({"attributes": [f"Attribute with id #{attr['id']} not found"]})
+        else:
+            existing = next((a for a in label["attributes"] if a["name"] == attr["name"]), None)
+        if attr.get("deleted"):
+            if existing is not None:
+                label["attributes"].remove(existing)
+            return
+        if existing is None:
+            existing = {"id": self.next_id("attribute"), "name": attr["name"]}
+            label["attributes"].append(existing)
+        input_type = attr.get("input_type", existing.get("input_type", "text"))
+        values = [str(v) for v in attr.get("values", existing.get("values", [""]))]
+        default = attr.get("default_value", existing.get("default_value"))
+        if default is None:
+            default = values[0] if values else ""
+        existing.update(
+            name=attr.get("name", existing["name"]),
+            mutable=bool(attr.get("mutable", existing.get("mutable", False))),
+            input_type=input_type,
+            default_value=str(default),
+            values=values,
+        )
+
+    def touch_project(self, project_id: int) -> None:
+        """Bump a project's updated_date."""
+        with self.lock:
+            if project_id in self.projects:
+                self.projects[project_id]["updated_date"] = now()
+
+    def task_labels(self, task_id: int) -> list[dict[str, Any]]:
+        """Labels of a task (those of its project), ordered by id."""
+        with self.lock:
+            pid = self.tasks[task_id]["project_id"]
+            return sorted(
+                (lb for lb in self.labels.values() if lb["project_id"] == pid),
+                key=lambda lb: lb["id"],
+            )
+
+    # ----------------------------------------------------------------- tasks
+    def add_task(
+        self,
+        project_id: int,
+        frames: Sequence[Frame],
+        *,
+        name: str,
+        owner: str | None,
+        segment_size: int,
+        chunk_size: int,
+        media_type: str,
+        image_quality: int,
+        deleted_frames: Iterable[int] = (),
+        fps: int = 25,
+    ) -> int:
+        """Create a task with data and its annotation jobs split by segment_size."""
+        with self.lock:
+            project = self.projects[project_id]
+            owner_id = self.user_by_name(owner)["id"] if owner else project["owner_id"]
+            tid = self.next_id("task")
+            ts = now()
+            size = len(frames)
+            segment_size = segment_size or size
+            self.tasks[tid] = {
+                "id": tid,
+                "name": name,
+                "project_id": project_id,
+                "owner_id": owner_id,
+                "assignee_id": None,
+                "assignee_updated_date": None,
+                "segment_size": segment_size,
+                "chunk_size": chunk_size,
+                "image_quality": image_quality,
+                "media_type": media_type,
+                "frames": list(frames),
+                "deleted_frames": sorted(set(deleted_frames)),
+                "fps": fps,
+                "subset": "",
+                "created_date": ts,
+                "updated_date": ts,
+                "chunks_updated_date": ts,
+            }
+            for start in range(0, size, segment_size):
+                self.add_job(tid, start, min(start + segment_size, size) - 1)
+            self.touch_project(project_id)
+            return tid
+
+    def add_job(
+        self,
+        task_id: int,
+        start: int,
+        stop: int,
+        *,
+        job_type: str = "annotation",
+        frames: Sequence[int] | None = None,
+        parent_job_id: int | None = None,
+    ) -> int:
+        """Create a job over task frames [start, stop] (or a frame set, for ground truth)."""
+        with self.lock:
+            jid = self.next_id("job")
+            ts = now()
+            self.jobs[jid] = {
+                "id": jid,
+                "task_id": task_id,
+                "type": job_type,
+                "start_frame": start,
+                "stop_frame": stop,
+                "frames": sorted(frames) if frames is not None else None,
+                "stage": "annotation",
+                "state": "new",
+                "assignee_id": None,
+                "assignee_updated_date": None,
+                "parent_job_id": parent_job_id,
+                "created_date": ts,
+                "updated_date": ts,
+            }
+            self.annotations[jid] = {kind: [] for kind in ANNOTATION_KINDS}
+            return jid
+
+    def add_ground_truth_job(self, task_id: int, frames: Sequence[int]) -> int:
+        """A `ground_truth` job over specific task frames (a SPECIFIC_FRAMES segment)."""
+        frames = sorted(set(frames))
+        return self.add_job(task_id, frames[0], frames[-1], job_type="ground_truth", frames=frames)
+
+    def add_consensus_replicas(self, job_id: int, count: int) -> list[int]:
+        """`consensus_replica` jobs over the same frames as an annotation job."""
+        with self.lock:
+            parent = self.jobs[job_id]
+            return [
+                self.add_job(
+                    parent["task_id"],
+                    parent["start_frame"],
+                    parent["stop_frame"],
+                    job_type="consensus_replica",
+                    parent_job_id=job_id,
+                )
+                for _ in range(count)
+            ]
+
+    def job_frames(self, job: dict[str, Any]) -> list[int]:
+        """Task frame numbers a job covers, in order."""
+        if job["frames"] is not None:
+            return list(job["frames"])
+        return list(range(job["start_frame"], job["stop_frame"] + 1))
+
+    # ------------------------------------------------------------ visibility
+    def is_admin(self, user: dict[str, Any]) -> bool:
+        """Superusers see and may change everything."""
+        return bool(user["is_superuser"])
+
+    def _task_staff(self, user: dict[str, Any], task: dict[str, Any]) -> bool:
+        """Task owner/assignee or project owner/assignee (or an admin)."""
+        if self.is_admin(user) or user["id"] in (task["owner_id"], task["assignee_id"]):
+            return True
+        project = self.projects.get(task["project_id"])
+        return bool(project) and user["id"] in (project["owner_id"], project["assignee_id"])
+
+    def can_see_task(self, user: dict[str, Any], task: dict[str, Any]) -> bool:
+        """Task staff, or the assignee of one of its jobs."""
+        return self._task_staff(user, task) or any(
+            j["task_id"] == task["id"] and j["assignee_id"] == user["id"] for j in self.jobs.values()
+        )
+
+    def can_see_project(self, user: dict[str, Any], project: dict[str, Any]) -> bool:
+        """Project owner/assignee, or someone who can see one of its tasks."""
+        if self.is_admin(user) or user["id"] in (project["owner_id"], project["assignee_id"]):
+            return True
+        return any(
+            t["project_id"] == project["id"] and self.can_see_task(user, t) for t in self.tasks.values()
+        )
+
+    def can_see_job(self, user: dict[str, Any], job: dict[str, Any]) -> bool:
+        """Job assignee, or staff of the job's task (a job assignee sees only that job)."""
+        return job["assignee_id"] == user["id"] or self._task_staff(user, self.tasks[job["task_id"]])
+
+    def get_visible(self, user: dict[str, Any], kind: str, obj_id: int) -> dict[str, Any]:
+        """Fetch a project/task/job/label/issue/comment; 404 if unknown, 403 if hidden."""
+        with self.lock:
+            table, model = {
+                "project": (self.projects, "Project"),
+                "task": (self.tasks, "Task"),
+                "job": (self.jobs, "Job"),
+                "label": (self.labels, "Label"),
+                "issue": (self.issues, "Issue"),
+                "comment": (self.comments, "Comment"),
+            }[kind]
+            obj = table.get(obj_id)
+            if obj is None:
+                raise not_found(model)
+            if not self.visible(user, kind, obj):
+                raise forbidden()
+            return obj
+
+    def visible(self, user: dict[str, Any], kind: str, obj: dict[str, Any]) -> bool:
+        """Whether `user` may see this object."""
+        if kind == "project":
+            return self.can_see_project(user, obj)
+        if kind == "task":
+            return self.can_see_task(user, obj)
+        if kind == "job":
+            return self.can_see_job(user, obj)
+        if kind == "label":
+            return self.can_see_project(user, self.projects[obj["project_id"]])
+        if kind == "issue":
+            return user["id"] in (obj["owner_id"], obj["assignee_id"]) or self.can_see_job(
+                user, self.jobs[obj["job_id"]]
+            )
+        if kind == "comment":
+            return self.visible(user, "issue", self.issues[obj["issue_id"]])
+        raise ValueError(kind)
+
+    # ----------------------------------------------------------- annotations
+    def _normalize(self, kind: str, item: dict[str, Any], *, keep_id: bool) -> dict[str, Any]:
+        obj = copy.deepcopy(item)
+        if not keep_id or obj.get("id") is None:
+            obj["id"] = self.next_id(kind)
+        obj.setdefault("group", 0)
+        obj.setdefault("source", "manual")
+        obj["attributes"] = [
+            {"spec_id": int(a["spec_id"]), "value": str(a["value"])} for a in obj.get("attributes") or []
+        ]
+        return obj
+
+    def _validate(self, task_id: int, data: dict[str, Any], jobs: Sequence[dict[str, Any]]) -> None:
+        """Reject unknown label/attribute ids as CVAT does; record silent mistakes.
+
+        Messages follow cvat/apps/engine/annotation.py (_validate_label_for_existence,
+        _validate_attribute_for_existence).
+        """
+        labels = {lb["id"]: lb for lb in self.task_labels(task_id)}
+        task = self.tasks[task_id]
+        for kind in ANNOTATION_KINDS:
+            for obj in data.get(kind) or []:
+                label = labels.get(obj.get("label_id"))
+                if label is None:
+                    raise bad_request([f"label_id `{obj.get('label_id')}` is invalid"])
+                specs = {a["id"]: a for a in label["attributes"]}
+                for attr in obj.get("attributes") or []:
+                    if attr.get("spec_id") not in specs:
+                        raise bad_request([f"spec_id `{attr.get('spec_id')}` is invalid"])
+                    self._check_attribute_value(specs[attr["spec_id"]], attr.get("value"), obj)
+                self._check_frame(task, jobs, kind, obj, label)
+
+    def _check_frame(
+        self,
+        task: dict[str, Any],
+        jobs: Sequence[dict[str, Any]],
+        kind: str,
+        obj: dict[str, Any],
+        label: dict[str, Any],
+    ) -> None:
+        frame = obj.get("frame")
+        if len(jobs) == 1 and frame not in self.job_frames(jobs[0]):
+            self.violation(
+                "frame_out_of_job",
+                f"{kind[:-1]} on frame {frame} outside job {jobs[0]['id']} frames {self.job_frames(jobs[0])}",
+                job_id=jobs[0]["id"],
+                frame=frame,
+            )
+        if frame in task["deleted_frames"]:
+            self.violation("deleted_frame", f"{kind[:-1]} on deleted frame {frame}", frame=frame)
+        expected = "tag" if kind == "tags" else obj.get("type")
+        if label["type"] not in ("any", expected):
+            self.violation(
+                "label_type_mismatch",
+                f"{kind[:-1]} uses label {label['name']!r} of type {label['type']!r}",
+                label_id=label["id"],
+            )
+
+    def _check_attribute_value(self, spec: dict[str, Any], value: Any, obj: dict[str, Any]) -> None:
+        value = str(value)
+        ok = True
+        if spec["input_type"] == "number":
+            lo, hi, step = (int(v) for v in spec["values"])
+            try:
+                num = int(value)
+            except ValueError:
+                ok = False
+            else:
+                ok = lo <= num <= hi and (num - lo) % step == 0
+        elif spec["input_type"] == "checkbox":
+            ok = value in ("true", "false")
+        elif spec["input_type"] in ("select", "radio"):
+            ok = value in spec["values"]
+        if not ok:
+            self.violation(
+                "bad_attribute_value",
+                f"value {value!r} for {spec['input_type']} attribute {spec['name']!r} "
+                f"(values {spec['values']})",
+                spec_id=spec["id"],
+                frame=obj.get("frame"),
+            )
+
+    def _check_duplicates(self, job_id: int, tags: Sequence[dict[str, Any]]) -> None:
+        stored = self.annotations[job_id]["tags"]
+        seen = {(t["frame"], t["label_id"], t["source"]) for t in stored}
+        for tag in tags:
+            key = (tag["frame"], tag["label_id"], tag["source"])
+            if key in seen:
+                self.violation(
+                    "duplicate_tag",
+                    f"second {tag['source']} tag with label {tag['label_id']} on frame {tag['frame']}",
+                    job_id=job_id,
+                    frame=tag["frame"],
+                )
+            seen.add(key)
+
+    def job_patch(
+        self, job_id: int, action: str, data: dict[str, Any], *, validate: bool = True
+    ) -> dict[str, Any]:
+        """PATCH /api/jobs/{id}/annotations?action=create|update|delete."""
+        with self.lock:
+            job = self.jobs[job_id]
+            if action not in ("create", "update", "delete"):
+                raise bad_request(["Please specify a correct 'action' for the request"])
+            if validate and action != "delete":
+                self._validate(job["task_id"], data, [job])
+            store = self.annotations[job_id]
+            result: dict[str, Any] = {"version": 0, "tags": [], "shapes": [], "tracks": []}
+            for kind in ANNOTATION_KINDS:
+                items = data.get(kind) or []
+                if action == "create":
+                    new = [self._normalize(kind, i, keep_id=False) for i in items]
+                    if kind == "tags":
+                        self._check_duplicates(job_id, new)
+                    store[kind].extend(new)
+                elif action == "update":
+                    new = [self._normalize(kind, i, keep_id=True) for i in items]
+                    by_id = {o["id"]: n for n, o in enumerate(store[kind])}
+                    for obj in new:
+                        if obj["id"] in by_id:
+                            store[kind][by_id[obj["id"]]] = obj
+                        else:
+                            store[kind].append(obj)
+                else:
+                    ids = {i.get("id") for i in items}
+                    new = [o for o in store[kind] if o["id"] in ids]
+                    store[kind] = [o for o in store[kind] if o["id"] not in ids]
+                result[kind] = copy.deepcopy(new)
+            job["updated_date"] = now()
+            return result
+
+    def job_put(self, job_id: int, data: dict[str, Any]) -> dict[str, Any]:
+        """PUT /api/jobs/{id}/annotations: replace everything in the job."""
+        with self.lock:
+            job = self.jobs[job_id]
+            self._validate(job["task_id"], data, [job])
+            self.annotations[job_id] = {kind: [] for kind in ANNOTATION_KINDS}
+            return self.job_patch(job_id, "create", data, validate=False)
+
+    def job_clear(self, job_id: int) -> None:
+        """DELETE /api/jobs/{id}/annotations."""
+        with self.lock:
+            self.annotations[job_id] = {kind: [] for kind in ANNOTATION_KINDS}
+
+    def job_annotations(self, job_id: int) -> dict[str, Any]:
+        """A copy of a job's annotations."""
+        with self.lock:
+            return {"version": 0, **copy.deepcopy(self.annotations[job_id])}
+
+    def task_jobs(self, task_id: int, job_type: str | None = "annotation") -> list[dict[str, Any]]:
+        """A task's jobs (of one type, or all), by start frame."""
+        with self.lock:
+            return sorted(
+                (j for j in self.jobs.values() if j["task_id"] == task_id and job_type in (None, j["type"])),
+                key=lambda j: (j["start_frame"], j["id"]),
+            )
+
+    def task_annotations(self, task_id: int) -> dict[str, Any]:
+        """Task annotations: those of its `annotation` jobs (GT and replicas excluded)."""
+        with self.lock:
+            merged: dict[str, Any] = {"version": 0, "tags": [], "shapes": [], "tracks": []}
+            for job in self.task_jobs(task_id):
+                for kind in ANNOTATION_KINDS:
+                    merged[kind].extend(copy.deepcopy(self.annotations[job["id"]][kind]))
+            return merged
+
+    def task_patch(self, task_id: int, action: str, data: dict[str, Any]) -> dict[str, Any]:
+        """PATCH /api/tasks/{id}/annotations: split by frame into the annotation jobs."""
+        with self.lock:
+            if action not in ("create", "update", "delete"):
+                raise bad_request(["Please specify a correct 'action' for the request"])
+            jobs = self.task_jobs(task_id)
+            if action != "delete":
+                self._validate(task_id, data, jobs)
+            return self._task_split(task_id, action, data, jobs)
+
+    def _task_split(
+        self, task_id: int, action: str, data: dict[str, Any], jobs: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Apply a task-level change job by job.
+
+        Like TaskAnnotation in cvat/apps/engine/annotation.py, objects on frames that
+        no annotation job covers are dropped without an error (recorded as violation).
+        """
+        result: dict[str, Any] = {"version": 0, "tags": [], "shapes": [], "tracks": []}
+        if action != "delete":
+            for kind in ANNOTATION_KINDS:
+                for obj in data.get(kind) or []:
+                    if not any(obj.get("frame") in self.job_frames(j) for j in jobs):
+                        self.violation(
+                            "frame_out_of_task",
+                            f"{kind[:-1]} on frame {obj.get('frame')} is outside task "
+                            f"{task_id} and was dropped",
+                            task_id=task_id,
+                        )
+        for job in jobs:
+            frames = set(self.job_frames(job))
+            if action == "delete":
+                part = {kind: list(data.get(kind) or []) for kind in ANNOTATION_KINDS}
+            else:
+                part = {
+                    kind: [o for o in data.get(kind) or [] if o.get("frame") in frames]
+                    for kind in ANNOTATION_KINDS
+                }
+            done = self.job_patch(job["id"], action, part, validate=False)
+            for kind in ANNOTATION_KINDS:
+                result[kind].extend(done[kind])
+        return result
+
+    def task_put(self, task_id: int, data: dict[str, Any]) -> dict[str, Any]:
+        """PUT /api/tasks/{id}/annotations: clear the annotation jobs, then create."""
+        with self.lock:
+            jobs = self.task_jobs(task_id)
+            self._validate(task_id, data, jobs)
+            for job in jobs:
+                self.job_clear(job["id"])
+            return self._task_split(task_id, "create", data, jobs)
+
+    def task_clear(self, task_id: int) -> None:
+        """DELETE /api/tasks/{id}/annotations."""
+        with self.lock:
+            for job in self.task_jobs(task_id):
+                self.job_clear(job["id"])
+
+    # ---------------------------------------------------------------- issues
+    def add_issue(
+        self,
+        job_id: int,
+        frame: int,
+        position: Sequence[float],
+        message: str,
+        owner_id: int,
+        *,
+        assignee_id: int | None = None,
+        resolved: bool = False,
+    ) -> dict[str, Any]:
+        """Create an issue; its message becomes the first comment."""
+        with self.lock:
+            job = self.jobs[job_id]
+            if frame not in self.job_frames(job):
+                self.violation(
+                    "issue_frame_out_of_job",
+                    f"issue on frame {frame} outside job {job_id}",
+                    job_id=job_id,
+                    frame=frame,
+                )
+            iid = self.next_id("issue")
+            ts = now()
+            self.issues[iid] = {
+                "id": iid,
+                "job_id": job_id,
+                "frame": frame,
+                "position": [float(p) for p in position],
+                "owner_id": owner_id,
+                "assignee_id": assignee_id,
+                "resolved": resolved,
+                "created_date": ts,
+                "updated_date": ts,
+            }
+            self.add_comment(iid, message, owner_id)
+            return self.issues[iid]
+
+    def add_comment(self, issue_id: int, message: str, owner_id: int) -> dict[str, Any]:
+        """Add a comment to an issue."""
+        with self.lock:
+            cid = self.next_id("comment")
+            ts = now()
+            self.comments[cid] = {
+                "id": cid,
+                "issue_id": issue_id,
+                "owner_id": owner_id,
+                "message": message,
+                "created_date": ts,
+                "updated_date": ts,
+            }
+            return self.comments[cid]
+
+    def delete_issue(self, issue_id: int) -> None:
+        """Delete an issue and its comments."""
+        with self.lock:
+            del self.issues[issue_id]
+            for cid in [c for c, v in self.comments.items() if v["issue_id"] == issue_id]:
+                del self.comments[cid]

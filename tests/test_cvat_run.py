@@ -1,0 +1,303 @@
+"""`prelabel setup` and `prelabel run` against the CVAT test server, through the real cvat-sdk.
+
+The CLI runs as a subprocess, as a user runs it; the test reads the results back through
+cvat-sdk over HTTP and checks them against the server's own records.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cvat_sdk import make_client
+
+from connectors.cvat.frames import JobFrameSource
+from connectors.cvat.jobs import find_work
+from prelabel.config import load_config
+from prelabel.runner import build_pipeline
+from prelabel.worker import predict
+from tests.conftest import TINY_MODEL, run_cli
+from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
+
+LABELS = ["cat", "coffee", "rocket"]
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class Project:
+    server: CvatTestServer
+    project_id: int
+    image_tasks: list[int]
+    video_task: int
+    deleted: set[tuple[int, int]]
+    """(task, frame) pairs deleted in CVAT."""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "CVAT_HOST": self.server.url,
+            "CVAT_USERNAME": "annotator",
+            "CVAT_PASSWORD": PASSWORD,
+            **extra,
+        }
+
+    def annotation_jobs(self) -> list[dict]:
+        return [job for task in [*self.image_tasks, self.video_task] for job in self.server.jobs(task)]
+
+    def snapshot(self) -> dict:
+        """Everything a run could change, to compare before and after."""
+        return {
+            "annotations": {job["id"]: self.server.annotations(job["id"]) for job in self.annotation_jobs()},
+            "issues": self.server.issues(),
+            "jobs": [self.server.job(job["id"]) for job in self.annotation_jobs()],
+            "labels": self.server.labels(self.project_id),
+        }
+
+
+@pytest.fixture
+def project() -> Project:
+    """3 tag labels, 2 image tasks of 2 jobs each (one with deleted frames), 1 video task."""
+    with CvatTestServer() as server:
+        server.add_user("annotator", PASSWORD)
+        project_id = server.add_project(
+            "pets and things",
+            owner="annotator",
+            labels=[{"name": name, "type": "tag", "attributes": []} for name in LABELS]
+            + [{"name": "outline", "type": "rectangle", "attributes": []}],
+        )
+        first = server.add_image_task(
+            project_id, sample_jpegs(7, prefix="a_"), name="a", segment_size=4, chunk_size=3
+        )
+        second = server.add_image_task(
+            project_id,
+            sample_jpegs(6, (352, 288), prefix="b_"),
+            name="b",
+            segment_size=3,
+            chunk_size=2,
+            deleted_frames=[1, 4],
+        )
+        video = server.add_video_task(project_id, sample_frames(10), name="clip", chunk_size=4)
+        yield Project(server, project_id, [first, second], video, {(second, 1), (second, 4)})
+
+
+def tiny_args(*extra: str) -> list[str]:
+    return ["--model", TINY_MODEL, "--pretrained", "none", "--no-progress", *extra]
+
+
+def expected_top1(project: Project) -> dict[tuple[int, int], tuple[str, float]]:
+    """The worker's top-1 (label, probability) per frame, computed in-process over the same chunks."""
+    config = load_config(None, {"model.name": TINY_MODEL, "model.pretrained": "none"})
+    client = make_client(project.server.url, credentials=("annotator", PASSWORD))
+    work = find_work(client, project_id=project.project_id, include_tagged=True)
+    pipeline = build_pipeline(config, LABELS)
+    top1 = {}
+    for plan in work.jobs:
+        for prediction in predict(
+            JobFrameSource(client, plan).frames(), pipeline.loaded, pipeline.classifier, pipeline.options
+        ):
+            top1[(plan.task_id, prediction.ref.frame)] = (prediction.top_label, prediction.confidence)
+    return top1
+
+
+def test_setup_is_idempotent_and_changes_nothing_else(project: Project):
+    before = {label["name"]: label for label in project.server.labels(project.project_id)}
+    first = run_cli("setup", "--project-id", str(project.project_id), env=project.env())
+    assert first.returncode == 0, first.stderr
+    assert "added confidence, model, needs_review" in first.stdout
+
+    after = {label["name"]: label for label in project.server.labels(project.project_id)}
+    for name in LABELS:
+        attributes = {attr["name"]: attr for attr in after[name]["attributes"]}
+        assert attributes["confidence"]["input_type"] == "number"
+        assert attributes["confidence"]["values"] == ["0", "100", "1"]
+        assert attributes["model"]["input_type"] == "text"
+        assert attributes["needs_review"]["input_type"] == "checkbox"
+        assert {k: v for k, v in after[name].items() if k != "attributes"} == {
+            k: v for k, v in before[name].items() if k != "attributes"
+        }
+    assert after["outline"] == before["outline"]  # not a tag label: untouched
+
+    project.server.reset_counters()
+    second = run_cli("setup", "--project-id", str(project.project_id), env=project.env())
+    assert second.returncode == 0, second.stderr
+    assert "nothing changed" in second.stdout
+    assert project.server.write_count == 0
+    assert project.server.labels(project.project_id) == list(after.values())
+
+
+def test_run_tags_or_reviews_every_frame_and_leaves_human_tags_alone(project: Project, tmp_path: Path):
+    assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
+    first_job = project.server.jobs(project.image_tasks[0])[0]["id"]
+    human_tag = project.server.add_tag(first_job, 2, "rocket")
+    human_before = project.server.annotations(first_job)["tags"]
+
+    top1 = expected_top1(project)
+    confidences = sorted(confidence for _, confidence in top1.values())
+    threshold = confidences[len(confidences) // 2]  # about half the frames go to review
+    review_file = tmp_path / "review.jsonl"
+    result = run_cli(
+        "run",
+        "--project-id",
+        str(project.project_id),
+        "--review-file",
+        str(review_file),
+        *tiny_args("--accept-threshold", f"{threshold:.6f}", "--min-margin", "0"),
+        env=project.env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "per label:" in result.stdout and "images/s" in result.stdout
+
+    # Read back through cvat-sdk, over HTTP.
+    client = make_client(project.server.url, credentials=("annotator", PASSWORD))
+    reviewed = {
+        (item["task"], item["frame"]) for item in map(json.loads, review_file.read_text().splitlines())
+    }
+    labels_by_id = {label.id: label for label in client.projects.retrieve(project.project_id).get_labels()}
+    tagged: dict[tuple[int, int], list] = {}
+    for task_id in [*project.image_tasks, project.video_task]:
+        task = client.tasks.retrieve(task_id)
+        for job in task.get_jobs():
+            for tag in job.get_annotations().tags:
+                tagged.setdefault((task_id, tag.frame), []).append(tag)
+        frames = range(task.size)
+        for frame in frames:
+            key = (task_id, frame)
+            if key in project.deleted:
+                assert key not in tagged and key not in reviewed
+                continue
+            if key == (project.image_tasks[0], 2):  # the human's frame: skipped, untouched
+                assert [tag.id for tag in tagged[key]] == [human_tag]
+                assert key not in reviewed
+                continue
+            assert (key in tagged) != (key in reviewed), f"frame {key} must be tagged xor reviewed"
+            if key in tagged:
+                (tag,) = tagged[key]
+                assert tag.source == "auto"
+                label = labels_by_id[tag.label_id]
+                assert label.name == top1[key][0]
+                values = {
+                    attr.name: value.value
+                    for value in tag.attributes
+                    for attr in label.attributes
+                    if attr.id == value.spec_id
+                }
+                assert 0 <= int(values["confidence"]) <= 100
+                assert values["model"] == f"{TINY_MODEL}/random-seed0"
+                assert values["needs_review"] == "false"
+    assert tagged and reviewed, "the threshold should split the frames between tags and review"
+    assert project.server.annotations(first_job)["tags"][: len(human_before)] == human_before
+    assert project.server.violations == []
+
+
+def test_dry_run_writes_nothing(project: Project):
+    assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
+    before = project.snapshot()
+    project.server.reset_counters()
+    result = run_cli("run", "--project-id", str(project.project_id), "--dry-run", env=project.env())
+    assert result.returncode == 0, result.stderr
+    assert "dry run: would label" in result.stdout
+    assert "21 frames in 5 jobs" in result.stdout  # 7 + (6 - 2 deleted) + 10
+    assert project.server.write_count == 0
+    assert project.snapshot() == before
+
+
+def test_limit_caps_the_frames(project: Project):
+    assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
+    result = run_cli(
+        "run",
+        "--task-id",
+        str(project.image_tasks[0]),
+        "--limit",
+        "5",
+        *tiny_args("--accept-threshold", "0", "--min-margin", "0"),
+        env=project.env(),
+    )
+    assert result.returncode == 0, result.stderr
+    tags = [
+        tag
+        for job in project.server.jobs(project.image_tasks[0])
+        for tag in project.server.annotations(job["id"])["tags"]
+    ]
+    assert sorted(tag["frame"] for tag in tags) == [0, 1, 2, 3, 4]
+
+
+def test_ground_truth_and_consensus_jobs_are_skipped(project: Project):
+    assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
+    task = project.image_tasks[0]
+    gt_job = project.server.add_ground_truth_job(task, [0, 3])
+    replica = project.server.add_consensus_replicas(project.server.jobs(task)[0]["id"])[0]
+    result = run_cli("run", "--task-id", str(task), "--dry-run", env=project.env())
+    assert result.returncode == 0, result.stderr
+    assert f"job {gt_job}: skipped, a ground truth job" in result.stdout
+    assert f"job {replica}: skipped, a consensus replica job" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("wrong_password", "rejected the credentials"),
+        ("unknown_project", "not found"),
+        ("no_tag_labels", "has no labels of type tag or any"),
+        ("missing_attributes", "run `prelabel setup --project-id"),
+        ("config_label_unknown", "does not have: 'zebra'"),
+        ("unreachable", "cannot reach the server"),
+        ("no_credentials", "no CVAT credentials given"),
+    ],
+)
+def test_errors_are_one_line_and_non_zero(project: Project, tmp_path: Path, case: str, fragment: str):
+    project_id, env, extra = project.project_id, project.env(), []
+    if case != "missing_attributes":
+        assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+    if case == "wrong_password":
+        env = project.env(CVAT_PASSWORD="wrong")
+    elif case == "unknown_project":
+        project_id = 999
+    elif case == "no_tag_labels":
+        project_id = project.server.add_project(
+            "boxes only", owner="annotator", labels=[{"name": "box", "type": "rectangle", "attributes": []}]
+        )
+    elif case == "config_label_unknown":
+        config = tmp_path / "config.yaml"
+        config.write_text("labels:\n  - name: zebra\n    descriptions: [a zebra]\n")
+        extra = ["--config", str(config)]
+    elif case == "unreachable":
+        env = project.env(CVAT_HOST="http://127.0.0.1:9")
+    elif case == "no_credentials":
+        env = {"CVAT_HOST": project.server.url, "CVAT_USERNAME": "", "CVAT_PASSWORD": ""}
+    before = project.snapshot()
+    project.server.reset_counters()
+    result = run_cli("run", "--project-id", str(project_id), *extra, *tiny_args(), env=env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+    assert PASSWORD not in result.stderr + result.stdout
+    assert project.server.write_count == 0
+    assert project.snapshot() == before
+
+
+def test_access_token_and_non_admin_visibility(project: Project):
+    server = project.server
+    assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
+    server.add_user("outsider", "outsider-pass")
+    server.add_token("outsider", "outsider-token")
+    denied = run_cli(
+        "run",
+        "--project-id",
+        str(project.project_id),
+        "--dry-run",
+        env={"CVAT_HOST": server.url, "CVAT_ACCESS_TOKEN": "outsider-token"},
+    )
+    assert denied.returncode != 0 and "permission denied" in denied.stderr
+    server.add_token("annotator", "annotator-token")
+    allowed = run_cli(
+        "run",
+        "--project-id",
+        str(project.project_id),
+        "--dry-run",
+        env={"CVAT_HOST": server.url, "CVAT_ACCESS_TOKEN": "annotator-token"},
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert "annotator-token" not in allowed.stdout + allowed.stderr
