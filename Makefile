@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean prelabel setup
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,18 @@ demo: install
 		$(PRELABEL) folder samples/images --config configs/demo.yaml --out $(DEMO_OUT) \
 			--model $(MODEL) --pretrained none; \
 	else exit $$rc; fi
+
+# Pre-label a CVAT project: make prelabel PROJECT=12 [CONFIG=configs/my.yaml] [ARGS="--dry-run"]
+# Credentials come from CVAT_HOST and CVAT_ACCESS_TOKEN (or a cvat-cli profile); see README.
+CONFIG ?=
+ARGS   ?=
+prelabel: install
+	@test -n "$(PROJECT)" || { echo "usage: make prelabel PROJECT=<project id> [CONFIG=file.yaml] [ARGS=...]"; exit 2; }
+	$(PRELABEL) run --project-id $(PROJECT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+setup: install
+	@test -n "$(PROJECT)" || { echo "usage: make setup PROJECT=<project id>"; exit 2; }
+	$(PRELABEL) setup --project-id $(PROJECT)
 
 lint: install
 	$(BIN)/ruff check prelabel connectors tests
