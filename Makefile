@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup
+.PHONY: install test demo lint clean prelabel setup review
 
 install: $(VENV)/.installed
 
@@ -59,3 +59,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info
+
+# The review queue (from the state file of the last runs): make review [ARGS="--format csv"]
+review: install
+	$(PRELABEL) review list $(if $(CONFIG),--config $(CONFIG)) $(ARGS)

@@ -256,72 +256,132 @@ def setup(project_id, task_id, job_id, config_path, **server):
 @click.option(
     "--include-tagged",
     is_flag=True,
-    help="Also label frames that already carry a tag (existing tags are never changed).",
+    help="Also label frames that a person already tagged (their tags are never changed).",
 )
 @click.option(
-    "--review-file",
-    type=click.Path(path_type=Path),
-    default=Path(".prelabel/review.jsonl"),
-    show_default=True,
-    help="Where the frames routed to review are listed.",
+    "--relabel",
+    is_flag=True,
+    help="Label again the frames prelabel already did (after a model or prompt change), replacing "
+    "only prelabel's own tags and open issues.",
 )
+@click.option("--state", "state_path", type=click.Path(path_type=Path), help="State file (SQLite).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def run_command(
-    project_id,
-    task_id,
-    job_id,
-    config_path,
-    dry_run,
-    limit,
-    quality,
-    include_tagged,
-    review_file,
-    progress,
-    server_host,
-    auth,
-    profile,
-    organization,
-    insecure,
-    **flags,
-):
+    project_id, task_id, job_id, config_path, dry_run, limit, quality, include_tagged, relabel,
+    state_path, progress, server_host, auth, profile, organization, insecure, **flags,
+):  # fmt: skip
     """Pre-label the jobs of a CVAT project, task or job that still need labels.
 
     Frames are streamed chunk by chunk through the model. Each accepted frame gets a tag
-    (source "auto") with its confidence (0-100) and the model's name as attributes; the
-    other frames are routed to review. Frames that already carry a tag are skipped, and no
-    existing annotation is ever changed or deleted.
+    (source "auto") with its confidence (0-100) and the model's name as attributes. Each
+    other frame gets a CVAT issue listing the candidates (and, if configured, its top-1
+    tag as a suggestion marked needs_review); jobs with review items go to a reviewer.
+    Running it again writes nothing new; after a crash it completes what is missing.
+    Frames a person tagged are skipped, and no human annotation is ever changed.
     """
-    from connectors.cvat.driver import candidate_names, label_jobs
+    from connectors.cvat.assign import resolve_reviewers
+    from connectors.cvat.driver import JobOptions, candidate_names, label_jobs
     from connectors.cvat.jobs import find_work
     from prelabel.config import load_config
+    from prelabel.state import RunState
 
     target = _one_target(project_id, task_id, job_id)
     config = load_config(config_path, _overrides(**flags))
     client = _connect(config, server_host, auth, profile, organization, insecure)
-    work = find_work(client, **target, include_tagged=include_tagged, limit=limit)
+    work = find_work(
+        client,
+        **target,
+        include_tagged=include_tagged,
+        relabel=relabel,
+        suggestions=config.review.upload_suggestion,
+        limit=limit,
+    )
     names = candidate_names(work, config, _setup_hint(target))
+    reviewers = resolve_reviewers(client, config.review.reviewers)
     _print_plan(work, names, dry_run)
-    if dry_run or not work.jobs:
+    if dry_run:
         return
 
     from prelabel.runner import RunStats, build_pipeline, format_summary
 
-    pipeline = build_pipeline(config, names)
-    total = RunStats()
+    with RunState(Path(state_path or config.state.path)) as state:
+        state.set_meta("host", client.api_map.host)
+        pipeline = build_pipeline(config, names)
+        total = RunStats()
 
-    def report(outcome) -> None:
-        stats, plan = outcome.stats, outcome.plan
-        click.echo(
-            f"job {plan.job_id} (task {plan.task_id}): {stats.frames} frames, "
-            f"{stats.accepted} accepted, {stats.review} for review, {stats.unreadable} unreadable, "
-            f"{stats.images_per_second:.1f} images/s"
-        )
-        total.merge(stats)
+        def report(outcome) -> None:
+            stats, plan, result = outcome.stats, outcome.plan, outcome.result
+            click.echo(
+                f"job {plan.job_id} (task {plan.task_id}): {stats.frames} frames, "
+                f"{stats.accepted} accepted, {stats.review} for review, {stats.unreadable} unreadable, "
+                f"{stats.images_per_second:.1f} images/s; wrote {len(result.tags_created)} tags, "
+                f"{len(result.issues_created)} issues"
+                + (
+                    f"; job {', '.join(f'{k}={v}' for k, v in outcome.job_changes.items())}"
+                    if outcome.job_changes
+                    else ""
+                )
+            )
+            total.merge(stats)
 
-    outcomes = label_jobs(client, work, pipeline, quality=quality, progress=progress, on_job=report)
-    _write_review_file(review_file, [item for outcome in outcomes for item in outcome.result.review])
-    click.echo(format_summary(total, title=f"{work.where}"))
-    click.echo(f"  review list: {review_file}")
+        options = JobOptions(quality=quality, relabel=relabel, progress=progress, reviewers=reviewers)
+        label_jobs(client, work, pipeline, config, options, state, on_job=report)
+        click.echo(format_summary(total, title=f"{work.where}"))
+        click.echo("  review queue: prelabel review list")
+
+
+@cli.group()
+def review() -> None:
+    """The review queue: frames prelabel routed to a human, as CVAT issues."""
+
+
+@review.command(name="list")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file.")
+@click.option("--state", "state_path", type=click.Path(path_type=Path), help="State file (SQLite).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+)
+@click.option("--all", "show_all", is_flag=True, help="Include items a reviewer already handled.")
+def review_list(config_path, state_path, fmt, show_all):
+    """Print the pending review items with direct links into CVAT."""
+    from prelabel.config import load_config
+    from prelabel.review import pending_items, write_items
+    from prelabel.state import RunState
+
+    config = load_config(config_path)
+    path = Path(state_path or config.state.path)
+    if not path.exists():
+        raise PrelabelError(f"no state file at {path}", hint="run `prelabel run` first, or pass --state")
+    with RunState(path, lock=False) as state:
+        items = pending_items(state, include_handled=show_all)
+    write_items(items, fmt, sys.stdout)
+
+
+@review.command(name="sync")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file.")
+@click.option("--state", "state_path", type=click.Path(path_type=Path), help="State file (SQLite).")
+@click.option("--job-id", "job_ids", type=int, multiple=True, help="Only these jobs (repeatable).")
+@server_options
+def review_sync(config_path, state_path, job_ids, **server):
+    """Read back what reviewers did in CVAT and record each frame's outcome.
+
+    Outcomes: kept (the predicted label stands), changed (another label), deleted (the tag
+    is gone), added (a reviewer tagged a frame that had no suggestion), pending (the issue
+    is still open). They are the ground truth that calibration learns from.
+    """
+    from connectors.cvat.sync import sync_reviews
+    from prelabel.config import load_config
+    from prelabel.state import RunState
+
+    config = load_config(config_path)
+    path = Path(state_path or config.state.path)
+    if not path.exists():
+        raise PrelabelError(f"no state file at {path}", hint="run `prelabel run` first, or pass --state")
+    client = _connect(config, **server)
+    with RunState(path) as state:
+        counts = sync_reviews(client, state, list(job_ids) or None)
+    summary = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items())) or "nothing to sync"
+    click.echo(f"synced: {summary}")
 
 
 def _print_plan(work, names: list[str], dry_run: bool) -> None:
@@ -330,28 +390,12 @@ def _print_plan(work, names: list[str], dry_run: bool) -> None:
     for plan in work.jobs:
         click.echo(
             f"  job {plan.job_id} (task {plan.task_id}): {prefix} {len(plan.frames)} frames"
-            f" ({plan.already_tagged} already tagged, {plan.deleted} deleted)"
+            f" ({plan.already_done} done before, {plan.already_tagged} tagged by people,"
+            f" {plan.deleted} deleted)"
         )
     for job_id, why in sorted(work.skipped_jobs.items()):
         click.echo(f"  job {job_id}: skipped, {why}")
     click.echo(f"  {work.frame_count} frames in {len(work.jobs)} jobs")
-
-
-def _write_review_file(path: Path, items) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for item in items:
-            record = {
-                "job": item.job_id,
-                "task": item.task_id,
-                "frame": item.frame,
-                "name": item.name,
-                "reason": item.reason,
-                "candidates": [{"label": label, "score": round(p, 6)} for label, p in item.candidates],
-            }
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def main() -> None:

@@ -105,6 +105,39 @@ class DecodeConfig(_Strict):
     """Decode threads; default: the number of CPU cores."""
 
 
+JobStage = Literal["annotation", "validation", "acceptance"]
+JobState = Literal["new", "in progress", "rejected", "completed"]
+
+
+class ReviewConfig(_Strict):
+    """The review queue inside CVAT: issues, suggestions and who reviews which job."""
+
+    upload_suggestion: bool = True
+    """Also upload the top-1 tag of a review frame, marked needs_review (else upload no tag)."""
+    reviewers: list[Annotated[str, Field(min_length=1)]] = []
+    """CVAT usernames; a job with review items is assigned to one of them."""
+    assign: Literal["round_robin", "least_load"] = "round_robin"
+    """round_robin: by job id; least_load: the reviewer with the fewest assigned jobs."""
+    stage: JobStage = "annotation"
+    """Stage of a job that has review items."""
+    state: JobState = "new"
+    """State of a job that has review items."""
+    accepted_stage: JobStage | None = "validation"
+    """Stage of a job whose frames were all accepted (null: leave it)."""
+    message_length: Annotated[int, Field(ge=80, le=4000)] = 500
+
+    @field_validator("reviewers", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class StateConfig(_Strict):
+    """Where the run state lives."""
+
+    path: str = ".prelabel/state.db"
+
+
 class CvatConfig(_Strict):
     """The CVAT server. Credentials never go here: use CVAT_ACCESS_TOKEN or a cvat-cli profile."""
 
@@ -112,6 +145,8 @@ class CvatConfig(_Strict):
     """E.g. https://app.cvat.ai; --server-host and CVAT_HOST take precedence."""
     organization: str | None = None
     """An organization slug; empty or absent means the personal workspace."""
+    upload_batch_size: Annotated[int, Field(gt=0, le=10000)] = 100
+    """Tags per upload request."""
 
 
 class Config(_Strict):
@@ -123,6 +158,8 @@ class Config(_Strict):
     routing: RoutingConfig = RoutingConfig()
     decode: DecodeConfig = DecodeConfig()
     cvat: CvatConfig = CvatConfig()
+    review: ReviewConfig = ReviewConfig()
+    state: StateConfig = StateConfig()
 
     @field_validator("labels")
     @classmethod

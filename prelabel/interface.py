@@ -76,6 +76,8 @@ class Decision:
     """(label, probability) pairs to write as tags; empty when the frame goes to review."""
     reason: str | None = None
     """Why a human must look; None when the frame is accepted."""
+    code: str | None = None
+    """The reason as a word: low_confidence, small_margin, no_label or unreadable."""
 
     @property
     def accepted(self) -> bool:

@@ -54,19 +54,23 @@ def route(prediction: Prediction, policy: RoutingPolicy) -> Decision:
     Anything else, and every unreadable frame, goes to review with the reason.
     """
     if prediction.error is not None:
-        return Decision(prediction, reason=f"unreadable: {prediction.error}")
+        return Decision(prediction, reason=f"unreadable: {prediction.error}", code="unreadable")
     if not prediction.scores:
-        return Decision(prediction, reason="no scores")
+        return Decision(prediction, reason="no scores", code="unreadable")
     if policy.multi_label:
         tags = tuple((label, p) for label, p in prediction.scores if p + _EPSILON >= policy.threshold(label))
         if tags:
             return Decision(prediction, tags=tags)
-        return Decision(prediction, reason="no label reached its threshold")
+        return Decision(prediction, reason="no label reached its threshold", code="no_label")
     label, confidence = prediction.scores[0]
     threshold = policy.threshold(label)
     if confidence + _EPSILON < threshold:
-        return Decision(prediction, reason=f"low confidence {confidence:.1%} < {threshold:.1%}")
+        return Decision(
+            prediction, reason=f"low confidence {confidence:.1%} < {threshold:.1%}", code="low_confidence"
+        )
     min_margin = policy.margin(label)
     if prediction.margin + _EPSILON < min_margin:
-        return Decision(prediction, reason=f"small margin {prediction.margin:.1%} < {min_margin:.1%}")
+        return Decision(
+            prediction, reason=f"small margin {prediction.margin:.1%} < {min_margin:.1%}", code="small_margin"
+        )
     return Decision(prediction, tags=((label, confidence),))

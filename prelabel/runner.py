@@ -6,6 +6,8 @@ any number of sources (a folder, each CVAT job) with the same pipeline.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,6 +36,12 @@ class Pipeline:
     classifier: TextClassifier
     policy: RoutingPolicy
     options: WorkerOptions
+
+    @property
+    def fingerprint(self) -> str:
+        """Of everything that decides a frame's outcome: model, prompts and thresholds."""
+        payload = json.dumps([self.classifier.fingerprint, repr(self.policy)], ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def build_pipeline(config: Config, labels: Sequence[str]) -> Pipeline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,13 +85,17 @@ def photo_dir(tmp_path: Path) -> Path:
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    """Run `python -m prelabel ARGS` as a user would; returns the CompletedProcess."""
+    """Run `python -m prelabel ARGS` as a user would; returns the CompletedProcess.
+
+    It runs in a fresh temporary folder unless `cwd` is given, so that the default state
+    file (.prelabel/state.db) never lands in the checkout.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "prelabel", *args],
         capture_output=True,
         text=True,
-        cwd=cwd or REPO,
+        cwd=cwd or tempfile.mkdtemp(prefix="prelabel-cli-"),
         env=full_env,
         timeout=timeout,
     )

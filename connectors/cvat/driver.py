@@ -1,23 +1,26 @@
 """Pre-labeling CVAT jobs: each job's frames run source -> worker -> router -> sink.
 
 The job is the unit of work. Labeling one job depends only on the job, the config and the
-server's state, so jobs can be processed in any order, or on different machines.
+server's state (the local state file is a record), so jobs can be processed in any order,
+again after a crash, or on different machines, without writing anything twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cvat_sdk import Client
 
+from connectors.cvat.assign import Reviewer, route_job
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import JobPlan, Work
 from connectors.cvat.labels import CvatLabel, check_schema
-from connectors.cvat.sink import JobResult, TagSink
+from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.runner import Pipeline, RunStats, run
+from prelabel.state import RunState
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,17 @@ class JobOutcome:
     plan: JobPlan
     stats: RunStats
     result: JobResult
+    job_changes: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How jobs are labeled, beyond the pipeline itself."""
+
+    quality: str = "compressed"
+    relabel: bool = False
+    progress: bool = True
+    reviewers: list[Reviewer] = field(default_factory=list)
 
 
 def candidate_names(work: Work, config: Config, setup_hint: str) -> list[str]:
@@ -49,32 +63,83 @@ def label_job(
     plan: JobPlan,
     labels: dict[str, CvatLabel],
     pipeline: Pipeline,
-    *,
-    quality: str = "compressed",
-    progress: bool = True,
+    config: Config,
+    options: JobOptions,
+    state: RunState | None = None,
 ) -> JobOutcome:
-    """Label the planned frames of one job: tags for accepted frames, review items for the rest."""
-    source = JobFrameSource(client, plan, quality=quality)
-    sink = TagSink(client, plan, labels, pipeline.loaded.identity)
-    stats = run(source, sink, pipeline, progress=progress)
-    return JobOutcome(plan, stats, sink.result)
+    """Label the planned frames of one job, then route the job (assignee, stage, state).
+
+    Accepted frames get tags; the others get a review issue (and a suggestion tag, if
+    configured). Only what the job does not hold yet is written.
+    """
+    settings = SinkSettings(
+        model_identity=pipeline.loaded.identity,
+        fingerprint=pipeline.fingerprint,
+        suggestions=config.review.upload_suggestion,
+        message_length=config.review.message_length,
+        batch_size=config.cvat.upload_batch_size,
+        relabel=options.relabel,
+    )
+    source = JobFrameSource(client, plan, quality=options.quality)
+    sink = CvatSink(client, plan, labels, settings, state)
+    stats = run(source, sink, pipeline, progress=options.progress)
+    changes = _route(
+        client,
+        plan,
+        len(sink.result.issues_created),
+        bool(sink.result.writes),
+        config,
+        options,
+        state,
+        settings.fingerprint,
+    )
+    return JobOutcome(plan, stats, sink.result, changes)
+
+
+def _route(
+    client: Client,
+    plan: JobPlan,
+    new_issues: int,
+    wrote: bool,
+    config: Config,
+    options: JobOptions,
+    state: RunState | None,
+    fingerprint: str,
+) -> dict[str, object]:
+    """Route the job once: after any write to it, or when the state has no record of routing it.
+
+    A job that was already routed and got no new writes is left alone, so that a person
+    can move it on without a rerun moving it back.
+    """
+    open_issues = sum(plan.existing.open_issue(frame) is not None for frame in list(plan.existing.issues))
+    review_items = open_issues + new_issues
+    changes: dict[str, object] = {}
+    if wrote or state is None or not state.job_routed(plan.job_id, fingerprint):
+        changes = route_job(client, plan.job_id, review_items, options.reviewers, config.review)
+    if state is not None:
+        state.record_job(plan.job_id, plan.task_id, fingerprint, review_items, routed=True)
+    return changes
 
 
 def label_jobs(
     client: Client,
     work: Work,
     pipeline: Pipeline,
-    *,
-    quality: str = "compressed",
-    progress: bool = True,
+    config: Config,
+    options: JobOptions,
+    state: RunState | None = None,
     on_job: Callable[[JobOutcome], None] | None = None,
 ) -> list[JobOutcome]:
     """Label every planned job in turn; `on_job` hears about each as it finishes."""
     labels = {label.name: label for label in work.labels}
     outcomes = []
     for plan in work.jobs:
-        outcome = label_job(client, plan, labels, pipeline, quality=quality, progress=progress)
+        outcome = label_job(client, plan, labels, pipeline, config, options, state)
         outcomes.append(outcome)
         if on_job:
             on_job(outcome)
+    if state is not None:  # jobs finished before an interruption may still await their routing
+        for plan in work.finished_jobs:
+            if not state.job_routed(plan.job_id, pipeline.fingerprint):
+                _route(client, plan, 0, False, config, options, state, pipeline.fingerprint)
     return outcomes

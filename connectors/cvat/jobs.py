@@ -15,6 +15,7 @@ from cvat_sdk import Client
 from cvat_sdk.core.helpers import get_paginated_collection
 
 from connectors.cvat.connect import failing_as
+from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.labels import CvatLabel, candidate_labels
 
 
@@ -35,8 +36,13 @@ class JobPlan:
     """Task frame numbers to label, ascending."""
     names: dict[int, str] = field(repr=False)
     sizes: dict[int, tuple[int, int]] = field(repr=False)
+    existing: JobOnServer = field(default_factory=JobOnServer, repr=False)
+    """What the job already holds: prelabel's tags and issues, and the human-tagged frames."""
     deleted: int = 0
     already_tagged: int = 0
+    """Frames skipped because a person tagged them."""
+    already_done: int = 0
+    """Frames skipped because prelabel already tagged them or queued them for review."""
 
     @property
     def job_frames(self) -> range:
@@ -54,6 +60,8 @@ class Work:
     jobs: list[JobPlan]
     skipped_jobs: dict[int, str]
     """Job id -> why it is not worked on (its type, or nothing left to label)."""
+    finished_jobs: list[JobPlan] = field(default_factory=list)
+    """Annotation jobs with nothing left to label (their routing may still be due)."""
 
     @property
     def frame_count(self) -> int:
@@ -67,14 +75,21 @@ def find_work(
     task_id: int | None = None,
     job_id: int | None = None,
     include_tagged: bool = False,
+    relabel: bool = False,
+    suggestions: bool = True,
     limit: int | None = None,
 ) -> Work:
     """Read the target's labels and jobs, and plan each job that needs pre-labels.
 
-    `limit` caps the total number of frames (jobs are taken in id order).
+    A frame is planned unless it is deleted, a person tagged it (see `include_tagged`), a
+    reviewer resolved prelabel's issue on it, or prelabel already finished it (see
+    `relabel`). A frame prelabel left half-done (a tag without its issue, say) is planned,
+    and only its missing pieces will be written. `limit` caps the total number of frames
+    (jobs are taken in id order).
     """
     where, labels, jobs = _read_target(client, project_id, task_id, job_id, with_jobs=True)
     plans: list[JobPlan] = []
+    finished: list[JobPlan] = []
     skipped: dict[int, str] = {}
     budget = limit
     for job in sorted(jobs, key=lambda job: job.id):
@@ -84,14 +99,23 @@ def find_work(
         if budget is not None and budget <= 0:
             skipped[job.id] = "beyond --limit"
             continue
-        plan = _plan_job(client, job, include_tagged=include_tagged, budget=budget)
+        plan = _plan_job(
+            client,
+            job,
+            labels,
+            include_tagged=include_tagged,
+            relabel=relabel,
+            suggestions=suggestions,
+            budget=budget,
+        )
         if not plan.frames:
-            skipped[job.id] = "nothing to label (every frame is tagged or deleted)"
+            skipped[job.id] = "nothing to label (every frame is tagged, queued for review or deleted)"
+            finished.append(plan)
             continue
         plans.append(plan)
         if budget is not None:
             budget -= len(plan.frames)
-    return Work(where=where, labels=labels, jobs=plans, skipped_jobs=skipped)
+    return Work(where=where, labels=labels, jobs=plans, skipped_jobs=skipped, finished_jobs=finished)
 
 
 def find_labels(
@@ -130,19 +154,29 @@ def _read_target(
     return where, candidate_labels(labels), jobs
 
 
-def _plan_job(client: Client, job, *, include_tagged: bool, budget: int | None) -> JobPlan:
+def _plan_job(
+    client: Client,
+    job,
+    labels: list[CvatLabel],
+    *,
+    include_tagged: bool,
+    relabel: bool,
+    suggestions: bool,
+    budget: int | None,
+) -> JobPlan:
     with failing_as(f"reading job {job.id}"):
         meta, _ = client.api_client.jobs_api.retrieve_data_meta(job.id)
-        annotations, _ = client.api_client.jobs_api.retrieve_annotations(job.id)
+    existing = read_job(client, job.id, {label.id: label for label in labels})
     step = _step(meta.frame_filter)
     job_frames = range(job.start_frame, job.stop_frame + 1, step)
     deleted = set(meta.deleted_frames or ())
-    tagged = {tag.frame for tag in annotations.tags}
     names, sizes = _frame_info(meta, job_frames, job.data_compressed_chunk_type)
-    wanted = [frame for frame in job_frames if frame not in deleted]
-    already_tagged = sum(frame in tagged for frame in wanted)
+    live = [frame for frame in job_frames if frame not in deleted and not existing.reviewed(frame)]
+    human = [frame for frame in live if frame in existing.human_frames]
     if not include_tagged:
-        wanted = [frame for frame in wanted if frame not in tagged]
+        live = [frame for frame in live if frame not in existing.human_frames]
+    done = [frame for frame in live if existing.complete(frame, suggestions=suggestions)]
+    wanted = live if relabel else [frame for frame in live if frame not in set(done)]
     if budget is not None:
         wanted = wanted[:budget]
     return JobPlan(
@@ -157,8 +191,10 @@ def _plan_job(client: Client, job, *, include_tagged: bool, budget: int | None) 
         frames=tuple(wanted),
         names=names,
         sizes=sizes,
+        existing=existing,
         deleted=len(deleted & set(job_frames)),
-        already_tagged=already_tagged,
+        already_tagged=len(human),
+        already_done=0 if relabel else len(done),
     )
 
 

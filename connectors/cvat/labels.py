@@ -54,20 +54,22 @@ def candidate_labels(labels: Iterable) -> list[CvatLabel]:
     """The labels a tag can use, from cvat-sdk label models (a project's or a task's)."""
     found = []
     for label in labels:
-        if _text(getattr(label, "type", "any")) not in CANDIDATE_TYPES or getattr(label, "parent_id", None):
+        if text_value(getattr(label, "type", "any")) not in CANDIDATE_TYPES or getattr(
+            label, "parent_id", None
+        ):
             continue
         found.append(
             CvatLabel(
                 id=label.id,
                 name=label.name,
                 attributes={attr.name: attr.id for attr in label.attributes},
-                input_types={attr.name: _text(attr.input_type) for attr in label.attributes},
+                input_types={attr.name: text_value(attr.input_type) for attr in label.attributes},
             )
         )
     return found
 
 
-def _text(value) -> str:
+def text_value(value) -> str:
     """cvat-sdk wraps enum fields (input_type) in model objects that carry a `.value`."""
     return str(getattr(value, "value", value))
 

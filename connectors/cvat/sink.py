@@ -1,8 +1,16 @@
-"""Writing one job's decisions to CVAT: accepted frames become auto tags.
+"""Writing one job's decisions to CVAT, creating only what the job does not hold yet.
 
-Tags are created with ``PATCH /api/jobs/{id}/annotations?action=create`` in bounded
-batches. The sink only ever creates: it never updates or deletes an annotation. It refuses
-to write a tag outside the job's frames, which real CVAT would silently accept.
+- An accepted frame gets its tag(s): ``source`` "auto", `confidence`, `model`.
+- A frame routed to review gets an issue at that frame (the whole frame box) whose
+  message lists the candidates, and, when configured, its top-1 tag as a suggestion
+  marked `needs_review`.
+
+What the job already holds (`JobPlan.existing`, read from the server) is never written
+again, so a run that follows a crash completes half-done frames instead of duplicating
+them. Tags are created in bounded batches with ``PATCH .../annotations?action=create``.
+The sink never updates or deletes a human's annotation; with `relabel` it deletes only
+prelabel's own tags and open issues on the frames it labels again. It refuses to write
+outside the job's frames, which real CVAT would silently accept.
 """
 
 from __future__ import annotations
@@ -17,6 +25,19 @@ from connectors.cvat.frames import CvatFrameRef
 from connectors.cvat.jobs import JobPlan
 from connectors.cvat.labels import CvatLabel, tag_payload
 from prelabel.interface import Decision
+from prelabel.review import review_message
+from prelabel.state import RunState
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    model_identity: str
+    fingerprint: str
+    """Of model, prompts and thresholds: recorded with every decision."""
+    suggestions: bool = True
+    message_length: int = 500
+    batch_size: int = 100
+    relabel: bool = False
 
 
 @dataclass
@@ -33,78 +54,155 @@ class ReviewItem:
 
 @dataclass
 class JobResult:
-    """What was written for one job."""
+    """What this run wrote to one job."""
 
     tags_created: list[int] = field(default_factory=list)
+    issues_created: list[int] = field(default_factory=list)
+    tags_deleted: list[int] = field(default_factory=list)
+    issues_deleted: list[int] = field(default_factory=list)
     review: list[ReviewItem] = field(default_factory=list)
 
+    @property
+    def writes(self) -> int:
+        return sum(map(len, (self.tags_created, self.issues_created, self.tags_deleted, self.issues_deleted)))
 
-class TagSink:
-    """Uploads accepted decisions of one job as auto tags; collects the review items."""
+
+class CvatSink:
+    """Writes the decisions of one job; every decision is also recorded in the run state."""
 
     def __init__(
         self,
         client: Client,
         plan: JobPlan,
         labels: dict[str, CvatLabel],
-        model_identity: str,
-        *,
-        batch_size: int = 100,
+        settings: SinkSettings,
+        state: RunState | None = None,
     ) -> None:
         self.client = client
         self.plan = plan
         self.labels = labels
-        self.model_identity = model_identity
-        self.batch_size = batch_size
+        self.settings = settings
+        self.state = state
         self.result = JobResult()
         self._pending: list[dict] = []
         self._job_frames = set(plan.job_frames)
 
     def write(self, decision: Decision) -> None:
-        ref: CvatFrameRef = decision.prediction.ref
+        prediction = decision.prediction
+        ref: CvatFrameRef = prediction.ref
         if ref.job_id != self.plan.job_id or ref.frame not in self._job_frames:
             raise ValueError(f"frame {ref.frame} is not in job {self.plan.job_id}")
-        if not decision.accepted:
-            prediction = decision.prediction
-            self.result.review.append(
-                ReviewItem(
-                    job_id=ref.job_id,
-                    task_id=self.plan.task_id,
-                    frame=ref.frame,
-                    name=prediction.name,
-                    reason=decision.reason or "",
-                    candidates=prediction.scores,
-                )
+        frame, existing = ref.frame, self.plan.existing
+        if self.settings.relabel:
+            self._remove_ours(frame)
+        # A half-done frame keeps the route its first pieces took; otherwise the decision's.
+        review = existing.open_issue(frame) is not None or bool(existing.suggestions(frame))
+        review = review or not decision.accepted
+        if self.state is not None:
+            self.state.record_decision(
+                job_id=ref.job_id,
+                frame=frame,
+                task_id=self.plan.task_id,
+                name=prediction.name,
+                fingerprint=self.settings.fingerprint,
+                scores=prediction.scores,
+                decision="review" if review else "accept",
+                reason=decision.reason,
             )
+        if not review:
+            if not existing.accepted_tags(frame):
+                for label, probability in decision.tags:
+                    self._queue_tag(frame, label, probability, needs_review=False)
             return
-        for label_name, probability in decision.tags:
-            label = self.labels[label_name]
-            self._pending.append(
-                tag_payload(label, ref.frame, probability, self.model_identity, needs_review=False)
+        self.result.review.append(
+            ReviewItem(
+                ref.job_id,
+                self.plan.task_id,
+                frame,
+                prediction.name,
+                decision.reason or "",
+                prediction.scores,
             )
-        if len(self._pending) >= self.batch_size:
-            self._flush()
+        )
+        if existing.open_issue(frame) is None:
+            self._create_issue(frame, review_message(decision, max_length=self.settings.message_length))
+        if self.settings.suggestions and prediction.scores and not existing.suggestions(frame):
+            label, probability = prediction.scores[0]
+            self._queue_tag(frame, label, probability, needs_review=True)
 
     def close(self) -> None:
         self._flush()
+
+    def _queue_tag(self, frame: int, label: str, probability: float, *, needs_review: bool) -> None:
+        payload = tag_payload(
+            self.labels[label], frame, probability, self.settings.model_identity, needs_review=needs_review
+        )
+        self._pending.append(payload)
+        if len(self._pending) >= self.settings.batch_size:
+            self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
         request = models.PatchedLabeledDataRequest(
-            version=0,
-            tags=[_tag_request(tag) for tag in batch],
-            shapes=[],
-            tracks=[],
+            version=0, tags=[_tag_request(tag) for tag in batch], shapes=[], tracks=[]
         )
         with failing_as(f"uploading {len(batch)} tags to job {self.plan.job_id}"):
             # The schema declares no body, but CVAT answers with the created objects.
             _, response = self.client.api_client.jobs_api.partial_update_annotations(
                 "create", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
             )
-            created = json.loads(response.data)
-        self.result.tags_created.extend(tag["id"] for tag in created.get("tags", []))
+            created = json.loads(response.data).get("tags", [])
+        by_frame: dict[int, list[int]] = {}
+        for tag in created:
+            self.result.tags_created.append(tag["id"])
+            by_frame.setdefault(tag["frame"], []).append(tag["id"])
+        if self.state is not None:
+            for frame, ids in by_frame.items():
+                self.state.record_upload(self.plan.job_id, frame, tag_ids=ids)
+
+    def _create_issue(self, frame: int, message: str) -> None:
+        width, height = self.plan.sizes.get(frame, (1, 1))
+        request = models.IssueWriteRequest(
+            frame=frame,
+            position=[0.0, 0.0, float(width), float(height)],
+            job=self.plan.job_id,
+            message=message,
+        )
+        with failing_as(f"creating the review issue for frame {frame} of job {self.plan.job_id}"):
+            issue, _ = self.client.api_client.issues_api.create(request)
+        self.result.issues_created.append(issue.id)
+        if self.state is not None:
+            self.state.record_upload(self.plan.job_id, frame, issue_id=issue.id)
+
+    def _remove_ours(self, frame: int) -> None:
+        """--relabel: delete prelabel's own tags and open issue on this frame, nothing else."""
+        existing = self.plan.existing
+        tags = existing.tags.pop(frame, [])
+        if tags:
+            request = models.PatchedLabeledDataRequest(
+                version=0,
+                tags=[
+                    models.LabeledImageRequest(id=tag.id, frame=frame, label_id=tag.label_id, source="auto")
+                    for tag in tags
+                ],
+                shapes=[],
+                tracks=[],
+            )
+            with failing_as(f"removing prelabel's tags from frame {frame} of job {self.plan.job_id}"):
+                self.client.api_client.jobs_api.partial_update_annotations(
+                    "delete", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
+                )
+            self.result.tags_deleted.extend(tag.id for tag in tags)
+        issue = existing.open_issue(frame)
+        if issue is not None:
+            with failing_as(f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}"):
+                self.client.api_client.issues_api.destroy(issue.id)
+            existing.issues[frame] = [other for other in existing.issues[frame] if other.id != issue.id]
+            self.result.issues_deleted.append(issue.id)
+        if self.state is not None and (tags or issue):
+            self.state.forget_uploads(self.plan.job_id, frame)
 
 
 def _tag_request(tag: dict) -> models.LabeledImageRequest:

@@ -1,0 +1,77 @@
+"""Routing a finished job in CVAT: who reviews it, and which stage and state it is in.
+
+A job with review items goes to a reviewer (one of `review.reviewers`, round-robin by job
+id or by least load) with the configured stage and state; a job whose frames were all
+accepted moves to `review.accepted_stage`, so that a person spot-checks it. Only fields
+that differ are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cvat_sdk import Client, models
+from cvat_sdk.core.helpers import get_paginated_collection
+
+from connectors.cvat.connect import CvatError, failing_as
+from connectors.cvat.labels import text_value
+from prelabel.config import ReviewConfig
+
+
+@dataclass(frozen=True)
+class Reviewer:
+    id: int
+    username: str
+
+
+def resolve_reviewers(client: Client, usernames: list[str]) -> list[Reviewer]:
+    """Look each username up; an unknown one is an error (raised before anything is written)."""
+    reviewers = []
+    for username in usernames:
+        with failing_as(f"looking up reviewer {username!r}"):
+            found = get_paginated_collection(client.api_client.users_api.list_endpoint, username=username)
+        match = [user for user in found if user.username == username]
+        if not match:
+            raise CvatError(
+                f"unknown reviewer {username!r}: no CVAT user has that username",
+                hint="fix review.reviewers in the config (usernames, not e-mail addresses)",
+            )
+        reviewers.append(Reviewer(match[0].id, username))
+    return reviewers
+
+
+def route_job(
+    client: Client, job_id: int, review_items: int, reviewers: list[Reviewer], config: ReviewConfig
+) -> dict[str, object]:
+    """Set the job's assignee, stage and state for its outcome; returns the fields written."""
+    with failing_as(f"reading job {job_id}"):
+        job, _ = client.api_client.jobs_api.retrieve(job_id)
+    current_assignee = job.assignee.id if job.assignee else None
+    wanted: dict[str, object] = {}
+    if review_items:
+        wanted["stage"], wanted["state"] = config.stage, config.state
+        if reviewers:
+            wanted["assignee"] = _pick(client, job_id, current_assignee, reviewers, config.assign)
+    elif config.accepted_stage is not None:
+        wanted["stage"] = config.accepted_stage
+    current = {"stage": text_value(job.stage), "state": text_value(job.state), "assignee": current_assignee}
+    changes = {key: value for key, value in wanted.items() if current[key] != value}
+    if changes:
+        with failing_as(f"updating job {job_id}"):
+            client.api_client.jobs_api.partial_update(
+                job_id, patched_job_write_request=models.PatchedJobWriteRequest(**changes)
+            )
+    return changes
+
+
+def _pick(client: Client, job_id: int, current: int | None, reviewers: list[Reviewer], how: str) -> int:
+    if current in {reviewer.id for reviewer in reviewers}:
+        return current  # already with one of the reviewers: keep it there
+    if how == "round_robin":
+        return reviewers[job_id % len(reviewers)].id
+    loads = []
+    for reviewer in reviewers:
+        with failing_as(f"counting the jobs of reviewer {reviewer.username!r}"):
+            page, _ = client.api_client.jobs_api.list(assignee=reviewer.username, page_size=1)
+        loads.append((page.count, reviewers.index(reviewer), reviewer.id))
+    return min(loads)[2]

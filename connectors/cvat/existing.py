@@ -1,0 +1,104 @@
+"""What a job already holds on the server, told apart by who made it.
+
+prelabel's own tags are recognised by ``source == "auto"`` plus a non-empty `model`
+attribute; its issues by a first comment that starts with ``prelabel:``. Every other tag
+is a human's (CVAT marks an auto tag that a person edited as ``semi-auto``, so an edited
+suggestion is a human's too). Decisions about what to write are made from this, not from
+the local state file, so a tag written just before a crash is never written twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from cvat_sdk import Client
+from cvat_sdk.core.helpers import get_paginated_collection
+
+from connectors.cvat.connect import failing_as
+from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, text_value
+from connectors.cvat_xml import MODEL_ATTRIBUTE
+from prelabel.review import MESSAGE_PREFIX
+
+
+@dataclass(frozen=True)
+class OurTag:
+    id: int
+    frame: int
+    label: str
+    label_id: int
+    needs_review: bool
+
+
+@dataclass(frozen=True)
+class OurIssue:
+    id: int
+    frame: int
+    resolved: bool
+
+
+@dataclass
+class JobOnServer:
+    """A job's annotations and issues, split into prelabel's and everybody else's."""
+
+    tags: dict[int, list[OurTag]] = field(default_factory=lambda: defaultdict(list))
+    issues: dict[int, list[OurIssue]] = field(default_factory=lambda: defaultdict(list))
+    human_frames: set[int] = field(default_factory=set)
+    """Frames with a tag that prelabel did not make (or that a person edited)."""
+    human_labels: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    unreadable_frames: set[int] = field(default_factory=set)
+    """Frames whose prelabel issue says they could not be read (no suggestion is possible)."""
+
+    def reviewed(self, frame: int) -> bool:
+        """A reviewer resolved prelabel's issue on this frame."""
+        return any(issue.resolved for issue in self.issues.get(frame, ()))
+
+    def open_issue(self, frame: int) -> OurIssue | None:
+        return next((issue for issue in self.issues.get(frame, ()) if not issue.resolved), None)
+
+    def accepted_tags(self, frame: int) -> list[OurTag]:
+        return [tag for tag in self.tags.get(frame, ()) if not tag.needs_review]
+
+    def suggestions(self, frame: int) -> list[OurTag]:
+        return [tag for tag in self.tags.get(frame, ()) if tag.needs_review]
+
+    def complete(self, frame: int, *, suggestions: bool) -> bool:
+        """Whether prelabel already finished this frame: accepted, or fully queued for review."""
+        if self.accepted_tags(frame):
+            return True
+        if self.open_issue(frame) is not None:
+            # An unreadable frame has no top-1 to suggest: its issue alone completes it.
+            return bool(self.suggestions(frame)) or not suggestions or frame in self.unreadable_frames
+        return False
+
+
+def read_job(client: Client, job_id: int, labels: dict[int, CvatLabel]) -> JobOnServer:
+    """Read a job's tags, issues and first comments, and sort them by author."""
+    api = client.api_client
+    with failing_as(f"reading the annotations and issues of job {job_id}"):
+        annotations, _ = api.jobs_api.retrieve_annotations(job_id)
+        issues = get_paginated_collection(api.issues_api.list_endpoint, job_id=job_id)
+        comments = get_paginated_collection(api.comments_api.list_endpoint, job_id=job_id) if issues else []
+    state = JobOnServer()
+    for tag in annotations.tags:
+        label = labels.get(tag.label_id)
+        values = {value.spec_id: value.value for value in tag.attributes}
+        model = values.get(label.attributes.get(MODEL_ATTRIBUTE)) if label else None
+        if label is not None and text_value(tag.source) == "auto" and model:
+            needs_review = values.get(label.attributes.get(NEEDS_REVIEW_ATTRIBUTE)) == "true"
+            state.tags[tag.frame].append(OurTag(tag.id, tag.frame, label.name, label.id, needs_review))
+        else:
+            state.human_frames.add(tag.frame)
+            state.human_labels[tag.frame].append(label.name if label else f"label {tag.label_id}")
+    first_comment: dict[int, tuple[int, str]] = {}
+    for comment in comments:
+        issue_id = comment.issue
+        if issue_id not in first_comment or comment.id < first_comment[issue_id][0]:
+            first_comment[issue_id] = (comment.id, comment.message or "")
+    for issue in issues:
+        message = first_comment.get(issue.id, (0, ""))[1]
+        if message.startswith(MESSAGE_PREFIX):
+            state.issues[issue.frame].append(OurIssue(issue.id, issue.frame, bool(issue.resolved)))
+            if "unreadable" in message:
+                state.unreadable_frames.add(issue.frame)
+    return state

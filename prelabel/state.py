@@ -1,0 +1,308 @@
+"""The run state: a SQLite file that records what prelabel decided and wrote, frame by frame.
+
+It is a record and a cache, never the source of truth: a run decides what to write from
+the server's state, so a lost or stale state file costs nothing but a re-read. It holds,
+per (job, frame): the prediction (top-k with scores), the decision, the upload status, the
+server ids of the created tags and issue, and the fingerprint of model, prompts and
+thresholds; per job, whether its review routing was applied; and the outcomes that
+`review sync` read back. No secret is ever stored here.
+
+One process at a time holds the run lock (an exclusive `flock` beside the database, which
+the kernel releases when the process dies, even on SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prelabel.errors import PrelabelError
+
+DEFAULT_STATE_PATH = Path(".prelabel/state.db")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS frames (
+    job_id INTEGER NOT NULL,
+    frame INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    scores TEXT NOT NULL,           -- JSON [[label, probability], ...], most likely first
+    decision TEXT NOT NULL,         -- 'accept' or 'review'
+    reason TEXT,
+    status TEXT NOT NULL,           -- 'decided', then 'uploaded'
+    tag_ids TEXT NOT NULL DEFAULT '[]',
+    issue_id INTEGER,
+    updated REAL NOT NULL,
+    PRIMARY KEY (job_id, frame)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    review_items INTEGER NOT NULL,
+    routed INTEGER NOT NULL DEFAULT 0,  -- 1 once assignee/stage/state were applied
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    job_id INTEGER NOT NULL,
+    frame INTEGER NOT NULL,
+    predicted TEXT,                 -- prelabel's top-1 label
+    decision TEXT NOT NULL,
+    outcome TEXT NOT NULL,          -- kept, changed, deleted, added, pending
+    final_labels TEXT NOT NULL,     -- JSON list of the frame's tag labels after review
+    issue_resolved INTEGER,
+    synced REAL NOT NULL,
+    PRIMARY KEY (job_id, frame)
+);
+"""
+
+
+class StateLockedError(PrelabelError):
+    """Another prelabel process holds the run lock of this state file."""
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    job_id: int
+    frame: int
+    task_id: int
+    name: str
+    fingerprint: str
+    scores: list[tuple[str, float]]
+    decision: str
+    reason: str | None
+    status: str
+    tag_ids: list[int]
+    issue_id: int | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job_id: int
+    frame: int
+    predicted: str | None
+    decision: str
+    outcome: str
+    final_labels: list[str]
+    issue_resolved: bool | None
+
+
+class RunState:
+    """The state file of one project (or any set of jobs). Use as a context manager."""
+
+    def __init__(self, path: Path = DEFAULT_STATE_PATH, *, lock: bool = True) -> None:
+        self.path = Path(path)
+        self._lock_wanted = lock
+        self._lock_file = None
+        self.db: sqlite3.Connection | None = None
+
+    def __enter__(self) -> RunState:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PrelabelError(
+                f"cannot create the state folder {self.path.parent}: {exc.strerror}"
+            ) from None
+        if self._lock_wanted:
+            self._acquire_lock()
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise PrelabelError(
+                f"the state file {self.path} is not a usable SQLite database: {exc}"
+            ) from None
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _acquire_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StateLockedError(
+                f"{self.path} is in use by {holder}: only one prelabel run at a time may use a state file",
+                hint="wait for it to finish, or give this run its own --state file",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._lock_file = handle
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        assert self.db is not None
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- meta -------------------------------------------------------------------------------
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    # -- frames -----------------------------------------------------------------------------
+    def record_decision(
+        self,
+        *,
+        job_id: int,
+        frame: int,
+        task_id: int,
+        name: str,
+        fingerprint: str,
+        scores: tuple[tuple[str, float], ...],
+        decision: str,
+        reason: str | None,
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                """INSERT INTO frames (job_id, frame, task_id, name, fingerprint, scores, decision,
+                                       reason, status, updated)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'decided', ?)
+                   ON CONFLICT (job_id, frame) DO UPDATE SET
+                       task_id = excluded.task_id, name = excluded.name,
+                       fingerprint = excluded.fingerprint, scores = excluded.scores,
+                       decision = excluded.decision, reason = excluded.reason, updated = excluded.updated,
+                       status = CASE WHEN frames.decision = excluded.decision
+                                     THEN frames.status ELSE 'decided' END""",
+                (
+                    job_id,
+                    frame,
+                    task_id,
+                    name,
+                    fingerprint,
+                    json.dumps(scores),
+                    decision,
+                    reason,
+                    time.time(),
+                ),
+            )
+
+    def record_upload(
+        self, job_id: int, frame: int, *, tag_ids: list[int] | None = None, issue_id: int | None = None
+    ) -> None:
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT tag_ids, issue_id FROM frames WHERE job_id = ? AND frame = ?", (job_id, frame)
+            ).fetchone()
+            if row is None:
+                return
+            tags = sorted(set(json.loads(row[0])) | set(tag_ids or ()))
+            db.execute(
+                """UPDATE frames SET tag_ids = ?, issue_id = ?, status = 'uploaded', updated = ?
+                   WHERE job_id = ? AND frame = ?""",
+                (json.dumps(tags), issue_id if issue_id is not None else row[1], time.time(), job_id, frame),
+            )
+
+    def forget_uploads(self, job_id: int, frame: int) -> None:
+        """After --relabel removed prelabel's own tags and issue from a frame."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE frames SET tag_ids = '[]', issue_id = NULL, status = 'decided' "
+                "WHERE job_id = ? AND frame = ?",
+                (job_id, frame),
+            )
+
+    def frames(self, *, job_id: int | None = None, decision: str | None = None) -> list[FrameRecord]:
+        query, args = "SELECT * FROM frames WHERE 1=1", []
+        if job_id is not None:
+            query, args = query + " AND job_id = ?", [*args, job_id]
+        if decision is not None:
+            query, args = query + " AND decision = ?", [*args, decision]
+        rows = self.db.execute(query + " ORDER BY job_id, frame", args).fetchall()
+        return [
+            FrameRecord(
+                job_id=r[0],
+                frame=r[1],
+                task_id=r[2],
+                name=r[3],
+                fingerprint=r[4],
+                scores=[tuple(pair) for pair in json.loads(r[5])],
+                decision=r[6],
+                reason=r[7],
+                status=r[8],
+                tag_ids=json.loads(r[9]),
+                issue_id=r[10],
+            )
+            for r in rows
+        ]
+
+    # -- jobs -------------------------------------------------------------------------------
+    def record_job(
+        self, job_id: int, task_id: int, fingerprint: str, review_items: int, routed: bool
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, task_id, fingerprint, review_items, int(routed), time.time()),
+            )
+
+    def job_routed(self, job_id: int, fingerprint: str) -> bool:
+        row = self.db.execute("SELECT fingerprint, routed FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return bool(row and row[0] == fingerprint and row[1])
+
+    def job_ids(self) -> list[int]:
+        return [row[0] for row in self.db.execute("SELECT DISTINCT job_id FROM frames ORDER BY job_id")]
+
+    # -- outcomes ---------------------------------------------------------------------------
+    def record_outcome(self, outcome: Outcome) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    outcome.job_id,
+                    outcome.frame,
+                    outcome.predicted,
+                    outcome.decision,
+                    outcome.outcome,
+                    json.dumps(outcome.final_labels, ensure_ascii=False),
+                    None if outcome.issue_resolved is None else int(outcome.issue_resolved),
+                    time.time(),
+                ),
+            )
+
+    def outcomes(self) -> list[Outcome]:
+        rows = self.db.execute("SELECT * FROM outcomes ORDER BY job_id, frame").fetchall()
+        return [
+            Outcome(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), None if r[6] is None else bool(r[6]))
+            for r in rows
+        ]
