@@ -99,3 +99,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         env=full_env,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def project():
+    """A CVAT project on a fresh test server (see tests/cvat_fixtures.py)."""
+    from tests.cvat_fixtures import build_project
+    from tests.cvat_server import CvatTestServer
+
+    with CvatTestServer() as server:
+        yield build_project(server)

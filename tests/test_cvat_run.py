@@ -6,97 +6,13 @@ cvat-sdk over HTTP and checks them against the server's own records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cvat_sdk import make_client
 
-from connectors.cvat.frames import JobFrameSource
-from connectors.cvat.jobs import find_work
-from prelabel.config import load_config
-from prelabel.runner import build_pipeline
-from prelabel.worker import predict
 from tests.conftest import TINY_MODEL, run_cli
-from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
-
-LABELS = ["cat", "coffee", "rocket"]
-PASSWORD = "correct horse battery staple"
-
-
-@dataclass
-class Project:
-    server: CvatTestServer
-    project_id: int
-    image_tasks: list[int]
-    video_task: int
-    deleted: set[tuple[int, int]]
-    """(task, frame) pairs deleted in CVAT."""
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {
-            "CVAT_HOST": self.server.url,
-            "CVAT_USERNAME": "annotator",
-            "CVAT_PASSWORD": PASSWORD,
-            **extra,
-        }
-
-    def annotation_jobs(self) -> list[dict]:
-        return [job for task in [*self.image_tasks, self.video_task] for job in self.server.jobs(task)]
-
-    def snapshot(self) -> dict:
-        """Everything a run could change, to compare before and after."""
-        return {
-            "annotations": {job["id"]: self.server.annotations(job["id"]) for job in self.annotation_jobs()},
-            "issues": self.server.issues(),
-            "jobs": [self.server.job(job["id"]) for job in self.annotation_jobs()],
-            "labels": self.server.labels(self.project_id),
-        }
-
-
-@pytest.fixture
-def project() -> Project:
-    """3 tag labels, 2 image tasks of 2 jobs each (one with deleted frames), 1 video task."""
-    with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        project_id = server.add_project(
-            "pets and things",
-            owner="annotator",
-            labels=[{"name": name, "type": "tag", "attributes": []} for name in LABELS]
-            + [{"name": "outline", "type": "rectangle", "attributes": []}],
-        )
-        first = server.add_image_task(
-            project_id, sample_jpegs(7, prefix="a_"), name="a", segment_size=4, chunk_size=3
-        )
-        second = server.add_image_task(
-            project_id,
-            sample_jpegs(6, (352, 288), prefix="b_"),
-            name="b",
-            segment_size=3,
-            chunk_size=2,
-            deleted_frames=[1, 4],
-        )
-        video = server.add_video_task(project_id, sample_frames(10), name="clip", chunk_size=4)
-        yield Project(server, project_id, [first, second], video, {(second, 1), (second, 4)})
-
-
-def tiny_args(*extra: str) -> list[str]:
-    return ["--model", TINY_MODEL, "--pretrained", "none", "--no-progress", *extra]
-
-
-def expected_top1(project: Project) -> dict[tuple[int, int], tuple[str, float]]:
-    """The worker's top-1 (label, probability) per frame, computed in-process over the same chunks."""
-    config = load_config(None, {"model.name": TINY_MODEL, "model.pretrained": "none"})
-    client = make_client(project.server.url, credentials=("annotator", PASSWORD))
-    work = find_work(client, project_id=project.project_id, include_tagged=True)
-    pipeline = build_pipeline(config, LABELS)
-    top1 = {}
-    for plan in work.jobs:
-        for prediction in predict(
-            JobFrameSource(client, plan).frames(), pipeline.loaded, pipeline.classifier, pipeline.options
-        ):
-            top1[(plan.task_id, prediction.ref.frame)] = (prediction.top_label, prediction.confidence)
-    return top1
+from tests.cvat_fixtures import LABELS, PASSWORD, Project, expected_top1, tiny_args
 
 
 def test_setup_is_idempotent_and_changes_nothing_else(project: Project):

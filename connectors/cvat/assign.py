@@ -33,8 +33,9 @@ def resolve_reviewers(client: Client, usernames: list[str]) -> list[Reviewer]:
         match = [user for user in found if user.username == username]
         if not match:
             raise CvatError(
-                f"unknown reviewer {username!r}: no CVAT user has that username",
-                hint="fix review.reviewers in the config (usernames, not e-mail addresses)",
+                f"unknown reviewer {username!r}: no CVAT user with that username is visible",
+                hint="fix review.reviewers (usernames, not e-mail addresses); outside an organization "
+                "CVAT shows a regular user no other users, so assigning reviewers needs an admin",
             )
         reviewers.append(Reviewer(match[0].id, username))
     return reviewers

@@ -1,0 +1,368 @@
+"""The review queue inside CVAT, idempotent reruns, crash resume and --relabel."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cvat_sdk import make_client, models
+
+from tests.conftest import run_cli
+from tests.cvat_fixtures import (
+    LABELS,
+    PASSWORD,
+    Project,
+    build_project,
+    expected_top1,
+    server_state,
+    split_threshold,
+    tiny_args,
+)
+from tests.cvat_server import CvatTestServer
+
+REVIEWERS = ["rev-a", "rev-b"]
+
+
+def write_config(tmp_path: Path, threshold: float, **review) -> Path:
+    lines = [
+        "routing:",
+        f"  accept_threshold: {threshold!r}",
+        "  min_margin: 0.0",
+        "cvat:",
+        "  upload_batch_size: 2",
+        "review:",
+        f"  reviewers: {json.dumps(review.pop('reviewers', REVIEWERS))}",
+        *(f"  {key}: {json.dumps(value)}" for key, value in review.items()),
+    ]
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def prepare(project: Project) -> dict[str, int]:
+    """Reviewer accounts, and the label attributes, as an admin would set them up.
+
+    The runs below are made by an admin: outside an organization CVAT shows a regular user
+    no other user, so only an admin can hand jobs to reviewers there.
+    """
+    ids = {name: project.server.add_user(name, "pw") for name in REVIEWERS}
+    project.server.add_user("lead", "lead-password", is_superuser=True)
+    result = run_cli("setup", "--project-id", str(project.project_id), env=lead_env(project))
+    assert result.returncode == 0, result.stderr
+    return ids
+
+
+def lead_env(project: Project) -> dict[str, str]:
+    return project.env(CVAT_USERNAME="lead", CVAT_PASSWORD="lead-password")
+
+
+def run_args(project: Project, config: Path, state: Path, *extra: str) -> list[str]:
+    return [
+        "run", "--project-id", str(project.project_id), "--config", str(config), "--state", str(state),
+        *tiny_args(*extra),
+    ]  # fmt: skip
+
+
+def test_review_flow_in_cvat(project: Project, tmp_path: Path):
+    reviewer_ids = prepare(project)
+    top1 = expected_top1(project)
+    config = write_config(tmp_path, split_threshold(project))
+    state = tmp_path / "state.db"
+    result = run_cli(*run_args(project, config, state), env=lead_env(project))
+    assert result.returncode == 0, result.stderr
+
+    server = project.server
+    review_frames = set()
+    for job in project.annotation_jobs():
+        record = server.job(job["id"])
+        issues = server.issues(job["id"])
+        tags = {tag["frame"]: tag for tag in server.annotations(job["id"])["tags"]}
+        for issue in issues:
+            frame = issue["frame"]
+            review_frames.add((job["task_id"], frame))
+            width, height = _frame_size(project, job["id"], frame)
+            assert issue["position"] == [0.0, 0.0, float(width), float(height)]
+            (comment,) = server.comments(issue["id"])
+            message = comment["message"]
+            label, confidence = top1[(job["task_id"], frame)]
+            assert message.startswith(f"prelabel: low confidence {confidence:.0%} (margin ")
+            assert f"Candidates: {label} {confidence:.0%}, " in message
+            assert len(message) <= 500
+            assert _attribute(server, job, tags[frame], "needs_review") == "true"  # the suggestion
+            assert _label_names(project)[tags[frame]["label_id"]] == label
+        if issues:
+            assert record["stage"] == "annotation" and record["state"] == "new"
+            assert record["assignee_id"] == reviewer_ids[REVIEWERS[job["id"] % 2]]
+        else:
+            assert record["stage"] == "validation"
+            assert record["assignee_id"] is None
+    assert review_frames and len(review_frames) < len(top1)
+
+    # review list: the same frames, with direct links
+    listed = run_cli("review", "list", "--state", str(state), "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    items = json.loads(listed.stdout)
+    assert {(item["task"], item["frame"]) for item in items} == review_frames
+    for item in items:
+        assert item["link"] == f"{server.url}/tasks/{item['task']}/jobs/{item['job']}?frame={item['frame']}"
+    margins = [_margin(item["candidates"]) for item in items]
+    assert margins == sorted(margins), "the least certain frames come first"
+
+    # A reviewer, through the API: resolves one issue (keeping the suggestion) and gives
+    # another frame a different label (CVAT marks an edited auto tag semi-auto).
+    resolved_item, changed_item = items[0], items[1]
+    issue = next(i for i in server.issues(resolved_item["job"]) if i["frame"] == resolved_item["frame"])
+    reviewer = _client(project)
+    reviewer.api_client.issues_api.partial_update(
+        issue["id"], patched_issue_write_request=models.PatchedIssueWriteRequest(resolved=True)
+    )
+    tag = next(
+        t for t in server.annotations(changed_item["job"])["tags"] if t["frame"] == changed_item["frame"]
+    )
+    names = _label_names(project)
+    other = next(
+        label_id for label_id, name in names.items() if name in LABELS and label_id != tag["label_id"]
+    )
+    _edit_tag(
+        reviewer, changed_item["job"], tag, label_id=other, source="semi-auto",
+        attributes=_same_attributes(project, tag, other),
+    )  # fmt: skip
+
+    synced = run_cli("review", "sync", "--state", str(state), env=lead_env(project))
+    assert synced.returncode == 0, synced.stderr
+    assert "kept 1" in synced.stdout and "changed 1" in synced.stdout
+
+    remaining = json.loads(run_cli("review", "list", "--state", str(state), "--format", "json").stdout)
+    assert {(i["job"], i["frame"]) for i in remaining} == {(i["job"], i["frame"]) for i in items[2:]}
+    handled = json.loads(run_cli("review", "list", "--state", str(state), "--format", "json", "--all").stdout)
+    outcomes = {(i["job"], i["frame"]): i["outcome"] for i in handled}
+    assert outcomes[(resolved_item["job"], resolved_item["frame"])] == "kept"
+    assert outcomes[(changed_item["job"], changed_item["frame"])] == "changed"
+    assert server.violations == []
+
+
+def test_unknown_reviewer_fails_before_any_write(project: Project, tmp_path: Path):
+    prepare(project)
+    config = write_config(tmp_path, 0.5, reviewers=["rev-a", "nobody"])
+    project.server.reset_counters()
+    result = run_cli(*run_args(project, config, tmp_path / "state.db"), env=lead_env(project))
+    assert result.returncode != 0
+    assert "unknown reviewer 'nobody'" in result.stderr and "Traceback" not in result.stderr
+    assert project.server.write_count == 0
+
+
+def test_second_run_writes_nothing(project: Project, tmp_path: Path):
+    prepare(project)
+    config = write_config(tmp_path, split_threshold(project))
+    state = tmp_path / "state.db"
+    assert run_cli(*run_args(project, config, state), env=lead_env(project)).returncode == 0
+    before = server_state(project)
+    project.server.reset_counters()
+    again = run_cli(*run_args(project, config, state), env=lead_env(project))
+    assert again.returncode == 0, again.stderr
+    assert project.server.write_count == 0
+    assert server_state(project) == before
+    # Even with the state file gone, the server's state alone prevents any duplicate.
+    fresh = run_cli(*run_args(project, config, tmp_path / "other.db"), env=lead_env(project))
+    assert fresh.returncode == 0, fresh.stderr
+    assert project.server.write_count == 0
+
+
+def test_second_concurrent_run_is_refused(project: Project, tmp_path: Path):
+    from prelabel.state import RunState
+
+    prepare(project)
+    state = tmp_path / "state.db"
+    with RunState(state):
+        result = run_cli(*run_args(project, write_config(tmp_path, 0.5), state), env=lead_env(project))
+    assert result.returncode != 0
+    assert "only one prelabel run at a time" in result.stderr and "Traceback" not in result.stderr
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if ready():
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    process.wait()
+
+
+def _clean_run_state(tmp_path: Path, config: Path) -> dict[str, set]:
+    with CvatTestServer() as server:
+        clean = build_project(server)
+        prepare(clean)
+        result = run_cli(*run_args(clean, config, tmp_path / "clean.db"), env=lead_env(clean))
+        assert result.returncode == 0, result.stderr
+        return server_state(clean)
+
+
+@pytest.mark.parametrize("kill_point", ["after 1 write", "after 5 writes", "after an issue, before its tag"])
+def test_resume_after_sigkill_matches_a_clean_run(project: Project, tmp_path: Path, kill_point: str):
+    prepare(project)
+    config = write_config(tmp_path, split_threshold(project))
+    expected = _clean_run_state(tmp_path, config)
+    server = project.server
+    server.set_global_delay(0.05, methods=["POST", "PATCH"])  # room to kill between writes
+    server.reset_counters()
+    state = tmp_path / "state.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prelabel", *run_args(project, config, state)],
+        env={**os.environ, **lead_env(project)},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if kill_point == "after an issue, before its tag":
+        _kill_when(process, lambda: any(r.method == "POST" and "/issues" in r.path for r in server.requests))
+    else:
+        count = int(kill_point.split()[1])
+        _kill_when(process, lambda: server.write_count >= count)
+    assert process.returncode == -signal.SIGKILL, "the run finished before the kill point"
+    server.set_global_delay(0)
+
+    rerun = run_cli(*run_args(project, config, state), env=lead_env(project))
+    assert rerun.returncode == 0, rerun.stderr
+    assert server_state(project) == expected
+    assert server.violations == []
+
+
+def test_random_sigkills_converge(project: Project, tmp_path: Path):
+    seed = int(os.environ.get("PRELABEL_TEST_SEED", random.randrange(1 << 30)))
+    print(f"random kill seed: {seed}")
+    rng = random.Random(seed)
+    prepare(project)
+    config = write_config(tmp_path, split_threshold(project))
+    expected = _clean_run_state(tmp_path, config)
+    server = project.server
+    server.set_global_delay(0.05, methods=["POST", "PATCH"])
+    state = tmp_path / "state.db"
+    for _ in range(3):
+        server.reset_counters()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prelabel", *run_args(project, config, state)],
+            env={**os.environ, **lead_env(project)},
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        target = rng.randint(1, 6)
+        _kill_when(process, lambda target=target: server.write_count >= target)
+    server.set_global_delay(0)
+    final = run_cli(*run_args(project, config, state), env=lead_env(project))
+    assert final.returncode == 0, final.stderr
+    assert server_state(project) == expected, f"seed {seed}"
+
+
+def test_relabel_replaces_only_prelabels_own_work(project: Project, tmp_path: Path):
+    prepare(project)
+    config = write_config(tmp_path, split_threshold(project))
+    state = tmp_path / "state.db"
+    server = project.server
+    first_job = project.annotation_jobs()[0]["id"]
+    human = server.add_tag(first_job, 0, "cat")
+    assert run_cli(*run_args(project, config, state), env=lead_env(project)).returncode == 0
+
+    # A reviewer edits one suggestion (CVAT marks an edited auto tag semi-auto).
+    suggestion = next(
+        tag
+        for job in project.annotation_jobs()
+        for tag in server.annotations(job["id"])["tags"]
+        if tag["source"] == "auto" and _attribute(server, job, tag, "needs_review") == "true"
+    )
+    suggestion_job = next(
+        job["id"] for job in project.annotation_jobs()
+        if any(t["id"] == suggestion["id"] for t in server.annotations(job["id"])["tags"])
+    )  # fmt: skip
+    _edit_tag(_client(project), suggestion_job, suggestion, source="semi-auto")
+    keep = {
+        tag["id"]: tag
+        for job in project.annotation_jobs()
+        for tag in server.annotations(job["id"])["tags"]
+        if tag["source"] != "auto"
+    }
+    assert human in keep and suggestion["id"] in keep
+
+    result = run_cli(*run_args(project, config, state, "--relabel"), env=lead_env(project))
+    assert result.returncode == 0, result.stderr
+    after = {
+        tag["id"]: tag for job in project.annotation_jobs() for tag in server.annotations(job["id"])["tags"]
+    }
+    for tag_id, tag in keep.items():
+        assert after[tag_id] == tag, "a human's or reviewer's tag changed"
+    relabeled = [tag for tag in after.values() if tag["source"] == "auto"]
+    assert relabeled, "prelabel's own tags were written again"
+    per_frame = {}
+    for job in project.annotation_jobs():
+        for tag in server.annotations(job["id"])["tags"]:
+            per_frame.setdefault((job["id"], tag["frame"]), []).append(tag)
+    assert all(len(tags) == 1 for tags in per_frame.values()), "no frame has two tags"
+    assert server.violations == []
+
+
+def _client(project: Project):
+    return make_client(project.server.url, credentials=("annotator", PASSWORD))
+
+
+def _label_names(project: Project) -> dict[int, str]:
+    return {label["id"]: label["name"] for label in project.server.labels(project.project_id)}
+
+
+def _frame_size(project: Project, job_id: int, frame: int) -> tuple[int, int]:
+    job = _client(project).jobs.retrieve(job_id)
+    entries = job.get_meta().frames
+    entry = entries[0] if len(entries) == 1 else entries[frame - job.start_frame]
+    return entry.width, entry.height
+
+
+def _attribute(server, job: dict, tag: dict, name: str) -> str | None:
+    (label,) = [lb for lb in server.labels(1) if lb["id"] == tag["label_id"]]  # the only project
+    specs = {a["id"]: a["name"] for a in label["attributes"]}
+    return next((a["value"] for a in tag["attributes"] if specs.get(a["spec_id"]) == name), None)
+
+
+def _same_attributes(project: Project, tag: dict, label_id: int) -> list[dict]:
+    """The tag's attribute values moved to another label's attributes of the same names."""
+    labels = {label["id"]: label for label in project.server.labels(project.project_id)}
+    names = {a["id"]: a["name"] for a in labels[tag["label_id"]]["attributes"]}
+    specs = {a["name"]: a["id"] for a in labels[label_id]["attributes"]}
+    return [{"spec_id": specs[names[a["spec_id"]]], "value": a["value"]} for a in tag["attributes"]]
+
+
+def _edit_tag(client, job_id: int, tag: dict, **changes) -> None:
+    """Change a tag as CVAT's UI does: PATCH action=update with the whole tag."""
+    edited = {**tag, **changes}
+    request = models.PatchedLabeledDataRequest(
+        version=0,
+        tags=[
+            models.LabeledImageRequest(
+                id=edited["id"],
+                frame=edited["frame"],
+                label_id=edited["label_id"],
+                source=edited["source"],
+                group=edited.get("group") or 0,
+                attributes=[
+                    models.AttributeValRequest(spec_id=a["spec_id"], value=a["value"])
+                    for a in edited["attributes"]
+                ],
+            )
+        ],
+        shapes=[],
+        tracks=[],
+    )
+    client.api_client.jobs_api.partial_update_annotations(
+        "update", job_id, patched_labeled_data_request=request
+    )
+
+
+def _margin(candidates: str) -> float:
+    scores = [int(part.rsplit(" ", 1)[1].rstrip("%")) for part in candidates.split(", ")] + [0, 0]
+    return scores[0] - scores[1]
