@@ -40,6 +40,17 @@ def model_options(func):
         click.option("--device", help="auto, cpu, cuda or cuda:N."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Images per model batch."),
         click.option(
+            "--quantize",
+            type=click.Choice(["none", "int8"]),
+            help="int8: dynamic quantization of the linear layers (CPU only).",
+        ),
+        click.option(
+            "--profile",
+            "profile_path",
+            type=click.Path(path_type=Path),
+            help="Write the time spent per stage to this JSON file.",
+        ),
+        click.option(
             "--accept-threshold",
             type=click.FloatRange(0, 1),
             help="Accept a tag when its probability is at least this.",
@@ -66,6 +77,7 @@ def _overrides(**values) -> dict:
         "model.pretrained": values.get("pretrained"),
         "model.device": values.get("device"),
         "model.batch_size": values.get("batch_size"),
+        "model.quantize": values.get("quantize"),
         "routing.accept_threshold": values.get("accept_threshold"),
         "routing.min_margin": values.get("min_margin"),
         "routing.multi_label": values.get("multi_label"),
@@ -139,6 +151,7 @@ def folder(
         task_name=images_dir.resolve().name,
     )
     stats = run(source, sink, pipeline, progress=progress)
+    _write_profile(flags.get("profile_path"), stats)
     click.echo(format_summary(stats, title=f"{images_dir}"))
     if source.skipped:
         click.echo(f"  skipped {source.skipped} files that are not images")
@@ -308,6 +321,7 @@ def run_command(
         state.set_meta("host", client.api_map.host)
         pipeline = build_pipeline(config, names)
         total = RunStats()
+        per_job = {}
 
         def report(outcome) -> None:
             stats, plan, result = outcome.stats, outcome.plan, outcome.result
@@ -323,10 +337,12 @@ def run_command(
                 )
             )
             total.merge(stats)
+            per_job[plan.job_id] = stats
 
         options = JobOptions(quality=quality, relabel=relabel, progress=progress, reviewers=reviewers)
         label_jobs(client, work, pipeline, config, options, state, on_job=report)
         click.echo(format_summary(total, title=f"{work.where}"))
+        _write_profile(flags.get("profile_path"), total, per_job)
         click.echo("  review queue: prelabel review list")
 
 
@@ -396,6 +412,28 @@ def _print_plan(work, names: list[str], dry_run: bool) -> None:
     for job_id, why in sorted(work.skipped_jobs.items()):
         click.echo(f"  job {job_id}: skipped, {why}")
     click.echo(f"  {work.frame_count} frames in {len(work.jobs)} jobs")
+
+
+def _write_profile(path: Path | None, total, per_job: dict | None = None) -> None:
+    """--profile: the seconds per stage (download, unpack, decode, model, upload, waits) as JSON."""
+    if path is None:
+        return
+    import json
+
+    def figures(stats) -> dict:
+        return {
+            "images": stats.frames,
+            "seconds": round(stats.seconds, 4),
+            "images_per_second": round(stats.images_per_second, 3),
+            "stages": {name: round(seconds, 4) for name, seconds in sorted(stats.stages.items())},
+        }
+
+    document = {"total": figures(total)}
+    if per_job:
+        document["jobs"] = {str(job): figures(stats) for job, stats in per_job.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"  profile: {path}")
 
 
 def main() -> None:

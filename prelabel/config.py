@@ -46,6 +46,8 @@ class ModelConfig(_Strict):
     """Autocast precision on CUDA; `auto` picks bf16 where supported, else fp16. CPU is fp32."""
     batch_size: Annotated[int, Field(gt=0)] | None = None
     """Images per model batch; default 128 on CUDA, 32 on CPU."""
+    quantize: Literal["none", "int8"] = "none"
+    """int8: dynamic quantization of the linear layers (CPU only; faster, slightly different)."""
     cache_dir: str | None = None
     """Where text classifiers (and downloaded weights) are cached; default ~/.cache/prelabel."""
 
@@ -103,6 +105,8 @@ class DecodeConfig(_Strict):
     """Decode large JPEGs at reduced scale (Pillow draft mode) before resizing."""
     workers: Annotated[int, Field(gt=0)] | None = None
     """Decode threads; default: the number of CPU cores."""
+    prefetch_batches: Annotated[int, Field(ge=0, le=16)] = 2
+    """Batches decoded ahead of the model (bounds memory)."""
 
 
 JobStage = Literal["annotation", "validation", "acceptance"]
@@ -147,6 +151,12 @@ class CvatConfig(_Strict):
     """An organization slug; empty or absent means the personal workspace."""
     upload_batch_size: Annotated[int, Field(gt=0, le=10000)] = 100
     """Tags per upload request."""
+    download_threads: Annotated[int, Field(gt=0, le=32)] = 2
+    """Chunks downloaded at once."""
+    prefetch_chunks: Annotated[int, Field(gt=0, le=64)] = 2
+    """Chunks fetched ahead of the model (bounds memory)."""
+    upload_queue: Annotated[int, Field(gt=0, le=64)] = 2
+    """Uploads that may wait behind the one in progress before the pipeline blocks."""
 
 
 class Config(_Strict):

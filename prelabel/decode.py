@@ -7,21 +7,34 @@ up in the review queue; nothing here stops a run.
 from __future__ import annotations
 
 import io
+import warnings
 
 from PIL import Image, UnidentifiedImageError
 
 from prelabel.interface import Frame
+
+# Our own `max_pixels` check below guards memory; Pillow's warning would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+MAX_PIXELS = 64_000_000
+"""The largest image decoded at full size (about 200 MB as RGB); larger JPEGs are decoded
+at a reduced scale, other formats go to review."""
 
 
 class DecodeError(Exception):
     """The frame cannot be turned into an image; the message is the review reason."""
 
 
-def decode(frame: Frame, size: tuple[int, int], *, draft: bool) -> tuple[Image.Image, tuple[int, int]]:
+def decode(
+    frame: Frame, size: tuple[int, int], *, draft: bool, max_pixels: int = MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `frame` to RGB; returns the image and the frame's original (width, height).
 
     With `draft`, a JPEG much larger than `size` is decoded at a reduced scale (Pillow's
-    draft mode picks the largest 1/2, 1/4 or 1/8 scale that still covers `size`).
+    draft mode picks the largest 1/2, 1/4 or 1/8 scale that still covers `size`). A JPEG
+    over `max_pixels` is always decoded at reduced scale; any other image over it is an
+    error, so that one huge frame cannot exhaust memory.
     """
     if frame.error is not None:
         raise DecodeError(frame.error)
@@ -33,8 +46,13 @@ def decode(frame: Frame, size: tuple[int, int], *, draft: bool) -> tuple[Image.I
     try:
         image = Image.open(io.BytesIO(data))
         original = image.size
-        if draft and image.format == "JPEG":
+        huge = original[0] * original[1] > max_pixels
+        if image.format == "JPEG" and (draft or huge):
             image.draft("RGB", size)
+        if image.size[0] * image.size[1] > max_pixels:
+            raise DecodeError(
+                f"image too large: {original[0]}x{original[1]} pixels (at most {max_pixels} are decoded)"
+            )
         image.load()
         return _to_rgb(image), original
     except UnidentifiedImageError:

@@ -47,7 +47,7 @@ class LoadedModel:
 
     @property
     def random_weights(self) -> bool:
-        return self.identity.endswith(f"/random-seed{RANDOM_SEED}")
+        return f"/random-seed{RANDOM_SEED}" in self.identity
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context for inference on this model's device (a no-op on CPU)."""
@@ -108,6 +108,13 @@ def load_model(config: ModelConfig) -> LoadedModel:
             "with --pretrained PATH",
         ) from exc
     model.eval()
+    if config.quantize == "int8":
+        if device.type != "cpu":
+            raise ConfigError("model.quantize: int8 runs on the CPU only; use autocast precision on CUDA")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        identity += "+int8"
+    elif device.type == "cuda" and not isinstance(model.visual, open_clip.transformer.VisionTransformer):
+        model = model.to(memory_format=torch.channels_last)  # helps convolutional towers
     return LoadedModel(
         model=model,
         preprocess=preprocess,

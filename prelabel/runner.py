@@ -57,6 +57,7 @@ def build_pipeline(config: Config, labels: Sequence[str]) -> Pipeline:
         top_k=len(labels) if config.routing.multi_label else config.routing.top_k,
         draft=config.decode.draft,
         decode_workers=config.decode.workers,
+        prefetch_batches=config.decode.prefetch_batches,
     )
     return Pipeline(loaded, classifier, RoutingPolicy.from_config(config), options)
 

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class RunState:
         self.path = Path(path)
         self._lock_wanted = lock
         self._lock_file = None
+        self._db_lock = threading.RLock()  # the upload thread records too
         self.db: sqlite3.Connection | None = None
 
     def __enter__(self) -> RunState:
@@ -122,7 +124,7 @@ class RunState:
         if self._lock_wanted:
             self._acquire_lock()
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
@@ -163,13 +165,19 @@ class RunState:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         assert self.db is not None
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._db_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple | list = ()) -> list[tuple]:
+        assert self.db is not None
+        with self._db_lock:
+            return self.db.execute(sql, args).fetchall()
 
     # -- meta -------------------------------------------------------------------------------
     def set_meta(self, key: str, value: str) -> None:
@@ -177,8 +185,8 @@ class RunState:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
 
     # -- frames -----------------------------------------------------------------------------
     def record_decision(
@@ -248,7 +256,7 @@ class RunState:
             query, args = query + " AND job_id = ?", [*args, job_id]
         if decision is not None:
             query, args = query + " AND decision = ?", [*args, decision]
-        rows = self.db.execute(query + " ORDER BY job_id, frame", args).fetchall()
+        rows = self._query(query + " ORDER BY job_id, frame", args)
         return [
             FrameRecord(
                 job_id=r[0],
@@ -277,11 +285,11 @@ class RunState:
             )
 
     def job_routed(self, job_id: int, fingerprint: str) -> bool:
-        row = self.db.execute("SELECT fingerprint, routed FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return bool(row and row[0] == fingerprint and row[1])
+        rows = self._query("SELECT fingerprint, routed FROM jobs WHERE job_id = ?", (job_id,))
+        return bool(rows and rows[0][0] == fingerprint and rows[0][1])
 
     def job_ids(self) -> list[int]:
-        return [row[0] for row in self.db.execute("SELECT DISTINCT job_id FROM frames ORDER BY job_id")]
+        return [row[0] for row in self._query("SELECT DISTINCT job_id FROM frames ORDER BY job_id")]
 
     # -- outcomes ---------------------------------------------------------------------------
     def record_outcome(self, outcome: Outcome) -> None:
@@ -301,7 +309,7 @@ class RunState:
             )
 
     def outcomes(self) -> list[Outcome]:
-        rows = self.db.execute("SELECT * FROM outcomes ORDER BY job_id, frame").fetchall()
+        rows = self._query("SELECT * FROM outcomes ORDER BY job_id, frame")
         return [
             Outcome(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), None if r[6] is None else bool(r[6]))
             for r in rows

@@ -8,9 +8,7 @@ cannot be decoded come out as predictions with an `error` instead of scores.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +17,7 @@ from prelabel.classifier import TextClassifier
 from prelabel.decode import DecodeError, decode
 from prelabel.interface import Frame, Prediction
 from prelabel.model import LoadedModel, inference
+from prelabel.stream import ordered_map
 from prelabel.timing import StageTimer
 
 
@@ -50,35 +49,28 @@ def predict(
     options: WorkerOptions,
     timer: StageTimer | None = None,
 ) -> Iterator[Prediction]:
-    """Yield one `Prediction` per frame, in input order, scoring frames in batches."""
+    """Yield one `Prediction` per frame, in input order, scoring frames in batches.
+
+    At most ``batch_size * (prefetch_batches + 1)`` frames are decoded ahead of the model.
+    """
     timer = timer or StageTimer()
-    workers = options.decode_workers or os.cpu_count() or 1
-    window = options.batch_size * (options.prefetch_batches + 1)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future[_Decoded]] = deque()
-        batch: list[_Decoded] = []
-        for frame in frames:
-            pending.append(pool.submit(_prepare, frame, loaded, options.draft, timer))
-            while len(pending) >= window:
-                yield from _collect(pending.popleft(), batch, loaded, classifier, options, timer)
-        while pending:
-            yield from _collect(pending.popleft(), batch, loaded, classifier, options, timer)
-        yield from _flush(batch, loaded, classifier, options, timer)
-
-
-def _collect(
-    future: Future[_Decoded],
-    batch: list[_Decoded],
-    loaded: LoadedModel,
-    classifier: TextClassifier,
-    options: WorkerOptions,
-    timer: StageTimer,
-) -> Iterator[Prediction]:
-    with timer.stage("wait_decode"):
-        decoded = future.result()
-    batch.append(decoded)
-    if len(batch) >= options.batch_size:
-        yield from _flush(batch, loaded, classifier, options, timer)
+    decoded = ordered_map(
+        lambda frame: _prepare(frame, loaded, options.draft, timer),
+        frames,
+        workers=options.decode_workers or os.cpu_count() or 1,
+        ahead=options.batch_size * (options.prefetch_batches + 1),
+        name="decode",
+    )
+    batch: list[_Decoded] = []
+    while True:
+        with timer.stage("wait_decode"):
+            item = next(decoded, None)
+        if item is None:
+            break
+        batch.append(item)
+        if len(batch) >= options.batch_size:
+            yield from _flush(batch, loaded, classifier, options, timer)
+    yield from _flush(batch, loaded, classifier, options, timer)
 
 
 def _flush(
@@ -116,6 +108,8 @@ def _flush(
 
 def score_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier) -> torch.Tensor:
     """[N, 3, H, W] preprocessed images -> [N, n_labels] probabilities on the CPU, fp32."""
+    if loaded.device.type == "cuda":
+        pixels = pixels.pin_memory()  # lets the copy to the GPU run asynchronously
     with inference(loaded):
         features = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
         return classifier.probabilities(features).float().cpu()

@@ -203,3 +203,20 @@ def test_draft_decoding_keeps_top1_and_probabilities_close(tmp_path: Path):
         fast = results[True][name]
         assert max(fast, key=fast.get) == max(exact, key=exact.get), name
         assert max(abs(fast[label] - exact[label]) for label in exact) <= 0.02, name
+
+
+def test_int8_quantization_runs_on_cpu_and_is_named(tmp_path: Path, photo_dir: Path):
+    config = _tiny_config(tmp_path)
+    quantized = config.model_copy(update={"model": config.model.model_copy(update={"quantize": "int8"})})
+    results = {}
+    for name, cfg in (("fp32", config), ("int8", quantized)):
+        pipeline = build_pipeline(cfg, LABELS)
+        sink = ListSink()
+        run(FolderSource(photo_dir), sink, pipeline, progress=False)
+        results[name] = {d.prediction.name: dict(d.prediction.scores) for d in sink.decisions}
+        assert pipeline.loaded.identity.endswith("+int8") == (name == "int8")
+    assert results["fp32"].keys() == results["int8"].keys()
+    assert results["fp32"] != results["int8"], "quantization changes the arithmetic"
+    for name, exact in results["fp32"].items():
+        assert sum(results["int8"][name].values()) == pytest.approx(1.0, abs=1e-4)
+        assert max(abs(results["int8"][name][label] - exact[label]) for label in exact) < 0.2

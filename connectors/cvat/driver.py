@@ -21,6 +21,7 @@ from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.runner import Pipeline, RunStats, run
 from prelabel.state import RunState
+from prelabel.timing import StageTimer
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,19 @@ def label_job(
         message_length=config.review.message_length,
         batch_size=config.cvat.upload_batch_size,
         relabel=options.relabel,
+        upload_queue=config.cvat.upload_queue,
     )
-    source = JobFrameSource(client, plan, quality=options.quality)
-    sink = CvatSink(client, plan, labels, settings, state)
-    stats = run(source, sink, pipeline, progress=options.progress)
+    timer = StageTimer()
+    source = JobFrameSource(
+        client,
+        plan,
+        quality=options.quality,
+        io_threads=config.cvat.download_threads,
+        prefetch_chunks=config.cvat.prefetch_chunks,
+        timer=timer,
+    )
+    sink = CvatSink(client, plan, labels, settings, state, timer)
+    stats = run(source, sink, pipeline, progress=options.progress, timer=timer)
     changes = _route(
         client,
         plan,

@@ -3,9 +3,10 @@
 `GET /api/jobs/{id}/data?type=chunk&index=N` returns the job's frames
 ``[N * chunk_size, (N + 1) * chunk_size)`` counted from the job's first frame: a zip of
 images named ``000000.jpeg``, ``000001.jpeg``, ... for image tasks, an mp4 segment for video
-tasks. Only chunks that hold wanted frames are downloaded, one at a time, so memory stays
-bounded whatever the task size. A chunk that fails to decode turns each of its wanted frames
-into an unreadable frame; the rest of the job goes on.
+tasks. Only chunks that hold wanted frames are downloaded, by a few I/O threads a bounded
+number of chunks ahead of the consumer, so downloads overlap the model and memory stays
+bounded whatever the task size. A chunk that fails to decode turns each of its wanted
+frames into an unreadable frame; the rest of the job goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from cvat_sdk import Client
 from connectors.cvat.connect import failing_as
 from connectors.cvat.jobs import JobPlan
 from prelabel.interface import Frame
+from prelabel.stream import ordered_map
+from prelabel.timing import StageTimer
 
 
 @dataclass(frozen=True)
@@ -34,17 +37,36 @@ class CvatFrameRef:
 class JobFrameSource:
     """The frames of one job that its plan wants, in frame order."""
 
-    def __init__(self, client: Client, plan: JobPlan, *, quality: str = "compressed") -> None:
+    def __init__(
+        self,
+        client: Client,
+        plan: JobPlan,
+        *,
+        quality: str = "compressed",
+        io_threads: int = 2,
+        prefetch_chunks: int = 2,
+        timer: StageTimer | None = None,
+    ) -> None:
         self.client = client
         self.plan = plan
         self.quality = quality
+        self.io_threads = io_threads
+        self.prefetch_chunks = prefetch_chunks
+        self.timer = timer or StageTimer()
 
     def __len__(self) -> int:
         return len(self.plan.frames)
 
     def frames(self) -> Iterator[Frame]:
-        for index, wanted in self._chunks():
-            yield from self._chunk_frames(index, wanted)
+        chunks = ordered_map(
+            lambda chunk: list(self._chunk_frames(*chunk)),
+            self._chunks(),
+            workers=self.io_threads,
+            ahead=self.prefetch_chunks,
+            name="download",
+        )
+        for frames in chunks:
+            yield from frames
 
     def _chunks(self) -> Iterator[tuple[int, list[int]]]:
         """(chunk index, wanted task frames in it) for every chunk holding a wanted frame."""
@@ -56,14 +78,15 @@ class JobFrameSource:
 
     def _chunk_frames(self, index: int, wanted: list[int]) -> Iterator[Frame]:
         plan = self.plan
-        with failing_as(f"downloading chunk {index} of job {plan.job_id}"):
+        with self.timer.stage("download"), failing_as(f"downloading chunk {index} of job {plan.job_id}"):
             _, response = self.client.api_client.jobs_api.retrieve_data(
                 plan.job_id, type="chunk", index=index, quality=self.quality, _parse_response=False
             )
             payload = response.data
         first = plan.start_frame + index * plan.chunk_size * plan.step
         try:
-            decoded = _decode_chunk(payload, plan.chunk_type)
+            with self.timer.stage("unpack"):
+                decoded = _decode_chunk(payload, plan.chunk_type)
         except Exception as exc:  # a bad chunk fails its frames, not the job
             reason = f"chunk {index} cannot be decoded: {' '.join(str(exc).split())[:200]}"
             for frame in wanted:

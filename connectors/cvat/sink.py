@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from cvat_sdk import Client, models
 
 from connectors.cvat.connect import failing_as
+from connectors.cvat.existing import OurIssue, OurTag
 from connectors.cvat.frames import CvatFrameRef
 from connectors.cvat.jobs import JobPlan
 from connectors.cvat.labels import CvatLabel, tag_payload
 from prelabel.interface import Decision
 from prelabel.review import review_message
 from prelabel.state import RunState
+from prelabel.stream import BackgroundWriter
+from prelabel.timing import StageTimer
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class SinkSettings:
     message_length: int = 500
     batch_size: int = 100
     relabel: bool = False
+    upload_queue: int = 2
+    """Writes (tag batches, issues) that may wait for the upload thread before `write` blocks."""
 
 
 @dataclass
@@ -77,6 +82,7 @@ class CvatSink:
         labels: dict[str, CvatLabel],
         settings: SinkSettings,
         state: RunState | None = None,
+        timer: StageTimer | None = None,
     ) -> None:
         self.client = client
         self.plan = plan
@@ -84,8 +90,10 @@ class CvatSink:
         self.settings = settings
         self.state = state
         self.result = JobResult()
+        self.timer = timer or StageTimer()
         self._pending: list[dict] = []
         self._job_frames = set(plan.job_frames)
+        self._writer = BackgroundWriter(depth=settings.upload_queue, name=f"upload-{plan.job_id}")
 
     def write(self, decision: Decision) -> None:
         prediction = decision.prediction
@@ -93,8 +101,11 @@ class CvatSink:
         if ref.job_id != self.plan.job_id or ref.frame not in self._job_frames:
             raise ValueError(f"frame {ref.frame} is not in job {self.plan.job_id}")
         frame, existing = ref.frame, self.plan.existing
-        if self.settings.relabel:
-            self._remove_ours(frame)
+        if self.settings.relabel and (existing.tags.get(frame) or existing.open_issue(frame)):
+            tags, issue = existing.tags.pop(frame, []), existing.open_issue(frame)
+            if issue is not None:
+                existing.issues[frame] = [other for other in existing.issues[frame] if other.id != issue.id]
+            self._writer.submit(lambda: self._remove_ours(frame, tags, issue))
         # A half-done frame keeps the route its first pieces took; otherwise the decision's.
         review = existing.open_issue(frame) is not None or bool(existing.suggestions(frame))
         review = review or not decision.accepted
@@ -125,13 +136,18 @@ class CvatSink:
             )
         )
         if existing.open_issue(frame) is None:
-            self._create_issue(frame, review_message(decision, max_length=self.settings.message_length))
+            message = review_message(decision, max_length=self.settings.message_length)
+            self._writer.submit(lambda: self._create_issue(frame, message))
         if self.settings.suggestions and prediction.scores and not existing.suggestions(frame):
             label, probability = prediction.scores[0]
             self._queue_tag(frame, label, probability, needs_review=True)
 
     def close(self) -> None:
-        self._flush()
+        """Upload what is pending and wait for every write; re-raise a failed one."""
+        try:
+            self._flush()
+        finally:
+            self._writer.close()
 
     def _queue_tag(self, frame: int, label: str, probability: float, *, needs_review: bool) -> None:
         payload = tag_payload(
@@ -142,13 +158,15 @@ class CvatSink:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, []
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._writer.submit(lambda: self._upload(batch))
+
+    def _upload(self, batch: list[dict]) -> None:
         request = models.PatchedLabeledDataRequest(
             version=0, tags=[_tag_request(tag) for tag in batch], shapes=[], tracks=[]
         )
-        with failing_as(f"uploading {len(batch)} tags to job {self.plan.job_id}"):
+        with self.timer.stage("upload"), failing_as(f"uploading {len(batch)} tags to job {self.plan.job_id}"):
             # The schema declares no body, but CVAT answers with the created objects.
             _, response = self.client.api_client.jobs_api.partial_update_annotations(
                 "create", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
@@ -170,16 +188,17 @@ class CvatSink:
             job=self.plan.job_id,
             message=message,
         )
-        with failing_as(f"creating the review issue for frame {frame} of job {self.plan.job_id}"):
+        with (
+            self.timer.stage("upload"),
+            failing_as(f"creating the review issue for frame {frame} of job {self.plan.job_id}"),
+        ):
             issue, _ = self.client.api_client.issues_api.create(request)
         self.result.issues_created.append(issue.id)
         if self.state is not None:
             self.state.record_upload(self.plan.job_id, frame, issue_id=issue.id)
 
-    def _remove_ours(self, frame: int) -> None:
+    def _remove_ours(self, frame: int, tags: list[OurTag], issue: OurIssue | None) -> None:
         """--relabel: delete prelabel's own tags and open issue on this frame, nothing else."""
-        existing = self.plan.existing
-        tags = existing.tags.pop(frame, [])
         if tags:
             request = models.PatchedLabeledDataRequest(
                 version=0,
@@ -195,13 +214,11 @@ class CvatSink:
                     "delete", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
                 )
             self.result.tags_deleted.extend(tag.id for tag in tags)
-        issue = existing.open_issue(frame)
         if issue is not None:
             with failing_as(f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}"):
                 self.client.api_client.issues_api.destroy(issue.id)
-            existing.issues[frame] = [other for other in existing.issues[frame] if other.id != issue.id]
             self.result.issues_deleted.append(issue.id)
-        if self.state is not None and (tags or issue):
+        if self.state is not None:
             self.state.forget_uploads(self.plan.job_id, frame)
 
 

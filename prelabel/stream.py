@@ -1,0 +1,83 @@
+"""Overlapping pipeline stages with bounded buffers, so memory stays flat under backpressure.
+
+- `ordered_map` runs a function over a stream in a thread pool, a bounded number of items
+  ahead of the consumer, and yields the results in input order (chunk downloads, decoding).
+- `BackgroundWriter` runs writes one after another in a thread of its own behind a bounded
+  queue (uploads); a full queue blocks the producer instead of growing.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(
+    func: Callable[[T], R], items: Iterable[T], *, workers: int, ahead: int, name: str = "stage"
+) -> Iterator[R]:
+    """``map(func, items)`` on `workers` threads, at most `ahead` results in flight or waiting.
+
+    Results come in input order. An exception from `func` is raised where its result is
+    consumed. Closing the iterator early cancels what has not started.
+    """
+    ahead = max(1, ahead)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name) as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(func, item))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class BackgroundWriter:
+    """Runs submitted calls in order on one background thread, behind a bounded queue.
+
+    `submit` blocks while `depth` calls are waiting. The first failure is re-raised by the
+    next `submit` or by `close`, and every call after it is dropped, so that nothing is
+    written out of order after an error.
+    """
+
+    def __init__(self, depth: int = 2, name: str = "writer") -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], None]) -> None:
+        self._raise_if_failed()
+        self._queue.put(call)
+
+    def close(self) -> None:
+        """Wait for every submitted call; re-raise the first failure."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _loop(self) -> None:
+        while True:
+            call = self._queue.get()
+            if call is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                call()
+            except BaseException as exc:
+                self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
