@@ -168,7 +168,12 @@ def server_options(func):
             help="User and password; the PASS variable can hold the password. "
             "Without it: CVAT_ACCESS_TOKEN, CVAT_USERNAME/CVAT_PASSWORD, or a cvat-cli profile.",
         ),
-        click.option("--profile", help="A saved cvat-cli profile (server and token)."),
+        click.option(
+            "--cvat-profile",
+            "profile",
+            help="A saved cvat-cli profile (server and token); the default profile is used "
+            "when no host or credentials are given.",
+        ),
         click.option("--org", "organization", metavar="SLUG", help="Organization slug."),
         click.option("--insecure", is_flag=True, help="Skip TLS certificate checks (trusted networks only)."),
     ]
