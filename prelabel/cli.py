@@ -176,6 +176,11 @@ def server_options(func):
         ),
         click.option("--org", "organization", metavar="SLUG", help="Organization slug."),
         click.option("--insecure", is_flag=True, help="Skip TLS certificate checks (trusted networks only)."),
+        click.option(
+            "--ca-bundle",
+            type=click.Path(dir_okay=False),
+            help="A PEM file of certificate authorities to trust (a server with a private CA).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -205,11 +210,13 @@ def _one_target(project_id, task_id, job_id) -> dict:
     return given
 
 
-def _connect(config, server_host, auth, profile, organization, insecure):
+def _connect(config, server_host, auth, profile, organization, insecure, ca_bundle):
     import os
 
+    from connectors.cvat import retry
     from connectors.cvat.connect import ServerOptions, connect
 
+    retry.configure(config.retry)
     host = server_host or os.environ.get("CVAT_HOST") or config.cvat.host
     return connect(
         ServerOptions(
@@ -218,6 +225,8 @@ def _connect(config, server_host, auth, profile, organization, insecure):
             profile=profile,
             organization=organization if organization is not None else config.cvat.organization,
             insecure=insecure,
+            ca_bundle=ca_bundle,
+            timeout=config.retry.timeout,
         )
     )
 
@@ -286,7 +295,7 @@ def setup(project_id, task_id, job_id, config_path, **server):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def run_command(
     project_id, task_id, job_id, config_path, dry_run, limit, quality, include_tagged, relabel,
-    state_path, progress, server_host, auth, profile, organization, insecure, **flags,
+    state_path, progress, server_host, auth, profile, organization, insecure, ca_bundle, **flags,
 ):  # fmt: skip
     """Pre-label the jobs of a CVAT project, task or job that still need labels.
 
@@ -305,7 +314,7 @@ def run_command(
 
     target = _one_target(project_id, task_id, job_id)
     config = load_config(config_path, _overrides(**flags))
-    client = _connect(config, server_host, auth, profile, organization, insecure)
+    client = _connect(config, server_host, auth, profile, organization, insecure, ca_bundle)
     work = find_work(
         client,
         **target,

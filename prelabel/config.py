@@ -136,6 +136,20 @@ class ReviewConfig(_Strict):
         return [value] if isinstance(value, str) else value
 
 
+class RetryConfig(_Strict):
+    """Retries of transient server failures (timeouts, dropped connections, 429, 502-504)."""
+
+    attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    max_seconds: Annotated[float, Field(gt=0)] = 300.0
+    """Give up on one operation after this long, whatever the attempts left."""
+    initial_wait: Annotated[float, Field(ge=0)] = 0.5
+    """First backoff; it doubles on each attempt, with jitter."""
+    max_wait: Annotated[float, Field(ge=0)] = 30.0
+    """Longest single wait (a server's Retry-After is honoured up to this)."""
+    timeout: Annotated[float, Field(gt=0)] = 60.0
+    """Seconds one request may take before it counts as failed."""
+
+
 class StateConfig(_Strict):
     """Where the run state lives."""
 
@@ -170,6 +184,7 @@ class Config(_Strict):
     cvat: CvatConfig = CvatConfig()
     review: ReviewConfig = ReviewConfig()
     state: StateConfig = StateConfig()
+    retry: RetryConfig = RetryConfig()
 
     @field_validator("labels")
     @classmethod

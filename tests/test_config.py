@@ -22,7 +22,7 @@ def test_example_config_is_valid_and_documents_every_key():
     config = load_config(REPO / "configs" / "example.yaml")
     assert config.model.name == "ViT-B-32"
     text = (REPO / "configs" / "example.yaml").read_text()
-    for section in ("model", "prompts", "routing", "decode", "cvat", "review", "state"):
+    for section in ("model", "prompts", "routing", "decode", "cvat", "review", "state", "retry"):
         for key in type(getattr(config, section)).model_fields:
             assert f"{key}:" in text, f"configs/example.yaml does not document {section}.{key}"
     for key in ("name", "descriptions", "accept_threshold", "min_margin"):

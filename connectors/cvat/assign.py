@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from cvat_sdk import Client, models
 from cvat_sdk.core.helpers import get_paginated_collection
 
-from connectors.cvat.connect import CvatError, failing_as
+from connectors.cvat import retry
+from connectors.cvat.connect import CvatError
 from connectors.cvat.labels import text_value
 from prelabel.config import ReviewConfig
 
@@ -28,8 +29,12 @@ def resolve_reviewers(client: Client, usernames: list[str]) -> list[Reviewer]:
     """Look each username up; an unknown one is an error (raised before anything is written)."""
     reviewers = []
     for username in usernames:
-        with failing_as(f"looking up reviewer {username!r}"):
-            found = get_paginated_collection(client.api_client.users_api.list_endpoint, username=username)
+        found = retry.call(
+            f"looking up reviewer {username!r}",
+            lambda username=username: get_paginated_collection(
+                client.api_client.users_api.list_endpoint, username=username
+            ),
+        )
         match = [user for user in found if user.username == username]
         if not match:
             raise CvatError(
@@ -45,8 +50,7 @@ def route_job(
     client: Client, job_id: int, review_items: int, reviewers: list[Reviewer], config: ReviewConfig
 ) -> dict[str, object]:
     """Set the job's assignee, stage and state for its outcome; returns the fields written."""
-    with failing_as(f"reading job {job_id}"):
-        job, _ = client.api_client.jobs_api.retrieve(job_id)
+    job, _ = retry.call(f"reading job {job_id}", lambda: client.api_client.jobs_api.retrieve(job_id))
     current_assignee = job.assignee.id if job.assignee else None
     wanted: dict[str, object] = {}
     if review_items:
@@ -58,10 +62,11 @@ def route_job(
     current = {"stage": text_value(job.stage), "state": text_value(job.state), "assignee": current_assignee}
     changes = {key: value for key, value in wanted.items() if current[key] != value}
     if changes:
-        with failing_as(f"updating job {job_id}"):
-            client.api_client.jobs_api.partial_update(
-                job_id, patched_job_write_request=models.PatchedJobWriteRequest(**changes)
-            )
+        request = models.PatchedJobWriteRequest(**changes)  # setting fields: safe to repeat
+        retry.call(
+            f"updating job {job_id}",
+            lambda: client.api_client.jobs_api.partial_update(job_id, patched_job_write_request=request),
+        )
     return changes
 
 
@@ -72,7 +77,11 @@ def _pick(client: Client, job_id: int, current: int | None, reviewers: list[Revi
         return reviewers[job_id % len(reviewers)].id
     loads = []
     for reviewer in reviewers:
-        with failing_as(f"counting the jobs of reviewer {reviewer.username!r}"):
-            page, _ = client.api_client.jobs_api.list(assignee=reviewer.username, page_size=1)
+        page, _ = retry.call(
+            f"counting the jobs of reviewer {reviewer.username!r}",
+            lambda reviewer=reviewer: client.api_client.jobs_api.list(
+                assignee=reviewer.username, page_size=1
+            ),
+        )
         loads.append((page.count, reviewers.index(reviewer), reviewer.id))
     return min(loads)[2]

@@ -47,6 +47,10 @@ class ServerOptions:
     profile: str | None = None
     organization: str | None = None
     insecure: bool = False
+    ca_bundle: str | None = None
+    """A PEM file of certificate authorities to trust (a private CA)."""
+    timeout: float = 60.0
+    """Seconds one request may take (connect and read)."""
 
 
 def connect(options: ServerOptions) -> Client:
@@ -55,6 +59,11 @@ def connect(options: ServerOptions) -> Client:
     auth = _auth_factory(options)
     if options.insecure:
         log.warning("TLS certificate verification is OFF (--insecure): use this only on a trusted network")
+    if options.ca_bundle:
+        if not os.path.isfile(options.ca_bundle):
+            raise CvatError(f"--ca-bundle: no such file: {options.ca_bundle}")
+        # urllib3 builds its TLS context from OpenSSL's defaults, which read this variable.
+        os.environ["SSL_CERT_FILE"] = options.ca_bundle
     params = ClientAuthParameters(
         profile=options.profile,
         auth=auth,
@@ -77,6 +86,7 @@ def connect(options: ServerOptions) -> Client:
         client = make_client_from_cli(
             params, config=Config(allow_unsupported_server=True), check_server_version=True
         )
+        _default_timeout(client, options.timeout)
         client.users.retrieve_current_user()  # a token is only checked on first use
     except AuthStoreError as exc:
         raise CvatError(str(exc)) from None
@@ -87,6 +97,21 @@ def connect(options: ServerOptions) -> Client:
     except Exception as exc:
         raise server_error(exc, f"logging in to {where}") from None
     return client
+
+
+def _default_timeout(client: Client, seconds: float) -> None:
+    """Give every request of `client` a timeout unless the call sets its own.
+
+    cvat-sdk sends ``timeout=None`` (wait forever) by default, so a hung server would hang
+    the run; with a timeout it becomes a transient failure that is retried.
+    """
+    rest = client.api_client.rest_client
+    request = rest.request
+
+    def with_timeout(*args, _request_timeout=None, **kwargs):
+        return request(*args, _request_timeout=_request_timeout or (min(seconds, 30.0), seconds), **kwargs)
+
+    rest.request = with_timeout
 
 
 def _has_default_profile() -> bool:
@@ -138,7 +163,8 @@ def server_error(exc: BaseException, doing: str) -> PrelabelError:
     if isinstance(exc, urllib3.exceptions.SSLError | ssl.SSLError):
         return CvatError(
             f"{doing}: TLS certificate verification failed ({_short(exc)})",
-            hint="use an https URL whose certificate this machine trusts; --insecure skips the check",
+            hint="pass the server's CA with --ca-bundle FILE; --insecure skips the check (trusted "
+            "networks only)",
         )
     if isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | OSError):
         return CvatError(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from cvat_sdk import Client
 from cvat_sdk.core.helpers import get_paginated_collection
 
-from connectors.cvat.connect import failing_as
+from connectors.cvat import retry
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, text_value
 from connectors.cvat_xml import MODEL_ATTRIBUTE
 from prelabel.review import MESSAGE_PREFIX
@@ -75,10 +75,14 @@ class JobOnServer:
 def read_job(client: Client, job_id: int, labels: dict[int, CvatLabel]) -> JobOnServer:
     """Read a job's tags, issues and first comments, and sort them by author."""
     api = client.api_client
-    with failing_as(f"reading the annotations and issues of job {job_id}"):
-        annotations, _ = api.jobs_api.retrieve_annotations(job_id)
-        issues = get_paginated_collection(api.issues_api.list_endpoint, job_id=job_id)
-        comments = get_paginated_collection(api.comments_api.list_endpoint, job_id=job_id) if issues else []
+    doing = f"reading the annotations and issues of job {job_id}"
+    annotations, _ = retry.call(doing, lambda: api.jobs_api.retrieve_annotations(job_id))
+    issues = retry.call(doing, lambda: get_paginated_collection(api.issues_api.list_endpoint, job_id=job_id))
+    comments = []
+    if issues:
+        comments = retry.call(
+            doing, lambda: get_paginated_collection(api.comments_api.list_endpoint, job_id=job_id)
+        )
     state = JobOnServer()
     for tag in annotations.tags:
         label = labels.get(tag.label_id)

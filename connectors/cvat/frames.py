@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import av
 from cvat_sdk import Client
 
-from connectors.cvat.connect import failing_as
+from connectors.cvat import retry
 from connectors.cvat.jobs import JobPlan
 from prelabel.interface import Frame
 from prelabel.stream import ordered_map
@@ -78,11 +78,15 @@ class JobFrameSource:
 
     def _chunk_frames(self, index: int, wanted: list[int]) -> Iterator[Frame]:
         plan = self.plan
-        with self.timer.stage("download"), failing_as(f"downloading chunk {index} of job {plan.job_id}"):
+
+        def download() -> bytes:
             _, response = self.client.api_client.jobs_api.retrieve_data(
                 plan.job_id, type="chunk", index=index, quality=self.quality, _parse_response=False
             )
-            payload = response.data
+            return response.data
+
+        with self.timer.stage("download"):
+            payload = retry.call(f"downloading chunk {index} of job {plan.job_id}", download)
         first = plan.start_frame + index * plan.chunk_size * plan.step
         try:
             with self.timer.stage("unpack"):

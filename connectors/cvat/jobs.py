@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cvat_sdk import Client
 from cvat_sdk.core.helpers import get_paginated_collection
 
-from connectors.cvat.connect import failing_as
+from connectors.cvat import retry
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.labels import CvatLabel, candidate_labels
 
@@ -141,16 +141,19 @@ def _read_target(
     else:
         where, key, value = f"job {job_id}", "job_id", job_id
         retrieve = client.jobs.retrieve
-    with failing_as(f"reading {where}"):
-        target = retrieve(value)
-        labels = get_paginated_collection(api.labels_api.list_endpoint, **{key: value})
-        jobs = []
-        if with_jobs:
-            jobs = (
-                [target._model]
-                if key == "job_id"
-                else get_paginated_collection(api.jobs_api.list_endpoint, **{key: value})
-            )
+    target = retry.call(f"reading {where}", lambda: retrieve(value))
+    labels = retry.call(
+        f"reading the labels of {where}",
+        lambda: get_paginated_collection(api.labels_api.list_endpoint, **{key: value}),
+    )
+    jobs = []
+    if with_jobs and key == "job_id":
+        jobs = [target._model]
+    elif with_jobs:
+        jobs = retry.call(
+            f"listing the jobs of {where}",
+            lambda: get_paginated_collection(api.jobs_api.list_endpoint, **{key: value}),
+        )
     return where, candidate_labels(labels), jobs
 
 
@@ -164,8 +167,9 @@ def _plan_job(
     suggestions: bool,
     budget: int | None,
 ) -> JobPlan:
-    with failing_as(f"reading job {job.id}"):
-        meta, _ = client.api_client.jobs_api.retrieve_data_meta(job.id)
+    meta, _ = retry.call(
+        f"reading job {job.id}", lambda: client.api_client.jobs_api.retrieve_data_meta(job.id)
+    )
     existing = read_job(client, job.id, {label.id: label for label in labels})
     step = _step(meta.frame_filter)
     job_frames = range(job.start_frame, job.stop_frame + 1, step)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from cvat_sdk import Client, models
 
-from connectors.cvat.connect import CvatError, server_error
+from connectors.cvat import retry
+from connectors.cvat.connect import CvatError
 from connectors.cvat_xml import CONFIDENCE_ATTRIBUTE, MODEL_ATTRIBUTE, confidence_value
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,13 @@ def add_missing_attributes(client: Client, labels: Sequence[CvatLabel]) -> dict[
         request = models.PatchedLabelRequest(
             attributes=[models.AttributeRequest(name=name, **ATTRIBUTE_SPECS[name]) for name in names]
         )
-        try:
-            client.api_client.labels_api.partial_update(label.id, patched_label_request=request)
-        except Exception as exc:
-            raise server_error(exc, f"adding attributes to label {label.name!r}") from None
+        # Attributes are matched by name on the server, so a repeated request adds nothing twice.
+        retry.call(
+            f"adding attributes to label {label.name!r}",
+            lambda label=label, request=request: client.api_client.labels_api.partial_update(
+                label.id, patched_label_request=request
+            ),
+        )
         added[label.name] = names
     return added
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 from cvat_sdk import Client, models
 
+from connectors.cvat import retry
 from connectors.cvat.connect import failing_as
-from connectors.cvat.existing import OurIssue, OurTag
+from connectors.cvat.existing import OurIssue, OurTag, read_job
 from connectors.cvat.frames import CvatFrameRef
 from connectors.cvat.jobs import JobPlan
-from connectors.cvat.labels import CvatLabel, tag_payload
+from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, tag_payload
 from prelabel.interface import Decision
 from prelabel.review import review_message
 from prelabel.state import RunState
@@ -94,6 +95,7 @@ class CvatSink:
         self._pending: list[dict] = []
         self._job_frames = set(plan.job_frames)
         self._writer = BackgroundWriter(depth=settings.upload_queue, name=f"upload-{plan.job_id}")
+        self._labels_by_id = {label.id: label for label in labels.values()}
 
     def write(self, decision: Decision) -> None:
         prediction = decision.prediction
@@ -163,15 +165,48 @@ class CvatSink:
             self._writer.submit(lambda: self._upload(batch))
 
     def _upload(self, batch: list[dict]) -> None:
+        """Create a batch of tags. If an attempt fails, the server is read again before the
+        next, and only the tags it does not hold are sent: a create whose answer was lost
+        may have been applied, and must not be applied twice."""
+        job_id = self.plan.job_id
+        doing = f"uploading {len(batch)} tags to job {job_id}"
+        remaining = batch
+        with self.timer.stage("upload"), failing_as(doing):
+            for attempt in retry.retrying(doing):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        remaining = self._not_stored(remaining)
+                    if remaining:
+                        self._record_tags(self._create_tags(remaining))
+
+    def _create_tags(self, tags: list[dict]) -> list[dict]:
         request = models.PatchedLabeledDataRequest(
-            version=0, tags=[_tag_request(tag) for tag in batch], shapes=[], tracks=[]
+            version=0, tags=[_tag_request(tag) for tag in tags], shapes=[], tracks=[]
         )
-        with self.timer.stage("upload"), failing_as(f"uploading {len(batch)} tags to job {self.plan.job_id}"):
-            # The schema declares no body, but CVAT answers with the created objects.
-            _, response = self.client.api_client.jobs_api.partial_update_annotations(
-                "create", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
-            )
-            created = json.loads(response.data).get("tags", [])
+        # The schema declares no body, but CVAT answers with the created objects.
+        _, response = self.client.api_client.jobs_api.partial_update_annotations(
+            "create", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
+        )
+        return json.loads(response.data).get("tags", [])
+
+    def _not_stored(self, tags: list[dict]) -> list[dict]:
+        """The tags of `tags` that the server does not hold yet; records the ones it does."""
+        on_server = read_job(self.client, self.plan.job_id, self._labels_by_id)
+        stored = {}
+        for frame, ours in on_server.tags.items():
+            for tag in ours:
+                stored[(frame, tag.label_id, tag.needs_review)] = tag.id
+        missing, found = [], []
+        for tag in tags:
+            key = (tag["frame"], tag["label_id"], _needs_review(tag, self._labels_by_id))
+            if key in stored:
+                found.append({"id": stored[key], "frame": tag["frame"]})
+            else:
+                missing.append(tag)
+        self._record_tags(found)
+        return missing
+
+    def _record_tags(self, created: list[dict]) -> None:
         by_frame: dict[int, list[int]] = {}
         for tag in created:
             self.result.tags_created.append(tag["id"])
@@ -181,21 +216,26 @@ class CvatSink:
                 self.state.record_upload(self.plan.job_id, frame, tag_ids=ids)
 
     def _create_issue(self, frame: int, message: str) -> None:
+        """Create the review issue of a frame, checking the server first on every retry."""
+        job_id = self.plan.job_id
         width, height = self.plan.sizes.get(frame, (1, 1))
         request = models.IssueWriteRequest(
-            frame=frame,
-            position=[0.0, 0.0, float(width), float(height)],
-            job=self.plan.job_id,
-            message=message,
+            frame=frame, position=[0.0, 0.0, float(width), float(height)], job=job_id, message=message
         )
-        with (
-            self.timer.stage("upload"),
-            failing_as(f"creating the review issue for frame {frame} of job {self.plan.job_id}"),
-        ):
-            issue, _ = self.client.api_client.issues_api.create(request)
-        self.result.issues_created.append(issue.id)
+        doing = f"creating the review issue for frame {frame} of job {job_id}"
+        with self.timer.stage("upload"), failing_as(doing):
+            for attempt in retry.retrying(doing):
+                with attempt:
+                    issue_id = None
+                    if attempt.retry_state.attempt_number > 1:
+                        found = read_job(self.client, job_id, self._labels_by_id).open_issue(frame)
+                        issue_id = found.id if found else None
+                    if issue_id is None:
+                        issue, _ = self.client.api_client.issues_api.create(request)
+                        issue_id = issue.id
+        self.result.issues_created.append(issue_id)
         if self.state is not None:
-            self.state.record_upload(self.plan.job_id, frame, issue_id=issue.id)
+            self.state.record_upload(job_id, frame, issue_id=issue_id)
 
     def _remove_ours(self, frame: int, tags: list[OurTag], issue: OurIssue | None) -> None:
         """--relabel: delete prelabel's own tags and open issue on this frame, nothing else."""
@@ -209,14 +249,18 @@ class CvatSink:
                 shapes=[],
                 tracks=[],
             )
-            with failing_as(f"removing prelabel's tags from frame {frame} of job {self.plan.job_id}"):
-                self.client.api_client.jobs_api.partial_update_annotations(
+            retry.call(
+                f"removing prelabel's tags from frame {frame} of job {self.plan.job_id}",
+                lambda: self.client.api_client.jobs_api.partial_update_annotations(
                     "delete", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
-                )
+                ),
+            )
             self.result.tags_deleted.extend(tag.id for tag in tags)
         if issue is not None:
-            with failing_as(f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}"):
-                self.client.api_client.issues_api.destroy(issue.id)
+            retry.call(
+                f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}",
+                lambda: self.client.api_client.issues_api.destroy(issue.id),
+            )
             self.result.issues_deleted.append(issue.id)
         if self.state is not None:
             self.state.forget_uploads(self.plan.job_id, frame)
@@ -225,3 +269,8 @@ class CvatSink:
 def _tag_request(tag: dict) -> models.LabeledImageRequest:
     attributes = [models.AttributeValRequest(**attribute) for attribute in tag["attributes"]]
     return models.LabeledImageRequest(**{**tag, "attributes": attributes})
+
+
+def _needs_review(tag: dict, labels: dict[int, CvatLabel]) -> bool:
+    spec = labels[tag["label_id"]].attributes.get(NEEDS_REVIEW_ATTRIBUTE)
+    return any(a["spec_id"] == spec and a["value"] == "true" for a in tag["attributes"])

@@ -1,0 +1,96 @@
+"""Riding out a flaky server: retries with backoff for transient failures, and nothing else.
+
+Transient: connection errors, timeouts, dropped connections, 502/503/504, and 429 (whose
+``Retry-After`` is honoured). Everything else (400, 401, 403, 404, 409, validation errors)
+fails at once. Retries use exponential backoff with jitter, bounded in attempts and in
+total time (`RetryConfig`).
+
+Only idempotent calls are retried as they are (reads, setting job fields, adding label
+attributes by name, deletes). A create whose answer was lost may have been applied, so the
+sink re-reads the server before creating again (see `connectors.cvat.sink`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import tenacity
+import urllib3
+from cvat_sdk.api_client.exceptions import ApiException
+
+from connectors.cvat.connect import server_error
+from prelabel.config import RetryConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+_policy = RetryConfig()
+
+
+def configure(policy: RetryConfig) -> None:
+    """Set the retry policy of this process (the CLI does it from the config)."""
+    global _policy
+    _policy = policy
+
+
+def policy() -> RetryConfig:
+    return _policy
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ApiException):
+        return exc.status in TRANSIENT_STATUSES or exc.status == 0
+    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    headers = getattr(exc, "headers", None) or {}
+    value = headers.get("Retry-After") if hasattr(headers, "get") else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _wait(state: tenacity.RetryCallState) -> float:
+    backoff = tenacity.wait_exponential_jitter(initial=_policy.initial_wait, max=_policy.max_wait)(state)
+    exc = state.outcome.exception() if state.outcome else None
+    after = _retry_after(exc) if exc is not None else None
+    return min(max(backoff, after or 0.0), _policy.max_wait)
+
+
+def _log_retry(doing: str) -> Callable[[tenacity.RetryCallState], None]:
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s: %s; retrying in %.1fs (attempt %d of %d)",
+            doing,
+            server_error(exc, "transient failure").one_line() if exc else "failed",
+            state.next_action.sleep if state.next_action else 0.0,
+            state.attempt_number,
+            _policy.attempts,
+        )
+
+    return before_sleep
+
+
+def retrying(doing: str) -> tenacity.Retrying:
+    """A tenacity loop for one operation under the current policy (re-raises the last error)."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        wait=_wait,
+        stop=tenacity.stop_after_attempt(_policy.attempts) | tenacity.stop_after_delay(_policy.max_seconds),
+        before_sleep=_log_retry(doing),
+        reraise=True,
+    )
+
+
+def call(doing: str, func: Callable[[], T]) -> T:
+    """Run an idempotent server call with retries; a failure becomes one line naming `doing`."""
+    try:
+        return retrying(doing)(func)
+    except Exception as exc:
+        raise server_error(exc, doing) from None
