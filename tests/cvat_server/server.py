@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ssl
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -27,7 +28,16 @@ class CvatTestServer:
     `write_count` and `violations`.
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: int = 0,
+        tls: tuple[str, str] | None = None,
+    ) -> None:
+        """`tls` is (certificate file, key file): serve HTTPS with that certificate."""
+        self._tls = tls
         self.state = State()
         self.faults = FaultInjector(seed)
         self._app = App(self.state, self.faults)
@@ -41,6 +51,10 @@ class CvatTestServer:
         if self._httpd is not None:
             return self
         self._httpd = CvatHTTPServer(self._app, self._host, self._port)
+        if self._tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self._tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self._app.api = Api(self.state, self.url)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -70,7 +84,7 @@ class CvatTestServer:
         if self._httpd is None:
             raise RuntimeError("server not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._tls else 'http'}://{host}:{port}"
 
     # ------------------------------------------------------------- seeding
     def add_user(self, username: str, password: str, *, is_superuser: bool = False) -> int:
