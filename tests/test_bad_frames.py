@@ -10,7 +10,8 @@ from PIL import Image
 
 from connectors.folder import FolderSource
 from prelabel.runner import build_pipeline, run
-from tests.conftest import LABELS, SAMPLES
+from tests.conftest import LABELS, SAMPLES, run_cli
+from tests.cvat_fixtures import tiny_args
 from tests.test_scoring import ListSink, _tiny_config
 
 
@@ -62,3 +63,24 @@ def test_odd_and_broken_frames(tmp_path: Path):
         decision = by_name[name]
         assert not decision.accepted
         assert decision.reason.startswith(reason), (name, decision.reason)
+
+
+def test_a_video_chunk_that_fails_to_decode_sends_only_its_frames_to_review(project, tmp_path: Path):
+    server = project.server
+    assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
+    video_job = server.jobs(project.video_task)[0]["id"]
+    # The first chunk of the video job arrives as garbage (a 200 with a body that is no mp4).
+    server.fail(rf"^/api/jobs/{video_job}/data/?$", 200, times=1, body="this is not an mp4")
+    result = run_cli(
+        "run", "--job-id", str(video_job),
+        *tiny_args("--accept-threshold", "0", "--min-margin", "0"), env=project.env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    chunk = 4  # the fixture's video chunk size
+    issues = {issue["frame"]: issue for issue in server.issues(video_job)}
+    assert set(issues) == set(range(chunk))
+    for issue in issues.values():
+        (comment,) = server.comments(issue["id"])
+        assert "chunk 0 cannot be decoded" in comment["message"]
+    tagged = {tag["frame"] for tag in server.annotations(video_job)["tags"]}
+    assert tagged == set(range(chunk, 10))
