@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review
+.PHONY: install test demo lint clean prelabel setup review bench
 
 install: $(VENV)/.installed
 
@@ -54,8 +54,13 @@ setup: install
 	@test -n "$(PROJECT)" || { echo "usage: make setup PROJECT=<project id>"; exit 2; }
 	$(PRELABEL) setup --project-id $(PROJECT)
 
+# Throughput against the bare model and cvat-sdk's annotate_task, on the test server;
+# appends a dated row to docs/benchmarks.md. make bench ARGS="--frames 128 --repeats 2"
+bench: install
+	$(BIN)/python -m benchmarks.throughput $(ARGS)
+
 lint: install
-	$(BIN)/ruff check prelabel connectors tests
+	$(BIN)/ruff check prelabel connectors tests benchmarks
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

@@ -111,7 +111,11 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if config.quantize == "int8":
         if device.type != "cpu":
             raise ConfigError("model.quantize: int8 runs on the CPU only; use autocast precision on CUDA")
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        # The image tower only: it does the per-frame work, while the text tower runs once
+        # per label set and open_clip's text path reads its float weight dtype.
+        model.visual = torch.ao.quantization.quantize_dynamic(
+            model.visual, {torch.nn.Linear}, dtype=torch.qint8
+        )
         identity += "+int8"
     elif device.type == "cuda" and not isinstance(model.visual, open_clip.transformer.VisionTransformer):
         model = model.to(memory_format=torch.channels_last)  # helps convolutional towers

@@ -1,0 +1,1 @@
+"""Benchmarks for prelabel; run them from the repository root (``python -m benchmarks.throughput``)."""

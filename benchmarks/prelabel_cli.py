@@ -1,0 +1,200 @@
+"""(b) prelabel end to end: the real CLI in a subprocess against the test server.
+
+Two clocks per run:
+
+* process: from starting ``python -m prelabel run`` to its exit (interpreter start-up,
+  imports, planning and model load included);
+* in-run: from the first chunk request of the task's jobs to the last annotations PATCH, as
+  seen by polling the server's request log (the log has no timestamps; the polling
+  interval, 5 ms, bounds the error). This leaves out start-up and model load.
+
+The CLI runs in a temporary working directory, so that whatever it keeps there by default
+(its run state, review lists) starts empty each time and never lands in the repository.
+
+Peak RSS comes from the kernel: the child's ``ru_maxrss`` as returned by ``os.wait4``
+(what ``/usr/bin/time -v`` reports as "Maximum resident set size").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.dataset import REPO, BenchProject
+
+POLL_SECONDS = 0.005
+_JOB_CHUNK = re.compile(r"^/api/jobs/(\d+)/data/?$")
+_JOB_ANNOTATIONS = re.compile(r"^/api/jobs/(\d+)/annotations/?$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A way of running prelabel: a name for the report and extra ``prelabel run`` flags.
+
+    Every variant is measured in the same alternating repetitions as the default one, and
+    gets its own row in the report.
+    """
+
+    name: str
+    flags: tuple[str, ...] = ()
+
+
+DEFAULT_VARIANTS = (Variant("default"),)
+
+
+@dataclass(frozen=True)
+class PrelabelRun:
+    """One measured ``prelabel run``."""
+
+    task_id: int
+    frames: int
+    process_seconds: float
+    in_run_seconds: float
+    peak_rss_bytes: int
+    cli_summary: str
+    """The CLI's own line ``task T: N images in Xs (Y images/s)``."""
+    cli_stages: str
+    """The CLI's ``time per stage`` line."""
+
+    @property
+    def process_images_per_second(self) -> float:
+        return self.frames / self.process_seconds
+
+    @property
+    def in_run_images_per_second(self) -> float:
+        return self.frames / self.in_run_seconds
+
+
+class _RequestWatch(threading.Thread):
+    """Notes when the first chunk request and the last annotations PATCH of some jobs arrive."""
+
+    def __init__(self, project: BenchProject, job_ids: set[int]) -> None:
+        super().__init__(name="request-watch", daemon=True)
+        self._server = project.server
+        self._job_ids = job_ids
+        self._seen = len(self._server.requests)
+        self._done = threading.Event()
+        self.first_chunk: float | None = None
+        self.last_patch: float | None = None
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self._scan()
+            time.sleep(POLL_SECONDS)
+        self._scan()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+    def _scan(self) -> None:
+        log = self._server.requests
+        now = time.perf_counter()
+        for entry in log[self._seen :]:
+            if entry.method == "GET" and entry.query.get("type") == "chunk":
+                match = _JOB_CHUNK.match(entry.path)
+                if match and int(match[1]) in self._job_ids and self.first_chunk is None:
+                    self.first_chunk = now
+            elif entry.method == "PATCH" and entry.status == 200:
+                match = _JOB_ANNOTATIONS.match(entry.path)
+                if match and int(match[1]) in self._job_ids:
+                    self.last_patch = now
+        self._seen = len(log)
+
+
+def cli_env(project: BenchProject) -> dict[str, str]:
+    """The environment for a prelabel subprocess: ours plus the server's address and login.
+
+    The repository goes first on PYTHONPATH, so the CLI runs this checkout from any folder.
+    """
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **project.env(), "PYTHONPATH": path}
+
+
+def setup_project(project: BenchProject) -> None:
+    """``prelabel setup`` on the project, once: adds the attributes prelabel writes."""
+    with tempfile.TemporaryDirectory(prefix="bench-setup-") as tmp:
+        result = subprocess.run(
+            [sys.executable, "-m", "prelabel", "setup", "--project-id", str(project.project_id)],
+            cwd=tmp,
+            env=cli_env(project),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"prelabel setup failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def run_prelabel(
+    project: BenchProject,
+    task_id: int,
+    *,
+    model: str,
+    device: str,
+    batch_size: int,
+    variant: Variant = DEFAULT_VARIANTS[0],
+    timeout: float = 3600,
+) -> PrelabelRun:
+    """Run ``prelabel run --task-id`` on a fresh task, time it, and check every frame got one tag."""
+    frames = len(project.server.state.tasks[task_id]["frames"])
+    job_ids = set(project.job_ids(task_id))
+    with tempfile.TemporaryDirectory(prefix="bench-prelabel-") as tmp:
+        command = [
+            sys.executable, "-m", "prelabel", "run",
+            "--task-id", str(task_id),
+            "--model", model,
+            "--pretrained", "none",
+            "--device", device,
+            "--batch-size", str(batch_size),
+            "--accept-threshold", "0",
+            "--min-margin", "0",
+            "--no-progress",
+            *variant.flags,
+        ]  # fmt: skip
+        workdir, stdout_path, stderr_path = Path(tmp) / "cwd", Path(tmp) / "stdout", Path(tmp) / "stderr"
+        workdir.mkdir()
+        watch = _RequestWatch(project, job_ids)
+        watch.start()
+        env = cli_env(project)
+        with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
+            start = time.perf_counter()
+            process = subprocess.Popen(command, cwd=workdir, env=env, stdout=stdout, stderr=stderr)
+            watchdog = threading.Timer(timeout, process.kill)
+            watchdog.start()
+            try:
+                _, status, usage = os.wait4(process.pid, 0)
+            finally:
+                watchdog.cancel()
+            seconds = time.perf_counter() - start
+            process.returncode = os.waitstatus_to_exitcode(status)
+        watch.stop()
+        out, err = stdout_path.read_text(), stderr_path.read_text()
+
+    who = f"prelabel run ({variant.name})"
+    if process.returncode != 0:
+        tail = "\n".join(err.strip().splitlines()[-10:])
+        raise RuntimeError(f"{who} on task {task_id} exited with {process.returncode}:\n{tail}")
+    if watch.first_chunk is None or watch.last_patch is None:
+        raise RuntimeError(f"{who} on task {task_id}: no chunk request or no tag upload was seen")
+    project.check_one_tag_per_frame(task_id, who)
+    summary = re.search(rf"^task {task_id}: (\d+) images in .*$", out, re.MULTILINE)
+    if summary is None or int(summary[1]) != frames:
+        raise RuntimeError(f"{who} on task {task_id}: its summary does not report {frames} images:\n{out}")
+    stages = re.search(r"^\s*time per stage: (.*)$", out, re.MULTILINE)
+    return PrelabelRun(
+        task_id=task_id,
+        frames=frames,
+        process_seconds=seconds,
+        in_run_seconds=watch.last_patch - watch.first_chunk,
+        peak_rss_bytes=usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),  # Linux: KiB
+        cli_summary=summary[0].strip(),
+        cli_stages=stages[1].strip() if stages else "",
+    )

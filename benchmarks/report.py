@@ -1,0 +1,157 @@
+"""Summaries of the repetitions, the printed table, and the rows appended to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.machine import Machine, percent
+
+COLUMNS = (
+    "date", "machine", "torch", "device", "model", "variant", "N", "batch",
+    "a ceiling", "b process", "b in-run", "c cvat-sdk", "b/a", "b/c", "b/c process",
+    "RSS at N", "RSS at 4N", "other load",
+)  # fmt: skip
+
+INTRO = """\
+# Benchmarks
+
+Throughput of prelabel against CVAT, measured by `make bench` (`python -m benchmarks.throughput`).
+The benchmark starts the CVAT-compatible test server (`tests/cvat_server`) on loopback,
+creates a project with the tag labels cat, coffee, rocket, astronaut and galaxy and an image
+task of N frames: 1280x720 JPEGs (quality 90) cut, resized, mirrored and colour-jittered
+from the photographs in `samples/images`, 128 frames per job, 72 frames per chunk. The model
+has random weights (`--pretrained none`): the weights do not change the speed. Every run
+labels a fresh copy of the task, and the server builds the chunks before the clock starts
+(real CVAT prepares them when the task is created; here the server shares the CPUs).
+
+The three measurements run in alternating repetitions (a, b, c, a, b, c, ...) on the same
+machine. Each figure is the median over the repetitions, with the range (min-max) in
+brackets; a ratio is computed within each repetition, then summarised the same way.
+
+Columns:
+
+- **a ceiling**: images/s of the bare `encode_image` on random, already preprocessed
+  tensors, at prelabel's batch size and device, under its inference mode and autocast. No
+  pipeline with this model can beat it.
+- **b process**: prelabel end to end, `prelabel run --task-id T` as a subprocess:
+  N / (process start to exit). Interpreter start, imports, planning and model load included.
+- **b in-run**: the same runs, N / (first chunk request to last tag upload), timed by
+  polling the server's request log (5 ms resolution). Start-up and model load left out.
+- **c cvat-sdk**: the baseline, `cvat_sdk.auto_annotation.annotate_task` with the same model
+  and classifier wrapped as a DetectionFunction (one `detect` call per image, top-1 tag):
+  N / (call to return), in the benchmark's process with the model already loaded.
+- **b/a**: b in-run / a, the share of the model's speed that reaches CVAT.
+- **b/c**: b in-run / c, the speed-up over cvat-sdk, both with the model already loaded.
+- **b/c process**: b process / c, the same but charging prelabel its start-up and model load.
+- **RSS at N, 4N**: peak resident memory of the prelabel process on an N- and a 4N-frame task
+  (the child's `ru_maxrss` from `os.wait4`, what `/usr/bin/time -v` reports).
+- **other load**: the share of the machine's CPU time that other processes used during the
+  benchmark (`/proc/stat` minus the benchmark's own `getrusage`). Figures measured next to a
+  busy neighbour are too low; trust rows where this is near 0%.
+
+Every run is checked: each frame must hold exactly one tag on the server afterwards, or the
+benchmark stops. Other options: `python -m benchmarks.throughput --help`.
+
+"""
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median and range of one figure over the repetitions."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def format(self, digits: int = 1) -> str:
+        if self.low == self.high:
+            return f"{self.median:.{digits}f}"
+        return f"{self.median:.{digits}f} ({self.low:.{digits}f}–{self.high:.{digits}f})"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One variant's results, as printed and as appended to the report."""
+
+    date: str
+    machine: Machine
+    model: str
+    variant: str
+    frames: int
+    batch_size: int
+    ceiling: Spread
+    process: Spread
+    in_run: Spread
+    baseline: Spread
+    b_over_a: Spread
+    b_over_c: Spread
+    b_over_c_process: Spread
+    rss_n: int
+    rss_4n: int | None
+    other_load: float | None
+
+    def cells(self) -> list[str]:
+        return [
+            self.date,
+            self.machine.describe(),
+            self.machine.torch,
+            self.machine.device,
+            self.model,
+            self.variant,
+            str(self.frames),
+            str(self.batch_size),
+            self.ceiling.format(),
+            self.process.format(),
+            self.in_run.format(),
+            self.baseline.format(),
+            self.b_over_a.format(2),
+            self.b_over_c.format(2),
+            self.b_over_c_process.format(2),
+            mib(self.rss_n),
+            mib(self.rss_4n) if self.rss_4n is not None else "–",
+            percent(self.other_load),
+        ]
+
+    def table(self, repeats: int) -> str:
+        """The printed summary: one line per figure, saying what each one measures."""
+        lines = [
+            f"images/s, median (min–max) over {repeats} repetition(s); variant {self.variant!r}",
+            f"  (a) ceiling, encode_image on ready tensors      {self.ceiling.format():>22}",
+            f"  (b) prelabel, process start to exit             {self.process.format():>22}",
+            f"  (b) prelabel, first chunk GET to last tag PATCH {self.in_run.format():>22}",
+            f"  (c) cvat-sdk annotate_task, call to return      {self.baseline.format():>22}",
+            f"  b/a  (b in-run / a)                             {self.b_over_a.format(2):>22}",
+            f"  b/c  (b in-run / c)                             {self.b_over_c.format(2):>22}",
+            f"  b/c  (b process / c)                            {self.b_over_c_process.format(2):>22}",
+            f"  peak RSS of prelabel (ru_maxrss via wait4): {mib(self.rss_n)} at {self.frames} frames"
+            + (f", {mib(self.rss_4n)} at {4 * self.frames} frames" if self.rss_4n is not None else ""),
+            f"  CPU used by other processes meanwhile: {percent(self.other_load)} of the machine",
+        ]
+        return "\n".join(lines)
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def today() -> str:
+    return dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def append_rows(path: Path, rows: Sequence[Row]) -> None:
+    """Append the rows to the results table, creating the file with its intro first."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+        path.write_text(INTRO + "## Results\n\n" + header, encoding="utf-8")
+    with path.open("a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write("| " + " | ".join(cell.replace("|", "/") for cell in row.cells()) + " |\n")
