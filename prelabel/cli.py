@@ -450,30 +450,11 @@ def _write_profile(path: Path | None, total, per_job: dict | None = None) -> Non
     click.echo(f"  profile: {path}")
 
 
-def _return_freed_memory() -> None:
-    """Make glibc hand large freed blocks back to the OS (Linux only; elsewhere a no-op).
-
-    By default glibc raises its mmap threshold after large blocks are freed, so torch's
-    per-batch activations end up in heap arenas that only grow; with a fixed threshold
-    they are mmapped and returned on free, and memory stays flat over long runs.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks over 1 MiB come from mmap
-        libc.mallopt(-8, 4)  # M_ARENA_MAX: fewer per-thread arenas to fragment
-    except (OSError, AttributeError):
-        return
-
-
 def main() -> None:
     """Console entry point: runs the CLI and turns user errors into one-line messages."""
-    _return_freed_memory()
+    from prelabel.memory import tune_allocator
+
+    tune_allocator()
     try:
         cli.main(standalone_mode=False)
     except PrelabelError as exc:

@@ -186,6 +186,17 @@ def test_second_concurrent_run_is_refused(project: Project, tmp_path: Path):
     assert "only one prelabel run at a time" in result.stderr and "Traceback" not in result.stderr
 
 
+def _start_run(project: Project, config: Path, state: Path) -> subprocess.Popen:
+    """`prelabel run` in the background, to be killed at some point."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "prelabel", *run_args(project, config, state)],
+        env={**os.environ, **lead_env(project)},
+        cwd=state.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
@@ -214,13 +225,7 @@ def test_resume_after_sigkill_matches_a_clean_run(project: Project, tmp_path: Pa
     server.set_global_delay(0.05, methods=["POST", "PATCH"])  # room to kill between writes
     server.reset_counters()
     state = tmp_path / "state.db"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prelabel", *run_args(project, config, state)],
-        env={**os.environ, **lead_env(project)},
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = _start_run(project, config, state)
     if kill_point == "after an issue, before its tag":
         _kill_when(process, lambda: any(r.method == "POST" and "/issues" in r.path for r in server.requests))
     else:
@@ -247,13 +252,7 @@ def test_random_sigkills_converge(project: Project, tmp_path: Path):
     state = tmp_path / "state.db"
     for _ in range(10):  # each run resumes what the killed one left
         server.reset_counters()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prelabel", *run_args(project, config, state)],
-            env={**os.environ, **lead_env(project)},
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        process = _start_run(project, config, state)
         target = rng.randint(1, 8)
         _kill_when(process, lambda target=target: server.write_count >= target)
     server.set_global_delay(0)
