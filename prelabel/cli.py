@@ -14,8 +14,6 @@ import click
 
 from prelabel.errors import PrelabelError
 
-log = logging.getLogger("prelabel")
-
 _state = {"debug": False}
 
 

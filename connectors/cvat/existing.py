@@ -103,6 +103,6 @@ def read_job(client: Client, job_id: int, labels: dict[int, CvatLabel]) -> JobOn
         message = first_comment.get(issue.id, (0, ""))[1]
         if message.startswith(MESSAGE_PREFIX):
             state.issues[issue.frame].append(OurIssue(issue.id, issue.frame, bool(issue.resolved)))
-            if "unreadable" in message:
+            if message.startswith(f"{MESSAGE_PREFIX} unreadable"):
                 state.unreadable_frames.add(issue.frame)
     return state
