@@ -291,9 +291,10 @@ def setup(project_id, task_id, job_id, config_path, **server):
 )
 @click.option("--state", "state_path", type=click.Path(path_type=Path), help="State file (SQLite).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option("--queue", "queue_url", metavar="URL", help="Hand the jobs to workers on this Redis queue.")
 def run_command(
     project_id, task_id, job_id, config_path, dry_run, limit, quality, include_tagged, relabel,
-    state_path, progress, server_host, auth, profile, organization, insecure, ca_bundle, **flags,
+    state_path, progress, server_host, auth, profile, organization, insecure, ca_bundle, queue_url, **flags,
 ):  # fmt: skip
     """Pre-label the jobs of a CVAT project, task or job that still need labels.
 
@@ -312,6 +313,13 @@ def run_command(
 
     target = _one_target(project_id, task_id, job_id)
     config = load_config(config_path, _overrides(**flags))
+    if queue_url:  # scale-out: workers label the jobs (prelabel/cli_queue.py)
+        from prelabel.cli_queue import run_on_queue
+
+        server = dict(server_host=server_host, auth=auth, profile=profile, organization=organization,
+                      insecure=insecure, ca_bundle=ca_bundle)  # fmt: skip
+        return run_on_queue(queue_url, target, config, server, relabel=relabel, include_tagged=include_tagged,
+                            quality=quality, limit=limit, dry_run=dry_run, progress=progress)  # fmt: skip
     client = _connect(config, server_host, auth, profile, organization, insecure, ca_bundle)
     work = find_work(
         client,
@@ -446,6 +454,11 @@ def _write_profile(path: Path | None, total, per_job: dict | None = None) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     click.echo(f"  profile: {path}")
+
+
+from prelabel.cli_queue import register as _register_queue_commands  # noqa: E402
+
+_register_queue_commands(cli)
 
 
 def main() -> None:

@@ -93,6 +93,7 @@ class Api:
             ("PATCH", r"/api/projects/(?P<id>\d+)", self.projects_update, False),
             ("GET", r"/api/tasks", self.tasks_list, False),
             ("GET", r"/api/tasks/(?P<id>\d+)", self.tasks_retrieve, False),
+            ("DELETE", r"/api/tasks/(?P<id>\d+)", self.tasks_delete, False),
             ("GET", r"/api/tasks/(?P<id>\d+)/data/meta", self.tasks_meta, False),
             ("GET", r"/api/tasks/(?P<id>\d+)/data", self.tasks_data, False),
             ("GET", r"/api/tasks/(?P<id>\d+)/annotations", self.tasks_annotations, False),
@@ -362,6 +363,13 @@ class Api:
         """GET /api/tasks/{id}."""
         with self.state.lock:
             return Reply(body=self.ser.task(self._get(ctx, "task", id)))
+
+    def tasks_delete(self, ctx: Ctx, id: int) -> Reply:
+        """DELETE /api/tasks/{id}: 204; its jobs answer 404 from then on."""
+        with self.state.lock:
+            self._get(ctx, "task", id)
+            self.state.delete_task(id)
+            return Reply(status=204)
 
     def tasks_meta(self, ctx: Ctx, id: int) -> Reply:
         """GET /api/tasks/{id}/data/meta."""

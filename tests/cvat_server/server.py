@@ -212,6 +212,10 @@ class CvatTestServer:
             done = self.state.job_patch(job_id, "create", {"tags": [tag]}, validate=False)
             return done["tags"][0]["id"]
 
+    def delete_task(self, task_id: int) -> None:
+        """Delete a task as DELETE /api/tasks/{id} does: its jobs, annotations and issues go."""
+        self.state.delete_task(task_id)
+
     # ---------------------------------------------------------- inspection
     def label(self, task_id: int, name: str) -> dict[str, Any]:
         """A task's label by name (a copy)."""

@@ -681,3 +681,13 @@ class State:
             del self.issues[issue_id]
             for cid in [c for c, v in self.comments.items() if v["issue_id"] == issue_id]:
                 del self.comments[cid]
+
+    def delete_task(self, task_id: int) -> None:
+        """Delete a task with its jobs, their annotations, issues and comments (as CVAT does)."""
+        with self.lock:
+            del self.tasks[task_id]
+            for job_id in [j for j, job in self.jobs.items() if job["task_id"] == task_id]:
+                del self.jobs[job_id]
+                self.annotations.pop(job_id, None)
+                for issue_id in [i for i, issue in self.issues.items() if issue["job_id"] == job_id]:
+                    self.delete_issue(issue_id)

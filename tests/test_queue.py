@@ -1,0 +1,294 @@
+"""Scale-out through the Redis queue: real redis-server, real worker processes, real CVAT test server.
+
+Workers run as `python -m prelabel worker --burst`, as on a worker machine, with a short
+lease (3 s) so that a dead worker's entry comes back within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from cvat_sdk import make_client
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from tests.conftest import TINY_MODEL, run_cli
+from tests.cvat_fixtures import PASSWORD, Project, server_state
+from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
+from tests.cvat_server.pytest_fixtures import CAPTURE_LABELS
+from tests.redis_fixture import redis_server
+
+ATTRIBUTES = CAPTURE_LABELS[0]["attributes"]  # confidence, model, needs_review: as `setup` adds them
+LEASE = "3"
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+def queue(redis_url: str) -> str:
+    """The module's Redis, emptied for each test."""
+    Redis.from_url(redis_url).flushall()
+    return redis_url
+
+
+def many_jobs_project(server: CvatTestServer, image_frames: int = 28, video_frames: int = 4) -> Project:
+    """Tiny frames in 2-frame jobs: an image task (`image_frames` / 2 jobs) and a video task."""
+    server.add_user("annotator", PASSWORD)
+    project_id = server.add_project(
+        "many jobs",
+        owner="annotator",
+        labels=[
+            {"name": name, "type": "tag", "attributes": ATTRIBUTES} for name in ("cat", "coffee", "rocket")
+        ],
+    )
+    images = server.add_image_task(
+        project_id, sample_jpegs(image_frames, (64, 48)), name="images", segment_size=2, chunk_size=1
+    )
+    video = server.add_video_task(
+        project_id, sample_frames(video_frames, (64, 48)), name="clip", segment_size=2, chunk_size=2
+    )
+    return Project(server, project_id, [images], video, set())
+
+
+def write_config(folder: Path, **cvat: int) -> Path:
+    path = folder / "config.yaml"
+    extra = "".join(f"\n  {key}: {value}" for key, value in cvat.items())
+    path.write_text(
+        f"""
+model: {{name: "{TINY_MODEL}", pretrained: none, batch_size: 4, cache_dir: "{folder / "cache"}"}}
+routing: {{accept_threshold: 0.4, min_margin: 0.0}}
+cvat:
+  download_threads: 1{extra}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def start_workers(queue: str, project: Project, folder: Path, count: int) -> list[subprocess.Popen]:
+    """`count` burst workers, each with its own state file and log file."""
+    env = {**os.environ, **project.env(), "PYTHONUNBUFFERED": "1"}
+    workers = []
+    for index in range(count):
+        argv = [
+            "worker",
+            "--queue",
+            queue,
+            "--burst",
+            "--lease",
+            LEASE,
+            "--state",
+            str(folder / f"w{index}.db"),
+        ]
+        with open(folder / f"worker-{index}.log", "w") as log:
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "prelabel", *argv],
+                    cwd=folder,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return workers
+
+
+def wait_all(workers: list[subprocess.Popen], timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    for process in workers:
+        process.wait(timeout=max(1, deadline - time.monotonic()))
+
+
+def completions(queue: str) -> list[dict]:
+    return [json.loads(item) for item in Redis.from_url(queue).lrange("prelabel:prelabel:completions", 0, -1)]
+
+
+def status(queue: str) -> dict:
+    result = run_cli("status", "--queue", queue, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def enqueue(queue: str, project: Project, config: Path, *extra: str):
+    return run_cli(
+        "enqueue", "--project-id", str(project.project_id), "--queue", queue, "--config", str(config), *extra,
+        env=project.env(),
+    )  # fmt: skip
+
+
+def test_four_workers_process_every_job_exactly_once_like_a_single_run(queue: str, tmp_path: Path):
+    config = write_config(tmp_path)
+    with CvatTestServer() as single_server, CvatTestServer() as server:
+        single = many_jobs_project(single_server)
+        project = many_jobs_project(server)
+        job_ids = {job["id"] for job in project.annotation_jobs()}
+        assert len(job_ids) >= 16
+        # The reference: one process, no queue, on an identically seeded server (in parallel).
+        reference = subprocess.Popen(
+            [sys.executable, "-m", "prelabel", "run", "--project-id", str(single.project_id), "--config",
+             str(config), "--no-progress", "--state", str(tmp_path / "single.db")],
+            cwd=tmp_path, env={**os.environ, **single.env()}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        server.set_global_delay(0.02, methods={"GET"})  # jobs take long enough to overlap
+        queued = enqueue(queue, project, config)
+        assert queued.returncode == 0, queued.stderr
+        assert f"{len(job_ids)} jobs need work" in queued.stdout
+        workers = start_workers(queue, project, tmp_path, 4)
+        wait_all(workers)
+        assert [w.returncode for w in workers] == [0, 0, 0, 0], _logs(tmp_path)
+        output, _ = reference.communicate(timeout=120)
+        assert reference.returncode == 0, output
+
+        done = completions(queue)
+        assert Counter(item["cvat_job"] for item in done) == Counter(job_ids)  # each exactly once
+        by_worker = Counter(item["worker"] for item in done)
+        assert len(by_worker) >= 2, by_worker
+        for index in range(4):  # model and classifier built once per process, not once per entry
+            assert (tmp_path / f"worker-{index}.log").read_text().count("built the pipeline") <= 1
+        assert server_state(project) == server_state(single)
+        assert server.violations == []
+
+        now = status(queue)
+        assert {e["cvat_job"] for e in now["finished"]} == job_ids
+        assert not now["pending"] and not now["running"] and not now["failed"]
+        counted = {w["name"]: w for w in now["workers"]}
+        assert {name: counted[name]["jobs"] for name in by_worker} == dict(by_worker)
+        assert all(counted[name]["images_per_second"] > 0 for name in by_worker)
+
+
+def test_a_killed_worker_s_job_completes_on_another_without_duplicates(queue: str, tmp_path: Path):
+    config = write_config(tmp_path, upload_batch_size=1)  # writes reach CVAT frame by frame
+    with CvatTestServer() as server:
+        project = many_jobs_project(server, image_frames=8, video_frames=2)
+        slow = server.jobs(project.image_tasks[0])[0]["id"]
+        assert enqueue(queue, project, config).returncode == 0
+        server.delay(rf"^/api/jobs/{slow}/data$", 1.0, method="GET", times=None)
+        workers = start_workers(queue, project, tmp_path, 2)
+        redis = Redis.from_url(queue)
+        entry = next(e for e in status(queue)["pending"] if e["cvat_job"] == slow)["entry_id"]
+
+        victim = None
+        deadline = time.monotonic() + 90
+        while victim is None and time.monotonic() < deadline:  # running, and part of it written
+            holder = redis.hget(f"rq:job:{entry}", "worker_name")
+            if (
+                holder
+                and redis.hget(f"rq:job:{entry}", "status") == b"started"
+                and server.annotations(slow)["tags"]
+            ):
+                victim = next(w for w in workers if holder.decode().endswith(f"-{w.pid}"))
+            time.sleep(0.05)
+        assert victim is not None, _logs(tmp_path)
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        server.clear_faults()
+        survivor = next(w for w in workers if w is not victim)
+        survivor.wait(timeout=90)
+        assert survivor.returncode == 0, _logs(tmp_path)
+        victim.wait()
+
+        done = [item for item in completions(queue) if item["cvat_job"] == slow]
+        assert [item["worker"] for item in done] == [redis.hget(f"rq:job:{entry}", "worker_name").decode()]
+        assert not done[0]["worker"].endswith(f"-{victim.pid}")
+        assert time.monotonic() - killed_at < 60
+        for job in project.annotation_jobs():  # every frame: one tag, at most one issue
+            tags = Counter(tag["frame"] for tag in server.annotations(job["id"])["tags"])
+            issues = Counter(issue["frame"] for issue in server.issues(job["id"]))
+            frames = range(job["start_frame"], job["stop_frame"] + 1)
+            assert tags == Counter(frames), (job["id"], tags)
+            assert all(count == 1 for count in issues.values()), (job["id"], issues)
+        assert server.violations == []
+        assert {e["cvat_job"] for e in status(queue)["finished"]} == {
+            j["id"] for j in project.annotation_jobs()
+        }
+
+
+def test_enqueueing_twice_at_once_adds_each_job_once(queue: str, tmp_path: Path):
+    config = write_config(tmp_path)
+    with CvatTestServer() as server:
+        project = many_jobs_project(server, image_frames=8, video_frames=2)
+        command = [sys.executable, "-m", "prelabel", "enqueue", "--project-id", str(project.project_id),
+                   "--queue", queue, "--config", str(config)]  # fmt: skip
+        env = {**os.environ, **project.env()}
+        both = [
+            subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True) for _ in "ab"
+        ]
+        outputs = [process.communicate(timeout=120)[0] for process in both]
+        assert [process.returncode for process in both] == [0, 0], outputs
+        assert sum(int(out.split("queued ")[1].split(",")[0]) for out in outputs) == 5, outputs
+
+        redis = Redis.from_url(queue)
+        queued = [item.decode() for item in redis.lrange("rq:queue:prelabel", 0, -1)]
+        assert len(queued) == len(set(queued)) == 5
+        again = enqueue(queue, project, config)
+        assert "queued 0, already pending or running 5" in again.stdout
+        assert redis.llen("rq:queue:prelabel") == 5
+
+
+def test_a_job_that_keeps_failing_lands_in_the_failed_list_and_the_others_finish(queue: str, tmp_path: Path):
+    config = write_config(tmp_path)
+    with CvatTestServer() as server:
+        project = many_jobs_project(server, image_frames=6, video_frames=2)
+        assert enqueue(queue, project, config, "--attempts", "2").returncode == 0
+        gone = {job["id"] for job in server.jobs(project.video_task)}
+        client = make_client(server.url, credentials=("annotator", PASSWORD))
+        client.tasks.remove_by_ids([project.video_task])  # DELETE /api/tasks/{id}: its jobs are gone
+        (worker,) = start_workers(queue, project, tmp_path, 1)
+        wait_all([worker])
+        assert worker.returncode == 0, _logs(tmp_path)
+
+        now = status(queue)
+        assert {e["cvat_job"] for e in now["failed"]} == gone
+        for entry in now["failed"]:
+            assert "CvatError" in entry["error"] and "not found" in entry["error"], entry
+        assert {e["cvat_job"] for e in now["finished"]} == {
+            j["id"] for j in server.jobs(project.image_tasks[0])
+        }
+        for entry in now["failed"]:  # tried twice (--attempts 2), each try recorded by RQ
+            job = Job.fetch(entry["entry_id"], connection=Redis.from_url(queue), serializer=JSONSerializer)
+            assert len(job.results()) == 2
+        text = run_cli("status", "--queue", queue).stdout
+        assert "failed 1" in text and "not found" in text
+
+        requeued = run_cli("requeue-failed", "--queue", queue)
+        assert requeued.returncode == 0, requeued.stderr
+        assert "requeued 1 failed entries" in requeued.stdout
+        after = status(queue)
+        assert {e["cvat_job"] for e in after["pending"]} == gone and not after["failed"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["status", "--queue", "http://localhost:6379/0"], {}, "malformed queue URL"),
+        (["status", "--queue", "redis://localhost:6379/zero"], {}, "is not a number"),
+        (["requeue-failed", "--queue", "redis://localhost:99999/0"], {}, "malformed queue URL"),
+        (["worker", "--queue", "redis://127.0.0.1:1/0", "--burst"], {}, "cannot reach the queue"),
+        (["enqueue", "--job-id", "1"], {"PRELABEL_QUEUE": "redis://127.0.0.1:1/0"}, "cannot reach the queue"),
+        (["status"], {"PRELABEL_QUEUE": ""}, "no queue given"),
+    ],
+)
+def test_a_bad_queue_url_is_one_line(args: list[str], env: dict, expected: str):
+    result = run_cli(*args, env={"CVAT_HOST": "http://127.0.0.1:1", **env})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _logs(folder: Path) -> str:
+    return "\n".join(path.read_text() for path in sorted(folder.glob("worker-*.log")))
