@@ -99,11 +99,16 @@ def _view(job: Job) -> EntryView:
     return EntryView(
         entry_id=job.id,
         cvat_job=job.meta.get("cvat_job"),
-        status=str(state.value if state is not None else "unknown"),
+        status=_text(state) if state is not None else "unknown",
         worker=job.worker_name or None,
         error=error,
         result=result if isinstance(result, dict) else None,
     )
+
+
+def _text(value) -> str:
+    """An RQ status, which is an enum or (read back from Redis) a plain string."""
+    return str(getattr(value, "value", value))
 
 
 def _last_line(text: str | None) -> str | None:
@@ -133,7 +138,7 @@ def _workers(connection: Redis, queue) -> list[WorkerView]:
         views.append(
             WorkerView(
                 name=name,
-                state=str(worker.get_state().value) if worker is not None else "gone",
+                state=_text(worker.get_state()) if worker is not None else "gone",
                 cvat_job=cvat_job,
                 jobs=int(counters.get("jobs", 0)),
                 frames=int(counters.get("frames", 0)),
