@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review bench
+.PHONY: install test demo lint clean prelabel setup review bench workers bench-scale
 
 install: $(VENV)/.installed
 
@@ -68,3 +68,22 @@ clean:
 # The review queue (from the state file of the last runs): make review [ARGS="--format csv"]
 review: install
 	$(PRELABEL) review list $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+# Scale-out: one queue worker per GPU on this machine, until Ctrl+C (or SIGTERM), which
+# lets each finish its current CVAT job. make workers N=4 QUEUE=redis://HOST:6379/0
+# [DEVICE=cuda] [ARGS="--batch-size 256"]; DEVICE=cpu runs N workers on the CPU.
+N      ?= 1
+QUEUE  ?=
+DEVICE ?= cuda
+workers: install
+	@test -n "$(QUEUE)$$PRELABEL_QUEUE" || { echo "usage: make workers N=<workers> QUEUE=redis://HOST:PORT/DB"; exit 2; }
+	@trap 'kill -TERM $$(jobs -p) 2>/dev/null; wait' INT TERM; \
+	for i in $$(seq 0 $$(($(N) - 1))); do \
+		$(PRELABEL) worker $(if $(QUEUE),--queue $(QUEUE)) \
+			--device $(if $(filter cpu,$(DEVICE)),cpu,$(DEVICE):$$i) $(ARGS) & \
+	done; wait
+
+# The queue's overhead with 1, 2 and 4 workers and a stand-in model stage; appends to
+# docs/benchmarks.md. make bench-scale ARGS="--jobs 48 --standin 0.25"
+bench-scale: install
+	$(BIN)/python -m benchmarks.scale $(ARGS)
