@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,9 @@ import pytest
 from cvat_sdk import make_client
 from redis import Redis
 
+from connectors.queue.enqueue import QueueOptions, enqueue_entries, plan_entries
+from connectors.queue.status import read_status
+from prelabel.config import load_config
 from tests.conftest import TINY_MODEL, run_cli
 from tests.cvat_fixtures import PASSWORD, Project, server_state
 from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
@@ -116,10 +120,21 @@ def completions(queue: str) -> list[dict]:
     return [json.loads(item) for item in Redis.from_url(queue).lrange("prelabel:prelabel:completions", 0, -1)]
 
 
-def status(queue: str) -> dict:
+def status(queue: str, cli: bool = False) -> dict:
+    """What `prelabel status --format json` shows (in-process unless `cli`)."""
+    if not cli:
+        return read_status(Redis.from_url(queue)).as_dict()
     result = run_cli("status", "--queue", queue, "--format", "json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def enqueue_here(queue: str, project: Project, config: Path, **overrides) -> None:
+    """`prelabel enqueue --project-id`, in-process (where the CLI is not what a test is about)."""
+    client = make_client(project.server.url, credentials=("annotator", PASSWORD))
+    loaded = load_config(config, overrides)
+    _, entries = plan_entries(client, {"project_id": project.project_id}, loaded, "")
+    enqueue_entries(Redis.from_url(queue), entries, QueueOptions())
 
 
 def enqueue(queue: str, project: Project, config: Path, *extra: str):
@@ -162,7 +177,7 @@ def test_four_workers_process_every_job_exactly_once_like_a_single_run(queue: st
         assert server_state(project) == server_state(single)
         assert server.violations == []
 
-        now = status(queue)
+        now = status(queue, cli=True)
         assert {e["cvat_job"] for e in now["finished"]} == job_ids
         assert not now["pending"] and not now["running"] and not now["failed"]
         counted = {w["name"]: w for w in now["workers"]}
@@ -175,7 +190,7 @@ def test_a_killed_worker_s_job_completes_on_another_without_duplicates(queue: st
     with CvatTestServer() as server:
         project = many_jobs_project(server, image_frames=12, video_frames=2, segment=6)
         slow = server.jobs(project.image_tasks[0])[0]["id"]
-        assert enqueue(queue, project, config, "--batch-size", "1").returncode == 0
+        enqueue_here(queue, project, config, **{"model.batch_size": 1})
         server.delay(rf"^/api/jobs/{slow}/data$", 1.5, method="GET", times=None)  # 6 chunks: 9 s
         workers = start_workers(queue, project, tmp_path, 2)
         redis = Redis.from_url(queue)
@@ -218,6 +233,28 @@ def test_a_killed_worker_s_job_completes_on_another_without_duplicates(queue: st
         }
 
 
+def test_sigterm_finishes_the_current_job_then_exits(queue: str, tmp_path: Path):
+    config = write_config(tmp_path)
+    with CvatTestServer() as server:
+        project = many_jobs_project(server, image_frames=12, video_frames=2, segment=6)
+        first = server.jobs(project.image_tasks[0])[0]["id"]
+        enqueue_here(queue, project, config)
+        server.delay(rf"^/api/jobs/{first}/data$", 1.0, method="GET", times=None)  # about 6 s
+        (worker,) = start_workers(queue, project, tmp_path, 1)
+        redis = Redis.from_url(queue)
+        entry = next(e for e in status(queue)["pending"] if e["cvat_job"] == first)["entry_id"]
+        deadline = time.monotonic() + 60
+        while redis.hget(f"rq:job:{entry}", "status") != b"started" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, _logs(tmp_path)
+
+        assert [item["cvat_job"] for item in completions(queue)] == [first]  # finished, nothing more
+        tags = Counter(tag["frame"] for tag in server.annotations(first)["tags"])
+        assert tags == Counter(range(6))
+        assert len(status(queue)["pending"]) == 2
+
+
 def test_enqueueing_twice_at_once_adds_each_job_once(queue: str, tmp_path: Path):
     config = write_config(tmp_path)
     with CvatTestServer() as server:
@@ -230,27 +267,40 @@ def test_enqueueing_twice_at_once_adds_each_job_once(queue: str, tmp_path: Path)
         ]
         outputs = [process.communicate(timeout=120)[0] for process in both]
         assert [process.returncode for process in both] == [0, 0], outputs
-        assert sum(int(out.split("queued ")[1].split(",")[0]) for out in outputs) == 5, outputs
+        counts = sorted(
+            re.search(r"queued (\d+), already pending or running (\d+)", out).groups() for out in outputs
+        )
+        assert counts == [("0", "5"), ("5", "0")], outputs  # under the lock one adds all five, the other none
 
         redis = Redis.from_url(queue)
         queued = [item.decode() for item in redis.lrange("rq:queue:prelabel", 0, -1)]
         assert len(queued) == len(set(queued)) == 5
-        again = enqueue(queue, project, config)
-        assert "queued 0, already pending or running 5" in again.stdout
-        assert redis.llen("rq:queue:prelabel") == 5
 
 
 def test_a_job_that_keeps_failing_lands_in_the_failed_list_and_the_others_finish(queue: str, tmp_path: Path):
     config = write_config(tmp_path)
     with CvatTestServer() as server:
         project = many_jobs_project(server, image_frames=6, video_frames=2)
-        assert enqueue(queue, project, config, "--attempts", "2").returncode == 0
         gone = {job["id"] for job in server.jobs(project.video_task)}
+        run = subprocess.Popen(  # `run --queue`: enqueue, then wait for the workers
+            [sys.executable, "-m", "prelabel", "run", "--project-id", str(project.project_id),
+             "--queue", queue, "--config", str(config)],
+            cwd=tmp_path, env={**os.environ, **project.env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        redis = Redis.from_url(queue)
+        deadline = time.monotonic() + 60
+        while redis.llen("rq:queue:prelabel") < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
         client = make_client(server.url, credentials=("annotator", PASSWORD))
         client.tasks.remove_by_ids([project.video_task])  # DELETE /api/tasks/{id}: its jobs are gone
         (worker,) = start_workers(queue, project, tmp_path, 1)
         wait_all([worker])
         assert worker.returncode == 0, _logs(tmp_path)
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 2, (out, err)
+        assert "3 jobs finished, 1 failed" in out and "not found" in out
+        assert err.strip().splitlines()[-1].startswith("error: 1 of 4 jobs failed")
 
         now = status(queue)
         assert {e["cvat_job"] for e in now["failed"]} == gone
@@ -259,8 +309,8 @@ def test_a_job_that_keeps_failing_lands_in_the_failed_list_and_the_others_finish
         assert {e["cvat_job"] for e in now["finished"]} == {
             j["id"] for j in server.jobs(project.image_tasks[0])
         }
-        for entry in now["failed"]:  # tried twice (--attempts 2)
-            assert _logs(tmp_path).count(f"prelabel: CVAT job {entry['cvat_job']} (project") == 2
+        for entry in now["failed"]:  # tried 3 times (the default --attempts)
+            assert _logs(tmp_path).count(f"prelabel: CVAT job {entry['cvat_job']} (project") == 3
         text = run_cli("status", "--queue", queue).stdout
         assert "failed 1" in text and "not found" in text
 

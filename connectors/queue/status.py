@@ -95,7 +95,9 @@ def read_status(connection: Redis) -> QueueStatus:
 def _view(job: Job) -> EntryView:
     state = job.get_status(refresh=False)
     result = job.return_value() if state == JobStatus.FINISHED else None
-    error = _last_line(job.exc_info) if state == JobStatus.FAILED else None
+    error = None
+    if state == JobStatus.FAILED and (latest := job.latest_result()) is not None:
+        error = _last_line(latest.exc_string)
     return EntryView(
         entry_id=job.id,
         cvat_job=job.meta.get("cvat_job"),
