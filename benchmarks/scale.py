@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from redis import Redis
 from rq import Worker
 
 from benchmarks.dataset import REPO
+from benchmarks.machine import _cpu_model
 from connectors.queue.enqueue import QueueOptions, enqueue_entries, plan_entries
 from connectors.queue.entries import COMPLETIONS, open_queue
 from connectors.queue.status import wait_for
@@ -160,7 +160,7 @@ def main() -> None:
     ideal = args.frames_per_job / args.batch * args.standin
     table = [
         f"\n### Scale-out over the queue ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Redis and the CVAT "
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores; Redis and the CVAT "
         f"test server on loopback. {args.jobs} jobs x {args.frames_per_job} frames (64x48), batches of "
         f"{args.batch}, stand-in model stage {args.standin}s per batch ({ideal:.2f}s per job).\n",
         "| workers | seconds | frames/s | efficiency thr(W)/(W x thr(1)) | s per job in the job function "
