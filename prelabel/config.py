@@ -156,6 +156,33 @@ class StateConfig(_Strict):
     path: str = ".prelabel/state.db"
 
 
+class CalibrationConfig(_Strict):
+    """Temperature and thresholds learned from reviewed frames by `prelabel calibrate`."""
+
+    path: str = ".prelabel/calibration.yaml"
+    """Written by `prelabel calibrate`; `run` applies it when it exists."""
+    use: bool = True
+    """false: ignore the calibration file and route with the thresholds above."""
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    """Confidence of the lower bound on precision (Clopper-Pearson)."""
+    min_examples: Annotated[int, Field(ge=1)] = 50
+    """Fewer reviewed frames than this: calibrate refuses and changes nothing."""
+    per_label_min: Annotated[int, Field(ge=1)] = 100
+    """A label gets its own threshold from this many predictions of it on."""
+
+
+class FewShotConfig(_Strict):
+    """The few-shot cache of reviewer-confirmed frames (Tip-Adapter style, no training)."""
+
+    enabled: bool = False
+    """Blend the cache into the zero-shot scores (`calibrate` builds it)."""
+    alpha: Annotated[float, Field(ge=0)] = 0.1
+    """Weight of the cache score, in units of cosine similarity."""
+    beta: Annotated[float, Field(gt=0)] = 5.5
+    """Sharpness of the affinity exp(-beta * (1 - cosine))."""
+    path: str = ".prelabel/fewshot.pt"
+
+
 class CvatConfig(_Strict):
     """The CVAT server. Credentials never go here: use CVAT_ACCESS_TOKEN or a cvat-cli profile."""
 
@@ -185,6 +212,8 @@ class Config(_Strict):
     review: ReviewConfig = ReviewConfig()
     state: StateConfig = StateConfig()
     retry: RetryConfig = RetryConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    fewshot: FewShotConfig = FewShotConfig()
 
     @field_validator("labels")
     @classmethod
