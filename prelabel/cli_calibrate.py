@@ -31,6 +31,7 @@ def _ground_truth_options(func):
     func = click.option(
         "--labels", help="Comma-separated labels to classify into (files only; default: those in the truth)."
     )(func)
+    func = click.option("--progress/--no-progress", default=True, help="Show a progress bar.")(func)
     return target_options(server_options(model_options(func)))
 
 
@@ -57,7 +58,7 @@ def _load(config, ground_truth, labels, target_values, server, state):
     return source, [label.name for label in source.labels]
 
 
-def _labeled_set(config, source, names, state, *, fresh: bool):
+def _labeled_set(config, source, names, state, *, fresh: bool, progress: bool):
     """Load the pipeline (`fresh`: ignoring any calibration and cache) and embed the truth."""
     from prelabel.ground_truth import embed_examples
     from prelabel.runner import build_pipeline
@@ -70,7 +71,7 @@ def _labeled_set(config, source, names, state, *, fresh: bool):
             }
         )
     pipeline = build_pipeline(config, names)
-    labeled = embed_examples(source, pipeline.loaded, pipeline.options, state)
+    labeled = embed_examples(source, pipeline.loaded, pipeline.options, state, progress=progress)
     if labeled.unreadable:
         click.echo(f"  {len(labeled.unreadable)} labeled frames could not be read and are left out")
     if not len(labeled):
@@ -88,7 +89,7 @@ def _labeled_set(config, source, names, state, *, fresh: bool):
     show_default=True,
     help="Folder for report.md and its plots.",
 )
-def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, out_dir, **flags):
+def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, progress, out_dir, **flags):
     """Measure the model on ground truth and write a report with plots.
 
     Reports top-1 and top-5 accuracy, per-label precision and recall, the confusion
@@ -106,7 +107,7 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
     config = load_config(flags.pop("config_path"), _overrides(**flags))
     with RunState(Path(state_path or config.state.path), lock=False) as state:
         source, names = _load(config, ground_truth, labels, (project_id, task_id, job_id), server, state)
-        pipeline, labeled = _labeled_set(config, source, names, state, fresh=False)
+        pipeline, labeled = _labeled_set(config, source, names, state, fresh=False, progress=progress)
     classifier = pipeline.classifier
     scores = score_examples(
         labeled, classifier, classifier.temperature, leave_one_out=classifier.cache is not None
@@ -164,7 +165,7 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
     help="Accepted tags must be at least this precise (e.g. 0.95), with the configured confidence.",
 )
 def calibrate_command(
-    project_id, task_id, job_id, ground_truth, labels, state_path, target_precision, **flags
+    project_id, task_id, job_id, ground_truth, labels, state_path, progress, target_precision, **flags
 ):
     """Learn the temperature and accept thresholds that reach a target precision.
 
@@ -184,7 +185,7 @@ def calibrate_command(
     config = load_config(flags.pop("config_path"), _overrides(**flags))
     with RunState(Path(state_path or config.state.path), lock=False) as state:
         source, names = _load(config, ground_truth, labels, (project_id, task_id, job_id), server, state)
-        pipeline, labeled = _labeled_set(config, source, names, state, fresh=True)
+        pipeline, labeled = _labeled_set(config, source, names, state, fresh=True, progress=progress)
     classifier = pipeline.classifier
     identity = pipeline.loaded.identity
     cache = None

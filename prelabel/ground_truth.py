@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from prelabel.interface import Frame
 from prelabel.model import LoadedModel
@@ -83,6 +84,8 @@ def embed_examples(
     options: WorkerOptions,
     state: RunState | None = None,
     examples: list[Example] | None = None,
+    *,
+    progress: bool = False,
 ) -> LabeledSet:
     """Embed the source's examples, reusing the embeddings the state already holds."""
     examples = source.examples() if examples is None else examples
@@ -94,7 +97,8 @@ def embed_examples(
     unreadable: dict[str, str] = {}
     fresh: list[tuple[str, bytes]] = []
     if missing:
-        for item in embed(source.frames(list(missing)), loaded, options):
+        encoded = embed(source.frames(list(missing)), loaded, options)
+        for item in tqdm(encoded, total=len(missing), desc="encoding", unit="frame", disable=not progress):
             key = missing.get(item.frame.ref)
             if key is None:
                 continue
