@@ -14,8 +14,7 @@ from pathlib import Path
 
 from connectors.folder import IMAGE_SUFFIXES, _hidden
 from prelabel.errors import InputError
-from prelabel.ground_truth import Example
-from prelabel.interface import Frame
+from prelabel.interface import Example, Frame
 
 
 class LabeledFolder:

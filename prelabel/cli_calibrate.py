@@ -97,10 +97,7 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
     threshold moves, for the model as `run` would use it (calibration included). It also
     compares zero-shot scores with zero-shot plus the few-shot cache on a held-out half.
     """
-    from prelabel.calibrate import cache_from, score_examples
     from prelabel.config import load_config
-    from prelabel.evaluation import evaluate
-    from prelabel.report import ReportContext, write_report
     from prelabel.state import RunState
 
     server = {key: flags.pop(key) for key in list(flags) if key in _SERVER_KEYS}
@@ -108,6 +105,10 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
     with RunState(Path(state_path or config.state.path), lock=False) as state:
         source, names = _load(config, ground_truth, labels, (project_id, task_id, job_id), server, state)
         pipeline, labeled = _labeled_set(config, source, names, state, fresh=False, progress=progress)
+    from prelabel.calibrate import cache_from, score_examples
+    from prelabel.evaluation import evaluate
+    from prelabel.report import ReportContext, write_report
+
     classifier = pipeline.classifier
     scores = score_examples(
         labeled, classifier, classifier.temperature, leave_one_out=classifier.cache is not None
@@ -175,10 +176,7 @@ def calibrate_command(
     With the few-shot cache enabled, it also rebuilds the cache from every confirmed
     frame. With too little data it says how much more is needed and changes nothing.
     """
-    from prelabel.calibrate import cache_from, fit_calibration, write_calibration
     from prelabel.config import load_config
-    from prelabel.fewshot import save_cache
-    from prelabel.router import RoutingPolicy
     from prelabel.state import RunState
 
     server = {key: flags.pop(key) for key in list(flags) if key in _SERVER_KEYS}
@@ -186,6 +184,10 @@ def calibrate_command(
     with RunState(Path(state_path or config.state.path), lock=False) as state:
         source, names = _load(config, ground_truth, labels, (project_id, task_id, job_id), server, state)
         pipeline, labeled = _labeled_set(config, source, names, state, fresh=True, progress=progress)
+    from prelabel.calibrate import cache_from, fit_calibration, write_calibration
+    from prelabel.fewshot import save_cache
+    from prelabel.router import RoutingPolicy
+
     classifier = pipeline.classifier
     identity = pipeline.loaded.identity
     cache = None

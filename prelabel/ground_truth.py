@@ -10,45 +10,16 @@ that are new since.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from prelabel.interface import Frame
+from prelabel.interface import Example, GroundTruthSource
 from prelabel.model import LoadedModel
 from prelabel.state import RunState
 from prelabel.worker import WorkerOptions, embed
-
-
-@dataclass(frozen=True)
-class Example:
-    """One labeled frame: what it is and where it came from."""
-
-    ref: Hashable
-    """The source's handle for fetching the frame."""
-    key: str
-    """Stable across runs: names the frame in the embedding store and in splits."""
-    labels: tuple[str, ...]
-    """The true labels; empty when a person said that none of the labels applies."""
-    source: str
-    """How the truth is known: ``reviewed``, ``accepted job``, ``manual``, ``folder``..."""
-
-
-class GroundTruthSource(Protocol):
-    """Where labeled examples come from."""
-
-    where: str
-    """Names the source in messages (``project 3``, ``folder data/``)."""
-
-    def examples(self) -> list[Example]: ...
-
-    def frames(self, refs: Collection[Hashable]) -> Iterator[Frame]:
-        """The frames of these examples (any order; each frame's `ref` is its example's)."""
-        ...
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from prelabel.calibration import (
 from prelabel.classifier import TextClassifier
 from prelabel.errors import ConfigError
 from prelabel.evaluation import evaluate
-from prelabel.ground_truth import Example, LabeledSet
+from prelabel.ground_truth import LabeledSet
+from prelabel.interface import Example
 from prelabel.report import ReportContext, write_report
 from prelabel.router import RoutingPolicy
 
@@ -222,3 +223,60 @@ def test_report_plots_exist_and_numbers_match_a_direct_computation(tmp_path: Pat
     for label in labels:
         row = re.search(rf"^\| {label} \| (\d+) \| (\d+) \| (\d+) \|$", text, re.M)
         assert row and sum(map(int, row.groups())) == sum(t == (label,) for t in truth)
+
+
+# -- the commands, with bad and thin input -------------------------------------------------------
+def test_calibrate_with_too_little_data_changes_nothing(tmp_path: Path):
+    from tests.conftest import run_cli, variants, write_jpegs
+
+    for i, (name, image) in enumerate(variants(6, (64, 64))):
+        write_jpegs(tmp_path / "truth" / ("cat" if i % 2 else "rocket"), [(name, image)])
+    calibration = tmp_path / "calibration.yaml"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"calibration:\n  path: {calibration}\n")
+    from tests.cvat_fixtures import tiny_args
+
+    result = run_cli(
+        "calibrate", "--config", str(config), "--ground-truth", str(tmp_path / "truth"),
+        "--target-precision", "0.95", "--state", str(tmp_path / "state.db"), *tiny_args(),
+    )  # fmt: skip
+    assert result.returncode == 4
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "only 6 reviewed frames" in line and "(44 more)" in line and "nothing was changed" in line
+    assert not calibration.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("file,label\nx.jpg,cat\n", "needs a header with 'path' and 'label'"),
+        ("path,label\nmissing.jpg,cat\n", "no such image file: missing.jpg"),
+    ],
+)
+def test_bad_ground_truth_is_one_line(tmp_path: Path, content: str, message: str):
+    from tests.conftest import run_cli
+
+    csv_file = tmp_path / "truth.csv"
+    csv_file.write_text(content)
+    result = run_cli("eval", "--ground-truth", str(csv_file), "--labels", "cat,dog")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_review_list_orders_by_margin_or_by_label(tmp_path: Path):
+    from prelabel.review import pending_items
+    from prelabel.state import RunState
+
+    with RunState(tmp_path / "state.db") as state:
+        for frame, scores in enumerate(
+            [(("cat", 0.5), ("dog", 0.4)), (("dog", 0.45), ("cat", 0.4)), (("cat", 0.4), ("dog", 0.39))]
+        ):
+            state.record_decision(
+                job_id=1, frame=frame, task_id=1, name=f"f{frame}", fingerprint="x",
+                scores=scores, decision="review", reason="low",
+            )  # fmt: skip
+        by_margin = [item.frame for item in pending_items(state)]
+        by_label = [item.frame for item in pending_items(state, order="label")]
+    assert by_margin == [2, 1, 0]  # margins 0.01, 0.05, 0.1
+    assert by_label == [2, 0, 1]  # cat (0.01, 0.1), then dog

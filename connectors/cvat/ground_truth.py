@@ -28,8 +28,7 @@ from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.frames import CvatFrameRef, JobFrameSource
 from connectors.cvat.jobs import JobPlan, _frame_info, _read_target, _step
 from connectors.cvat.labels import CvatLabel
-from prelabel.ground_truth import Example
-from prelabel.interface import Frame
+from prelabel.interface import Example, Frame
 from prelabel.state import RunState
 
 
