@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 from pathlib import Path
 
 import click
@@ -63,14 +65,18 @@ def serve(listen, config_path, state_path, project_ids, **server):
     secret = _secret(config)
     address = parse_listen(listen)
     projects = set(project_ids or config.webhook.projects)
+    use_json_logs()
     client = _connect(config, **server)
     state = Path(state_path or config.state.path)
-    use_json_logs()
     with DeliveryLog(state.with_name("deliveries.db")) as deliveries:
         worker = InProcessWorker(CvatWork(client, config, state), deliveries, config.webhook.queue_size)
         for key, item in deliveries.unfinished():
-            emit(20, "resuming unfinished work", delivery=key)
-            worker.submit(key, item)
+            try:
+                worker.submit(key, item)
+            except queue.Full:
+                emit(logging.WARNING, "unfinished work left for the next start", delivery=key)
+            else:
+                emit(logging.INFO, "resuming unfinished work", delivery=key)
         service = Service(
             secret=secret,
             interpret=lambda body: _interpret(body, projects),

@@ -96,7 +96,7 @@ class InProcessWorker:
             self._run(key, item)
 
     def _run(self, key: str, item: dict[str, Any]) -> None:
-        fields = {k: v for k, v in item.items() if v is not None}
+        fields = {k.removesuffix("_id"): v for k, v in item.items() if v is not None}
         self._deliveries.mark(key, "running")
         emit(logging.INFO, "work started", delivery=key, **fields)
         start = time.perf_counter()
@@ -303,7 +303,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def use_json_logs() -> None:
-    """Render every log record of this process as a JSON line."""
+def use_json_logs(level: int = logging.INFO) -> None:
+    """Render every log record of this process as a JSON line; the service logs at `level`."""
     for handler in logging.getLogger().handlers:
         handler.setFormatter(JsonFormatter())
+    log.setLevel(level)

@@ -266,3 +266,90 @@ def test_webhook_install_is_idempotent_and_remove_removes_it():
         assert remove_webhook(client, project_id) == [first.webhook_id]
         assert remove_webhook(client, project_id) == []
         assert [w["project_id"] for w in server.webhooks.webhooks.values()] == [other]
+
+
+def test_worker_records_outcomes_failed_work_may_be_redelivered_and_unfinished_work_survives(tmp_path: Path):
+    """The in-process worker with a stand-in for the CVAT work (its neighbour), and the real log."""
+    from prelabel.errors import PrelabelError
+    from prelabel.serve import InProcessWorker
+
+    release = threading.Event()
+    done: list[dict] = []
+
+    def perform(item: dict) -> str:
+        release.wait(10)
+        if item["task_id"] == 1 and not any(d["task_id"] == 1 for d in done):
+            done.append(item)
+            raise PrelabelError("CVAT is away")
+        done.append(item)
+        return f"task {item['task_id']} labeled"
+
+    headers, _ = _captured("completed_request_create_task")
+    record = json.loads((CAPTURED / "completed_request_create_task.json").read_text())["body"]
+
+    def delivery(task_id: int) -> bytes:
+        body = json.loads(json.dumps(record))
+        body["request"]["operation"]["task_id"] = task_id
+        return json.dumps(body).encode()
+
+    import hashlib
+    import hmac
+
+    def signed(body: bytes) -> dict:
+        return {
+            **headers,
+            "X-Signature-256": "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        }
+
+    def by_key(log: DeliveryLog, task_id: int) -> dict:
+        key = f"completed:request[create:task]:task={task_id}"
+        return next(r for r in log.records() if r["key"] == key)
+
+    path = tmp_path / "deliveries.db"
+    with DeliveryLog(path) as deliveries:
+        worker = InProcessWorker(perform, deliveries, capacity=1)
+        svc = Service(secret=SECRET, interpret=_cvat_intent, deliveries=deliveries, dispatcher=worker)
+        httpd = listen(svc, ("127.0.0.1", 0))
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        try:
+            assert _post(url, delivery(1), signed(delivery(1)))[0] == 202  # taken by the worker
+            deadline = time.monotonic() + 5
+            while deliveries.records()[0]["status"] != "running" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _post(url, delivery(2), signed(delivery(2)))[0] == 202  # waits in the queue
+            status, _ = _post(url, delivery(3), signed(delivery(3)))  # no room: refused, not recorded
+            assert status == 503
+            assert [r["key"] for r in deliveries.records()] == [
+                "completed:request[create:task]:task=1",
+                "completed:request[create:task]:task=2",
+            ]
+            release.set()
+            deadline = time.monotonic() + 10
+            while {r["status"] for r in deliveries.records()} != {"failed", "done"}:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            first = by_key(deliveries, 1)
+            assert first["status"] == "failed" and first["detail"] == "CVAT is away"
+            # A redelivery of failed work is taken on again, and now succeeds.
+            assert _post(url, delivery(1), signed(delivery(1)))[0] == 202
+            deadline = time.monotonic() + 10
+            while by_key(deliveries, 1)["status"] != "done":
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert by_key(deliveries, 1)["detail"] == "task 1 labeled"
+            # Work still queued when the service stops stays recorded for the next start.
+            release.clear()
+            assert _post(url, delivery(4), signed(delivery(4)))[0] == 202
+            assert _post(url, delivery(5), signed(delivery(5)))[0] == 202
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+            stopping = threading.Thread(target=worker.stop)  # asks first, so task 5 is never taken
+            stopping.start()
+            time.sleep(0.3)
+            release.set()
+            stopping.join(10)
+    with DeliveryLog(path) as reopened:
+        left = [key for key, _ in reopened.unfinished()]
+    assert left == ["completed:request[create:task]:task=5"]
