@@ -23,6 +23,7 @@ from cvat_sdk import make_client
 
 from connectors.cvat.webhooks import DESCRIPTION, EVENTS, install_webhook, read_event, remove_webhook
 from prelabel.deliveries import DeliveryLog
+from prelabel.errors import PrelabelError
 from prelabel.serve import Intent, Service, listen
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer, sample_jpegs
@@ -263,6 +264,9 @@ def test_webhook_install_is_idempotent_and_remove_removes_it():
         read = client.api_client.webhooks_api.retrieve(hook["id"])[0]
         assert "secret" not in read.to_dict()
 
+        with pytest.raises(PrelabelError, match="project 999"):
+            install_webhook(client, 999, "http://10.0.0.5:8765/", SECRET)
+
         assert remove_webhook(client, project_id) == [first.webhook_id]
         assert remove_webhook(client, project_id) == []
         assert [w["project_id"] for w in server.webhooks.webhooks.values()] == [other]
@@ -270,7 +274,6 @@ def test_webhook_install_is_idempotent_and_remove_removes_it():
 
 def test_worker_records_outcomes_failed_work_may_be_redelivered_and_unfinished_work_survives(tmp_path: Path):
     """The in-process worker with a stand-in for the CVAT work (its neighbour), and the real log."""
-    from prelabel.errors import PrelabelError
     from prelabel.serve import InProcessWorker
 
     release = threading.Event()
