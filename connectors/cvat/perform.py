@@ -3,13 +3,12 @@
 `CvatWork` is what `prelabel serve`'s worker calls for each `WorkItem`. It goes through the
 same per-job code path as `prelabel run` (find_work, then label_jobs) and `review sync`
 (sync_reviews), so the writes are as idempotent as theirs: doing an item twice writes
-nothing the second time. The model is loaded once, at the first task, and kept for each
-label set.
+nothing the second time. The model is loaded once, at the first task; the text classifier
+is built once per label set.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from connectors.cvat.webhooks import WorkItem
 from prelabel.config import Config
 from prelabel.runner import Pipeline, RunStats, build_pipeline
 from prelabel.state import RunState
-
-log = logging.getLogger(__name__)
 
 
 class CvatWork:
@@ -80,5 +77,6 @@ class CvatWork:
     def _pipeline(self, names: list[str]) -> Pipeline:
         key = tuple(names)
         if key not in self._pipelines:
-            self._pipelines[key] = build_pipeline(self.config, names)
+            loaded = next(iter(self._pipelines.values())).loaded if self._pipelines else None
+            self._pipelines[key] = build_pipeline(self.config, names, loaded)  # one model for all
         return self._pipelines[key]
