@@ -285,7 +285,12 @@ def test_a_new_task_is_prelabeled_and_a_redelivery_changes_nothing(hands_free: H
 
 def test_a_job_moved_to_acceptance_is_synced_alone(hands_free: HandsFree):
     server = hands_free.server
-    task_id = max(server.state.tasks)
+    named = [task["id"] for task in server.state.tasks.values() if task["name"] == "new"]
+    task_id = (
+        named[0]
+        if named
+        else server.add_image_task(hands_free.project_id, hands_free.images, name="new", segment_size=3)
+    )
     first, second = (job["id"] for job in server.jobs(task_id))
     _wait("the task's work", lambda: hands_free.record(f"completed:request[create:task]:task={task_id}"))
     hands_free.client.jobs.retrieve(first).update({"stage": "acceptance"})
