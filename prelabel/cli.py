@@ -455,6 +455,11 @@ def _write_profile(path: Path | None, total, per_job: dict | None = None) -> Non
     click.echo(f"  profile: {path}")
 
 
+from prelabel.cli_webhooks import register as _register_webhooks  # noqa: E402
+
+_register_webhooks(cli)
+
+
 def main() -> None:
     """Console entry point: runs the CLI and turns user errors into one-line messages."""
     from prelabel.memory import tune_allocator

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from prelabel.errors import ConfigError
 
@@ -200,6 +200,19 @@ class CvatConfig(_Strict):
     """Uploads that may wait behind the one in progress before the pipeline blocks."""
 
 
+class WebhookConfig(_Strict):
+    """`prelabel serve`: the CVAT webhook service (see README, "Hands-free")."""
+
+    secret: SecretStr | None = None
+    """The webhook secret; PRELABEL_WEBHOOK_SECRET takes precedence (better: keep it out of files)."""
+    projects: list[Annotated[int, Field(gt=0)]] = []
+    """Projects whose new tasks are pre-labeled; empty: every project whose webhook delivers."""
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    """Larger deliveries are refused (413)."""
+    queue_size: Annotated[int, Field(gt=0, le=100000)] = 100
+    """Work items that may wait; beyond it a delivery is answered 503 (CVAT may redeliver)."""
+
+
 class Config(_Strict):
     """A whole prelabel configuration."""
 
@@ -214,6 +227,7 @@ class Config(_Strict):
     retry: RetryConfig = RetryConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     fewshot: FewShotConfig = FewShotConfig()
+    webhook: WebhookConfig = WebhookConfig()
 
     @field_validator("labels")
     @classmethod

@@ -60,11 +60,11 @@ class Pipeline:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_pipeline(config: Config, labels: Sequence[str]) -> Pipeline:
-    """Load the configured model and build the classifier for `labels`, once."""
+def build_pipeline(config: Config, labels: Sequence[str], loaded: LoadedModel | None = None) -> Pipeline:
+    """Load the configured model (unless `loaded` is given) and build the classifier for `labels`."""
     if not labels:
         raise ConfigError("no labels: give --labels a,b,c or list them under 'labels' in the config")
-    loaded = load_model(config.model)
+    loaded = loaded or load_model(config.model)
     cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else DEFAULT_CACHE_DIR
     classifier = build_classifier(loaded, label_prompts(labels, config), cache_dir)
     default_batch = 128 if loaded.device.type == "cuda" else 32
