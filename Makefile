@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review bench workers bench-scale
+.PHONY: install test demo lint clean prelabel setup review bench eval calibrate workers bench-scale
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,18 @@ prelabel: install
 setup: install
 	@test -n "$(PROJECT)" || { echo "usage: make setup PROJECT=<project id>"; exit 2; }
 	$(PRELABEL) setup --project-id $(PROJECT)
+
+# Measure the model on a project's reviewed frames, and learn thresholds for a target precision:
+#   make eval PROJECT=12 [OUT=report]     make calibrate PROJECT=12 TARGET=0.95
+OUT    ?= prelabel-report
+TARGET ?= 0.95
+eval: install
+	@test -n "$(PROJECT)" || { echo "usage: make eval PROJECT=<project id> [OUT=folder]"; exit 2; }
+	$(PRELABEL) eval --project-id $(PROJECT) --out $(OUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+calibrate: install
+	@test -n "$(PROJECT)" || { echo "usage: make calibrate PROJECT=<project id> [TARGET=0.95]"; exit 2; }
+	$(PRELABEL) calibrate --project-id $(PROJECT) --target-precision $(TARGET) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 # Throughput against the bare model and cvat-sdk's annotate_task, on the test server;
 # appends a dated row to docs/benchmarks.md. make bench ARGS="--frames 128 --repeats 2"

@@ -19,6 +19,7 @@ import open_clip
 import torch
 
 from prelabel.config import Config
+from prelabel.fewshot import FewShotCache
 from prelabel.model import LoadedModel, inference
 
 log = logging.getLogger(__name__)
@@ -37,16 +38,34 @@ class TextClassifier:
     logit_bias: float | None
     """Set for SigLIP-family models, whose scores are per-label sigmoids."""
     fingerprint: str
+    """Of the text weights: model and prompts."""
+    temperature: float = 1.0
+    """Calibrated temperature the logits are divided by (1: as the model says)."""
+    cache: FewShotCache | None = None
+    """Few-shot cache of confirmed frames blended into the logits (None: zero-shot only)."""
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[N, embed_dim] unit image embeddings -> [N, n_labels] logits, before temperature.
+
+        ``logit_scale * cosine`` (plus ``logit_bias`` for SigLIP), with the few-shot
+        cache's scores added to the cosine when a cache is set.
+        """
+        features = image_features.float()
+        similarity = features @ self.weights
+        if self.cache is not None and len(self.cache):
+            similarity = similarity + self.cache.alpha * self.cache.scores(features)
+        logits = self.logit_scale * similarity
+        return logits + self.logit_bias if self.logit_bias is not None else logits
 
     def probabilities(self, image_features: torch.Tensor) -> torch.Tensor:
         """[N, embed_dim] unit image embeddings -> [N, n_labels] probabilities.
 
-        CLIP: softmax over the labels of ``logit_scale * cosine``. SigLIP: an independent
-        sigmoid of ``logit_scale * cosine + logit_bias`` per label.
+        CLIP: softmax over the labels of ``logits / temperature``. SigLIP: an independent
+        sigmoid of ``logits / temperature`` per label.
         """
-        logits = self.logit_scale * (image_features.float() @ self.weights)
+        logits = self.logits(image_features) / self.temperature
         if self.logit_bias is not None:
-            return torch.sigmoid(logits + self.logit_bias)
+            return torch.sigmoid(logits)
         return logits.softmax(dim=-1)
 
 

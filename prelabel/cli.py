@@ -378,7 +378,14 @@ def review() -> None:
     "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
 )
 @click.option("--all", "show_all", is_flag=True, help="Include items a reviewer already handled.")
-def review_list(config_path, state_path, fmt, show_all):
+@click.option(
+    "--order",
+    type=click.Choice(["margin", "label"]),
+    default="margin",
+    show_default=True,
+    help="margin: the most uncertain frames first; label: grouped by the predicted label.",
+)
+def review_list(config_path, state_path, fmt, show_all, order):
     """Print the pending review items with direct links into CVAT."""
     from prelabel.config import load_config
     from prelabel.review import pending_items, write_items
@@ -389,7 +396,7 @@ def review_list(config_path, state_path, fmt, show_all):
     if not path.exists():
         raise PrelabelError(f"no state file at {path}", hint="run `prelabel run` first, or pass --state")
     with RunState(path, lock=False) as state:
-        items = pending_items(state, include_handled=show_all)
+        items = pending_items(state, include_handled=show_all, order=order)
     write_items(items, fmt, sys.stdout)
 
 
@@ -456,6 +463,10 @@ def _write_profile(path: Path | None, total, per_job: dict | None = None) -> Non
     click.echo(f"  profile: {path}")
 
 
+from prelabel.cli_webhooks import register as _register_webhooks  # noqa: E402
+
+_register_webhooks(cli)
+
 from prelabel.cli_queue import register as _register_queue_commands  # noqa: E402
 
 _register_queue_commands(cli)
@@ -493,3 +504,6 @@ def main() -> None:
             err=True,
         )
         sys.exit(1)
+
+
+import prelabel.cli_calibrate  # noqa: E402, F401  (registers `eval` and `calibrate`)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from prelabel.errors import ConfigError
 
@@ -156,6 +156,33 @@ class StateConfig(_Strict):
     path: str = ".prelabel/state.db"
 
 
+class CalibrationConfig(_Strict):
+    """Temperature and thresholds learned from reviewed frames by `prelabel calibrate`."""
+
+    path: str = ".prelabel/calibration.yaml"
+    """Written by `prelabel calibrate`; `run` applies it when it exists."""
+    use: bool = True
+    """false: ignore the calibration file and route with the thresholds above."""
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    """Confidence of the lower bound on precision (Clopper-Pearson)."""
+    min_examples: Annotated[int, Field(ge=1)] = 50
+    """Fewer reviewed frames than this: calibrate refuses and changes nothing."""
+    per_label_min: Annotated[int, Field(ge=1)] = 100
+    """A label gets its own threshold from this many predictions of it on."""
+
+
+class FewShotConfig(_Strict):
+    """The few-shot cache of reviewer-confirmed frames (Tip-Adapter style, no training)."""
+
+    enabled: bool = False
+    """Blend the cache into the zero-shot scores (`calibrate` builds it)."""
+    alpha: Annotated[float, Field(ge=0)] = 0.1
+    """Weight of the cache score, in units of cosine similarity."""
+    beta: Annotated[float, Field(gt=0)] = 5.5
+    """Sharpness of the affinity exp(-beta * (1 - cosine))."""
+    path: str = ".prelabel/fewshot.pt"
+
+
 class CvatConfig(_Strict):
     """The CVAT server. Credentials never go here: use CVAT_ACCESS_TOKEN or a cvat-cli profile."""
 
@@ -173,6 +200,19 @@ class CvatConfig(_Strict):
     """Uploads that may wait behind the one in progress before the pipeline blocks."""
 
 
+class WebhookConfig(_Strict):
+    """`prelabel serve`: the CVAT webhook service (see README, "Hands-free")."""
+
+    secret: SecretStr | None = None
+    """The webhook secret; PRELABEL_WEBHOOK_SECRET takes precedence (better: keep it out of files)."""
+    projects: list[Annotated[int, Field(gt=0)]] = []
+    """Projects whose new tasks are pre-labeled; empty: every project whose webhook delivers."""
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    """Larger deliveries are refused (413)."""
+    queue_size: Annotated[int, Field(gt=0, le=100000)] = 100
+    """Work items that may wait; beyond it a delivery is answered 503 (CVAT may redeliver)."""
+
+
 class Config(_Strict):
     """A whole prelabel configuration."""
 
@@ -185,6 +225,9 @@ class Config(_Strict):
     review: ReviewConfig = ReviewConfig()
     state: StateConfig = StateConfig()
     retry: RetryConfig = RetryConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    fewshot: FewShotConfig = FewShotConfig()
+    webhook: WebhookConfig = WebhookConfig()
 
     @field_validator("labels")
     @classmethod

@@ -5,12 +5,14 @@ Data flows one way::
     FrameSource.frames() -> Frame -> worker -> Prediction -> router -> Decision -> DecisionSink
 
 A connector (a folder, a CVAT server) supplies a `FrameSource` and a `DecisionSink`;
-the pipeline never looks inside a frame's `ref`, which belongs to the connector.
+the pipeline never looks inside a frame's `ref`, which belongs to the connector. For
+evaluation and calibration a connector also supplies a `GroundTruthSource`: labeled
+`Example`s and their frames.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,4 +103,31 @@ class DecisionSink(Protocol):
 
     def close(self) -> None:
         """Flush everything; after this returns the results are durable."""
+        ...
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labeled frame: what it is and where it came from."""
+
+    ref: Hashable
+    """The source's handle for fetching the frame."""
+    key: str
+    """Stable across runs: names the frame in the embedding store and in splits."""
+    labels: tuple[str, ...]
+    """The true labels; empty when a person said that none of the labels applies."""
+    source: str
+    """How the truth is known: ``reviewed``, ``accepted job``, ``manual``, ``folder``..."""
+
+
+class GroundTruthSource(Protocol):
+    """Where labeled examples come from."""
+
+    where: str
+    """Names the source in messages (``project 3``, ``folder data/``)."""
+
+    def examples(self) -> list[Example]: ...
+
+    def frames(self, refs: Collection[Hashable]) -> Iterator[Frame]:
+        """The frames of these examples (any order; each frame's `ref` is its example's)."""
         ...

@@ -66,8 +66,18 @@ class QueueItem:
         return scores[0] - scores[1]
 
 
-def pending_items(state: RunState, *, include_handled: bool = False) -> list[QueueItem]:
-    """The review frames recorded in `state`, the most uncertain (smallest margin) first."""
+REVIEW_ORDERS = ("margin", "label")
+
+
+def pending_items(
+    state: RunState, *, include_handled: bool = False, order: str = "margin"
+) -> list[QueueItem]:
+    """The review frames recorded in `state`, where a human look is worth most first.
+
+    ``margin``: the most uncertain (smallest lead of the top-1 label) first, since those
+    are the frames the model is likeliest to get wrong. ``label``: grouped by the top-1
+    label (so a reviewer can work one label at a time), most uncertain first within each.
+    """
     host = (state.meta("host") or "").rstrip("/")
     outcomes = {(o.job_id, o.frame): o.outcome for o in state.outcomes()}
     items = []
@@ -87,7 +97,13 @@ def pending_items(state: RunState, *, include_handled: bool = False) -> list[Que
                 outcome=outcome,
             )
         )
+    if order == "label":
+        return sorted(items, key=lambda item: (_top(item), item.margin, item.job_id, item.frame))
     return sorted(items, key=lambda item: (item.margin, item.job_id, item.frame))
+
+
+def _top(item: QueueItem) -> str:
+    return item.candidates[0][0] if item.candidates else ""
 
 
 def write_items(items: list[QueueItem], fmt: str, stream: TextIO) -> None:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from prelabel.calibrate import apply_calibration, read_calibration
 from prelabel.classifier import TextClassifier, build_classifier, label_prompts
 from prelabel.config import Config
 from prelabel.errors import ConfigError
+from prelabel.fewshot import load_cache
 from prelabel.interface import DecisionSink, FrameSource
 from prelabel.model import LoadedModel, load_model
 from prelabel.router import RoutingPolicy, route
@@ -26,6 +29,8 @@ from prelabel.timing import StageTimer
 from prelabel.worker import WorkerOptions, predict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "prelabel"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,19 +41,30 @@ class Pipeline:
     classifier: TextClassifier
     policy: RoutingPolicy
     options: WorkerOptions
+    calibrated: str | None = None
+    """The calibration file applied, if any."""
 
     @property
     def fingerprint(self) -> str:
-        """Of everything that decides a frame's outcome: model, prompts and thresholds."""
-        payload = json.dumps([self.classifier.fingerprint, repr(self.policy)], ensure_ascii=False)
+        """Of everything that decides a frame's outcome: model, prompts, calibration and thresholds."""
+        cache = self.classifier.cache
+        payload = json.dumps(
+            [
+                self.classifier.fingerprint,
+                repr(self.policy),
+                self.classifier.temperature,
+                len(cache) if cache is not None else 0,
+            ],
+            ensure_ascii=False,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_pipeline(config: Config, labels: Sequence[str]) -> Pipeline:
-    """Load the configured model and build the classifier for `labels`, once."""
+def build_pipeline(config: Config, labels: Sequence[str], loaded: LoadedModel | None = None) -> Pipeline:
+    """Load the configured model (unless `loaded` is given) and build the classifier for `labels`."""
     if not labels:
         raise ConfigError("no labels: give --labels a,b,c or list them under 'labels' in the config")
-    loaded = load_model(config.model)
+    loaded = loaded or load_model(config.model)
     cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else DEFAULT_CACHE_DIR
     classifier = build_classifier(loaded, label_prompts(labels, config), cache_dir)
     default_batch = 128 if loaded.device.type == "cuda" else 32
@@ -59,7 +75,41 @@ def build_pipeline(config: Config, labels: Sequence[str]) -> Pipeline:
         decode_workers=config.decode.workers,
         prefetch_batches=config.decode.prefetch_batches,
     )
-    return Pipeline(loaded, classifier, RoutingPolicy.from_config(config), options)
+    policy = RoutingPolicy.from_config(config)
+    classifier = _with_fewshot(config, classifier, loaded.identity)
+    calibrated = None
+    path = Path(config.calibration.path)
+    if config.calibration.use and path.is_file():
+        calibration = read_calibration(path)
+        if calibration.fewshot != (classifier.cache is not None):
+            raise ConfigError(
+                f"calibration file {path} was made {'with' if calibration.fewshot else 'without'}"
+                " the few-shot cache, and fewshot.enabled says otherwise",
+                hint="run `prelabel calibrate` again with the current config",
+            )
+        classifier, policy = apply_calibration(
+            calibration, classifier, policy, model_identity=loaded.identity, path=path
+        )
+        calibrated = str(path)
+    return Pipeline(loaded, classifier, policy, options, calibrated)
+
+
+def _with_fewshot(config: Config, classifier: TextClassifier, identity: str) -> TextClassifier:
+    """The classifier with the few-shot cache blended in, when enabled and built."""
+    settings = config.fewshot
+    if not settings.enabled:
+        return classifier
+    path = Path(settings.path)
+    if not path.is_file():
+        log.warning("few-shot cache %s not built yet (run `prelabel calibrate`): zero-shot only", path)
+        return classifier
+    cache = load_cache(path, alpha=settings.alpha, beta=settings.beta)
+    if cache.model_identity != identity:
+        raise ConfigError(
+            f"few-shot cache {path} holds embeddings of model {cache.model_identity!r}, not {identity!r}",
+            hint="run `prelabel calibrate` to rebuild it",
+        )
+    return replace(classifier, cache=cache.for_labels(classifier.labels))
 
 
 @dataclass

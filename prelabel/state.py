@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS outcomes (
     synced REAL NOT NULL,
     PRIMARY KEY (job_id, frame)
 );
+CREATE TABLE IF NOT EXISTS embeddings (
+    model TEXT NOT NULL,            -- the model identity the vector came from
+    key TEXT NOT NULL,              -- the example's key ('task 3 frame 7', 'file:cats/1.jpg:...')
+    vector BLOB NOT NULL,           -- float32 unit image embedding
+    PRIMARY KEY (model, key)
+);
 """
 
 
@@ -284,9 +290,14 @@ class RunState:
                 (job_id, task_id, fingerprint, review_items, int(routed), time.time()),
             )
 
-    def job_routed(self, job_id: int, fingerprint: str) -> bool:
-        rows = self._query("SELECT fingerprint, routed FROM jobs WHERE job_id = ?", (job_id,))
-        return bool(rows and rows[0][0] == fingerprint and rows[0][1])
+    def job_routed(self, job_id: int) -> bool:
+        """Whether the job's routing was applied once, under any model or thresholds.
+
+        New thresholds (a calibration, say) do not route a job again: a person may have
+        moved it on since.
+        """
+        rows = self._query("SELECT routed FROM jobs WHERE job_id = ?", (job_id,))
+        return bool(rows and rows[0][0])
 
     def job_ids(self) -> list[int]:
         return [row[0] for row in self._query("SELECT DISTINCT job_id FROM frames ORDER BY job_id")]
@@ -306,6 +317,25 @@ class RunState:
                     None if outcome.issue_resolved is None else int(outcome.issue_resolved),
                     time.time(),
                 ),
+            )
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def embeddings(self, model: str, keys: list[str]) -> dict[str, bytes]:
+        """The stored float32 embeddings (raw bytes) of these keys under `model`."""
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = self._query(
+                f"SELECT key, vector FROM embeddings WHERE model = ? AND key IN ({marks})", [model, *part]
+            )
+            found.update(rows)
+        return found
+
+    def record_embeddings(self, model: str, items: list[tuple[str, bytes]]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)", [(model, k, v) for k, v in items]
             )
 
     def outcomes(self) -> list[Outcome]:

@@ -7,6 +7,7 @@ cannot be decoded come out as predictions with an `error` instead of scores.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -104,6 +105,53 @@ def _flush(
             error=item.error,
             size=item.size,
         )
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One frame's unit image embedding (on the CPU, fp32), or why it has none."""
+
+    frame: Frame
+    features: torch.Tensor | None
+    error: str | None = None
+
+
+def embed(
+    frames: Iterable[Frame], loaded: LoadedModel, options: WorkerOptions, timer: StageTimer | None = None
+) -> Iterator[Embedded]:
+    """Yield each frame's image embedding, in input order, encoding frames in batches."""
+    timer = timer or StageTimer()
+    decoded = ordered_map(
+        lambda frame: _prepare(frame, loaded, options.draft, timer),
+        frames,
+        workers=options.decode_workers or os.cpu_count() or 1,
+        ahead=options.batch_size * (options.prefetch_batches + 1),
+        name="decode",
+    )
+    batch: list[_Decoded] = []
+    for item in itertools.chain(decoded, [None]):
+        if item is not None:
+            batch.append(item)
+            if len(batch) < options.batch_size:
+                continue
+        good = [entry for entry in batch if entry.tensor is not None]
+        features: dict[int, torch.Tensor] = {}
+        if good:
+            with timer.stage("model"):
+                encoded = encode_batch(torch.stack([entry.tensor for entry in good]), loaded)
+            features = {id(entry): row for entry, row in zip(good, encoded, strict=True)}
+        for entry in batch:
+            yield Embedded(entry.frame, features.get(id(entry)), entry.error)
+        batch = []
+
+
+def encode_batch(pixels: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
+    """[N, 3, H, W] preprocessed images -> [N, embed_dim] unit embeddings on the CPU, fp32."""
+    if loaded.device.type == "cuda":
+        pixels = pixels.pin_memory()
+    with inference(loaded):
+        features = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
+        return features.float().cpu()
 
 
 def score_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier) -> torch.Tensor:

@@ -952,3 +952,56 @@ def test_basic_auth_header_and_unknown_route(seeded: Seeded) -> None:
         403,
         {"detail": "CSRF Failed: CSRF token missing."},
     )
+
+
+# --------------------------------------------------------------------- webhooks
+def test_webhooks_endpoints_answer_by_the_schema(seeded: Seeded, client: Client) -> None:
+    api = client.api_client.webhooks_api
+    request = models.WebhookWriteRequest(
+        target_url="http://127.0.0.1:9/hook",  # nothing listens: the delivery fails, and is recorded
+        type=models.WebhookType("project"),
+        project_id=seeded.project_id,
+        events=[models.EventsEnum("update:job")],
+        secret="s3cret",
+        content_type=models.WebhookContentType("application/json"),
+    )
+    created = ok("webhooks_create", api.create, request, status=201)
+    assert created["events"] == ["update:job"] and "secret" not in created
+    assert "last_status" not in created  # no delivery yet: DRF leaves the field out
+    hook_id = created["id"]
+    listed = ok("webhooks_list", api.list, project_id=seeded.project_id)
+    assert [w["id"] for w in listed["results"]] == [hook_id]
+    assert ok("webhooks_list", api.list, project_id=seeded.project_id + 1)["count"] == 0
+    patched = ok(
+        "webhooks_partial_update",
+        api.partial_update,
+        hook_id,
+        patched_webhook_write_request=models.PatchedWebhookWriteRequest(
+            events=[models.EventsEnum("update:job"), models.EventsEnum("create:task")]
+        ),
+    )
+    assert patched["events"] == ["create:task", "update:job"]
+
+    client.jobs.retrieve(seeded.job_ids[0]).update({"state": "in progress"})
+    seeded.server.webhook_deliveries()
+    deliveries = ok("webhooks_list_deliveries", api.list_deliveries, hook_id)
+    assert deliveries["count"] == 1
+    delivery = deliveries["results"][0]
+    assert delivery["event"] == "update:job" and delivery["status_code"] is None
+    assert delivery["changed_fields"] == "state" and delivery["redelivery"] is False
+    ok("webhooks_retrieve_deliveries", api.retrieve_deliveries, str(delivery["id"]), hook_id)
+    status, _, _ = raw(api.create_deliveries_redelivery, str(delivery["id"]), hook_id)
+    assert status == 200
+    assert [d["redelivery"] for d in seeded.server.webhook_deliveries()] == [False, True]
+    retrieved = ok("webhooks_retrieve", api.retrieve, hook_id)
+    assert "last_delivery_date" in retrieved
+
+    bad = models.WebhookWriteRequest(
+        target_url="not a url", type="project", project_id=seeded.project_id, events=[]
+    )
+    status, body, _ = raw(api.create, bad)
+    assert status == 400 and body == {"target_url": ["Enter a valid URL."]}
+    status, _, _ = raw(api.destroy, hook_id)
+    assert status == 204
+    status, body, _ = raw(api.retrieve, hook_id)
+    assert status == 404

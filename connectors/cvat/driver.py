@@ -124,7 +124,7 @@ def _route(
     open_issues = sum(plan.existing.open_issue(frame) is not None for frame in list(plan.existing.issues))
     review_items = open_issues + new_issues
     changes: dict[str, object] = {}
-    if wrote or state is None or not state.job_routed(plan.job_id, fingerprint):
+    if wrote or state is None or not state.job_routed(plan.job_id):
         changes = route_job(client, plan.job_id, review_items, options.reviewers, config.review)
     if state is not None:
         state.record_job(plan.job_id, plan.task_id, fingerprint, review_items, routed=True)
@@ -150,6 +150,6 @@ def label_jobs(
             on_job(outcome)
     if state is not None:  # jobs finished before an interruption may still await their routing
         for plan in work.finished_jobs:
-            if not state.job_routed(plan.job_id, pipeline.fingerprint):
+            if not state.job_routed(plan.job_id):
                 _route(client, plan, 0, False, config, options, state, pipeline.fingerprint)
     return outcomes

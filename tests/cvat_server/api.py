@@ -123,6 +123,10 @@ class Api:
         ]
         return [Route(m, re.compile(p + "/?$"), h, pub) for m, p, h, pub in table]
 
+    def add_routes(self, table: list[tuple[str, str, Handler, bool]]) -> None:
+        """Serve more endpoints (method, path pattern, handler, public)."""
+        self.routes += [Route(m, re.compile(p + "/?$"), h, pub) for m, p, h, pub in table]
+
     def resolve(self, method: str, path: str) -> tuple[Route, dict[str, int]]:
         """The route for a request; 404 for an unknown path, 405 for a wrong method."""
         matched = False
@@ -516,6 +520,9 @@ class Api:
             if "state" in body and body["state"] not in JOB_STATES:
                 raise bad_request({"state": [f'"{body["state"]}" is not a valid choice.']})
             assignee = self._user_id_field(body.get("assignee"), "assignee")
+            watched = ("status", "stage", "state")
+            before = {"updated_date": job["updated_date"], "status": self.ser.job_status(job)}
+            before.update({key: job[key] for key in ("stage", "state")})
             for key in ("stage", "state"):
                 if key in body:
                     job[key] = body[key]
@@ -523,6 +530,18 @@ class Api:
                 job["assignee_id"] = assignee
                 job["assignee_updated_date"] = now()
             job["updated_date"] = now()
+            after = {"status": self.ser.job_status(job), "stage": job["stage"], "state": job["state"]}
+            changed = [key for key in watched if after[key] != before[key]]
+            if changed:
+                self.state.notify(
+                    "update:job",
+                    project_id=self.state.tasks[job["task_id"]]["project_id"],
+                    job_id=id,
+                    sender_id=ctx.user["id"] if ctx.user else None,
+                    before=before,
+                    after=after,
+                    changed=changed,
+                )
             return Reply(body=self.ser.job(job))
 
     def jobs_meta(self, ctx: Ctx, id: int) -> Reply:

@@ -15,6 +15,7 @@ from .api import Api
 from .app import App, CvatHTTPServer, LoggedRequest
 from .faults import Fault, FaultInjector, FaultKind
 from .state import State
+from .webhooks import Webhooks
 
 ImageInput = tuple[str, bytes]
 VideoInput = bytes | Sequence[Image.Image] | Sequence[bytes]
@@ -43,6 +44,7 @@ class CvatTestServer:
         self._app = App(self.state, self.faults)
         self._host, self._port = host, port
         self._httpd: CvatHTTPServer | None = None
+        self.webhooks: Webhooks | None = None
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------- lifecycle
@@ -56,6 +58,7 @@ class CvatTestServer:
             context.load_cert_chain(*self._tls)
             self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self._app.api = Api(self.state, self.url)
+        self.webhooks = Webhooks(self._app.api)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -291,6 +294,14 @@ class CvatTestServer:
     def reset_counters(self) -> None:
         """Zero `write_count` and clear the request log."""
         self._app.reset_counters()
+
+    def webhook_deliveries(self, flush: float = 10.0) -> list[dict[str, Any]]:
+        """Every webhook delivery so far, oldest first, once those queued were attempted."""
+        assert self.webhooks is not None, "server not started"
+        if not self.webhooks.flush(flush):
+            raise TimeoutError("webhook deliveries still pending")
+        with self.state.lock:
+            return copy.deepcopy(sorted(self.webhooks.deliveries.values(), key=lambda d: d["id"]))
 
     # --------------------------------------------------------------- faults
     def inject(self, kind: FaultKind, path: str = ".*", **options: Any) -> Fault:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import secrets
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +46,7 @@ class State:
         self.issues: dict[int, dict[str, Any]] = {}
         self.comments: dict[int, dict[str, Any]] = {}
         self.violations: list[dict[str, Any]] = []
+        self.listeners: list[Callable[..., None]] = []  # webhooks: called with (event, **details)
         self._ids: dict[str, int] = {}
 
     # ----------------------------------------------------------------- helpers
@@ -54,6 +55,12 @@ class State:
         with self.lock:
             self._ids[kind] = self._ids.get(kind, 0) + 1
             return self._ids[kind]
+
+    def notify(self, event: str, **details: Any) -> None:
+        """Tell the listeners (webhooks) that `event` happened; called under the lock."""
+        with self.lock:
+            for listener in self.listeners:
+                listener(event, **details)
 
     def violation(self, kind: str, message: str, **context: Any) -> None:
         """Record a client mistake that real CVAT accepts silently."""
@@ -272,6 +279,9 @@ class State:
             for start in range(0, size, segment_size):
                 self.add_job(tid, start, min(start + segment_size, size) - 1)
             self.touch_project(project_id)
+            # As CVAT: create:task when the task is made, then the data request completes.
+            for event in ("create:task", "completed:request[create:task]"):
+                self.notify(event, project_id=project_id, task_id=tid, sender_id=owner_id)
             return tid
 
     def add_job(
