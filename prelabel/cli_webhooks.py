@@ -42,8 +42,15 @@ def _secret(config) -> str:
     multiple=True,
     help="Act only on these projects (repeatable; default: webhook.projects, else any).",
 )
+@click.option(
+    "--queue",
+    "queue_url",
+    metavar="URL",
+    help="Put new tasks' jobs on this RQ queue (redis://HOST:PORT/DB, or PRELABEL_QUEUE) for "
+    "`prelabel worker` processes, instead of labeling them here.",
+)
 @server_options
-def serve(listen, config_path, state_path, project_ids, **server):
+def serve(listen, config_path, state_path, project_ids, queue_url, **server):
     """Receive CVAT webhook deliveries and pre-label new tasks as they arrive.
 
     \b
@@ -54,7 +61,9 @@ def serve(listen, config_path, state_path, project_ids, **server):
     (or webhook.secret); others get 401. Each is answered at once and the work runs in a
     background worker, one item at a time. The same event delivered twice starts nothing
     new. GET /healthz answers while it runs; SIGTERM finishes the work in progress and
-    stops (work still queued is resumed at the next start).
+    stops (work still queued is resumed at the next start). With --queue (or
+    PRELABEL_QUEUE), a new task's jobs go on the queue for `prelabel worker` processes;
+    syncs still run here.
     """
     from connectors.cvat.perform import CvatWork
     from prelabel.config import load_config
@@ -66,10 +75,16 @@ def serve(listen, config_path, state_path, project_ids, **server):
     address = parse_listen(listen)
     projects = set(project_ids or config.webhook.projects)
     use_json_logs()
+    connection = None
+    if queue_url or os.environ.get("PRELABEL_QUEUE"):
+        from connectors.queue.redis_url import connect_queue
+
+        connection = connect_queue(queue_url)
     client = _connect(config, **server)
     state = Path(state_path or config.state.path)
     with DeliveryLog(state.with_name("deliveries.db")) as deliveries:
-        worker = InProcessWorker(CvatWork(client, config, state), deliveries, config.webhook.queue_size)
+        perform = CvatWork(client, config, state, connection)
+        worker = InProcessWorker(perform, deliveries, config.webhook.queue_size)
         for key, item in deliveries.unfinished():
             try:
                 worker.submit(key, item)

@@ -342,3 +342,27 @@ def test_a_bad_queue_url_is_one_line(args: list[str], env: dict, expected: str):
 
 def _logs(folder: Path) -> str:
     return "\n".join(path.read_text() for path in sorted(folder.glob("worker-*.log")))
+
+
+def test_a_webhook_s_new_task_goes_on_the_queue_once(queue: str, tmp_path: Path):
+    """`prelabel serve --queue`: the work a create-task delivery asks for enqueues the task's jobs."""
+    from connectors.cvat.perform import CvatWork
+
+    config = load_config(write_config(tmp_path))
+    with CvatTestServer() as server:
+        project = many_jobs_project(server, image_frames=6, video_frames=2)
+        client = make_client(server.url, credentials=("annotator", PASSWORD))
+        redis = Redis.from_url(queue)
+        work = CvatWork(client, config, tmp_path / "state.db", redis)
+        item = {"kind": "label_task", "project_id": project.project_id, "task_id": project.image_tasks[0]}
+        first, second = work(item), work(item)
+        assert first.startswith(f"task {item['task_id']}: queued 3 jobs for the workers (0 already pending")
+        assert second.endswith(
+            "queued 0 jobs for the workers (3 already pending or running, 0 in the failed list)"
+        )
+        status = read_status(redis)
+        jobs = {job["id"] for job in server.jobs(project.image_tasks[0])}
+        assert {entry.cvat_job for entry in status.pending} == jobs
+        assert not any(server.annotations(job_id)["tags"] for job_id in jobs), (
+            "nothing labeled in the service"
+        )

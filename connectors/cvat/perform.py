@@ -4,7 +4,8 @@
 same per-job code path as `prelabel run` (find_work, then label_jobs) and `review sync`
 (sync_reviews), so the writes are as idempotent as theirs: doing an item twice writes
 nothing the second time. The model is loaded once, at the first task; the text classifier
-is built once per label set.
+is built once per label set. With a queue, a task's jobs are put on it instead (one entry
+per job, as `prelabel enqueue --task-id` does) and `prelabel worker` processes label them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from cvat_sdk import Client
+from redis import Redis
 
 from connectors.cvat.assign import resolve_reviewers
 from connectors.cvat.driver import JobOptions, candidate_names, label_jobs
 from connectors.cvat.jobs import find_work
 from connectors.cvat.sync import sync_reviews
 from connectors.cvat.webhooks import WorkItem
+from connectors.queue.enqueue import QueueOptions, enqueue_entries, plan_entries
 from prelabel.config import Config
 from prelabel.runner import Pipeline, RunStats, build_pipeline
 from prelabel.state import RunState
@@ -27,8 +30,9 @@ from prelabel.state import RunState
 class CvatWork:
     """Performs work items against one CVAT server with one config and state file."""
 
-    def __init__(self, client: Client, config: Config, state_path: Path) -> None:
+    def __init__(self, client: Client, config: Config, state_path: Path, queue: Redis | None = None) -> None:
         self.client = client
+        self.queue = queue
         self.config = config
         self.state_path = Path(state_path)
         self._pipelines: dict[tuple[str, ...], Pipeline] = {}
@@ -46,6 +50,8 @@ class CvatWork:
     def label_task(self, task_id: int) -> str:
         """Pre-label what the task's annotation jobs still need, as `prelabel run --task-id` would."""
         config = self.config
+        if self.queue is not None:
+            return self.enqueue_task(task_id)
         work = find_work(self.client, task_id=task_id, suggestions=config.review.upload_suggestion)
         if not work.jobs and not work.finished_jobs:
             return f"task {task_id}: no annotation jobs to label"
@@ -65,6 +71,18 @@ class CvatWork:
         return (
             f"task {task_id}: {len(work.jobs)} jobs labeled, {total.frames} frames, {total.accepted} "
             f"accepted, {total.review} for review; wrote {tags} tags, {issues} issues"
+        )
+
+    def enqueue_task(self, task_id: int) -> str:
+        """Put one queue entry per job of the task that needs pre-labels (none twice)."""
+        _, entries = plan_entries(
+            self.client, {"task_id": task_id}, self.config, f"prelabel setup --task-id {task_id}"
+        )
+        assert self.queue is not None
+        done = enqueue_entries(self.queue, entries, QueueOptions())
+        return (
+            f"task {task_id}: queued {len(done.added)} jobs for the workers"
+            f" ({len(done.pending)} already pending or running, {len(done.failed)} in the failed list)"
         )
 
     def sync_job(self, job_id: int) -> str:
