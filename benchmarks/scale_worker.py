@@ -20,8 +20,8 @@ from prelabel.runner import Pipeline, build_pipeline
 def standin_builder(seconds: float):
     """A pipeline builder whose image encoder sleeps `seconds` per batch before encoding."""
 
-    def build(config: Config, labels: Sequence[str]) -> Pipeline:
-        pipeline = build_pipeline(config, labels)
+    def build(config: Config, labels: Sequence[str], calibration=None) -> Pipeline:
+        pipeline = build_pipeline(config, labels, calibration=calibration)
         model = pipeline.loaded.model
         encode = model.encode_image
 

@@ -293,7 +293,7 @@ def apply_calibration(
     policy: RoutingPolicy,
     *,
     model_identity: str,
-    path: Path,
+    path: Path | str,
 ) -> tuple[TextClassifier, RoutingPolicy]:
     """The classifier with the learned temperature, and the policy with the learned thresholds."""
     if calibration.model != model_identity:

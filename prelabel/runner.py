@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from prelabel.calibrate import apply_calibration, read_calibration
+from prelabel.calibrate import Calibration, apply_calibration, read_calibration
 from prelabel.classifier import TextClassifier, build_classifier, label_prompts
 from prelabel.config import Config
 from prelabel.errors import ConfigError
@@ -60,8 +60,17 @@ class Pipeline:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_pipeline(config: Config, labels: Sequence[str], loaded: LoadedModel | None = None) -> Pipeline:
-    """Load the configured model (unless `loaded` is given) and build the classifier for `labels`."""
+def build_pipeline(
+    config: Config,
+    labels: Sequence[str],
+    loaded: LoadedModel | None = None,
+    calibration: Calibration | None = None,
+) -> Pipeline:
+    """Load the configured model (unless `loaded` is given) and build the classifier for `labels`.
+
+    The learned temperature and thresholds are applied: `calibration` when given (a queue
+    entry carries its own), else the calibration file when it exists and is in use.
+    """
     if not labels:
         raise ConfigError("no labels: give --labels a,b,c or list them under 'labels' in the config")
     loaded = loaded or load_model(config.model)
@@ -77,21 +86,22 @@ def build_pipeline(config: Config, labels: Sequence[str], loaded: LoadedModel | 
     )
     policy = RoutingPolicy.from_config(config)
     classifier = _with_fewshot(config, classifier, loaded.identity)
-    calibrated = None
     path = Path(config.calibration.path)
-    if config.calibration.use and path.is_file():
-        calibration = read_calibration(path)
-        if calibration.fewshot != (classifier.cache is not None):
-            raise ConfigError(
-                f"calibration file {path} was made {'with' if calibration.fewshot else 'without'}"
-                " the few-shot cache, and fewshot.enabled says otherwise",
-                hint="run `prelabel calibrate` again with the current config",
-            )
-        classifier, policy = apply_calibration(
-            calibration, classifier, policy, model_identity=loaded.identity, path=path
+    origin = "the queue entry's calibration"
+    if calibration is None and config.calibration.use and path.is_file():
+        calibration, origin = read_calibration(path), str(path)
+    if calibration is None:
+        return Pipeline(loaded, classifier, policy, options)
+    if calibration.fewshot != (classifier.cache is not None):
+        raise ConfigError(
+            f"{origin} was made {'with' if calibration.fewshot else 'without'} the few-shot cache,"
+            " and fewshot.enabled (or the cache file) says otherwise",
+            hint="run `prelabel calibrate` again with the current config",
         )
-        calibrated = str(path)
-    return Pipeline(loaded, classifier, policy, options, calibrated)
+    classifier, policy = apply_calibration(
+        calibration, classifier, policy, model_identity=loaded.identity, path=origin
+    )
+    return Pipeline(loaded, classifier, policy, options, origin)
 
 
 def _with_fewshot(config: Config, classifier: TextClassifier, identity: str) -> TextClassifier:

@@ -366,3 +366,38 @@ def test_a_webhook_s_new_task_goes_on_the_queue_once(queue: str, tmp_path: Path)
         assert not any(server.annotations(job_id)["tags"] for job_id in jobs), (
             "nothing labeled in the service"
         )
+
+
+def test_entries_carry_the_calibration_in_use_and_workers_apply_only_it(queue: str, tmp_path: Path):
+    """Every worker routes with the calibration of the machine that enqueued, not its own file."""
+    from dataclasses import asdict
+
+    from prelabel.calibrate import Calibration, write_calibration
+    from prelabel.runner import build_pipeline
+
+    labels = ["cat", "coffee", "rocket"]
+    learned = Calibration(
+        model=f"{TINY_MODEL}/random-seed0", labels=labels, temperature=1.7, accept_threshold=0.52,
+        label_thresholds={"cat": 0.61}, min_margin=0.0, target_precision=0.9, confidence=0.95,
+        examples=400, expected_coverage=0.4, precision_on_examples=0.95, precision_lower_bound=0.91,
+    )  # fmt: skip
+    write_calibration(learned, tmp_path / "calibration.yaml")
+    config_path = write_config(tmp_path)
+    config_path.write_text(
+        config_path.read_text() + f"calibration: {{path: {tmp_path / 'calibration.yaml'}}}\n"
+    )
+    config = load_config(config_path)
+    with CvatTestServer() as server:
+        project = many_jobs_project(server, image_frames=4, video_frames=2)
+        client = make_client(server.url, credentials=("annotator", PASSWORD))
+        _, entries = plan_entries(client, {"project_id": project.project_id}, config, "setup")
+    assert entries and all(entry.calibration == asdict(learned) for entry in entries)
+
+    from connectors.queue import tasks
+
+    # a worker machine with another calibration file at the same path: the entry's wins
+    write_calibration(Calibration(**{**asdict(learned), "temperature": 9.0}), tmp_path / "calibration.yaml")
+    tasks.configure(tasks.WorkerSettings(name="w", state=None), Redis.from_url(queue), build_pipeline)
+    pipeline = tasks._pipeline(config, labels, entries[0].calibration)
+    assert pipeline.classifier.temperature == 1.7
+    assert pipeline.policy.accept_threshold == 0.52 and pipeline.policy.threshold("cat") == 0.61

@@ -9,7 +9,8 @@ one step and two of them cannot both add the same job.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from cvat_sdk import Client
 from redis import Redis
@@ -19,6 +20,7 @@ from rq.job import JobStatus
 from connectors.cvat.driver import candidate_names
 from connectors.cvat.jobs import Work, find_work
 from connectors.queue.entries import ENQUEUE_LOCK, FUNCTION, Entry, entry_id, open_queue
+from prelabel.calibrate import read_calibration
 from prelabel.config import Config
 
 PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
@@ -71,6 +73,7 @@ def plan_entries(
     host = client.api_map.host
     organization = client.organization_slug
     data = config.model_dump(mode="json")
+    calibration = _calibration(config)
     entries = [
         Entry(
             host=host,
@@ -81,10 +84,19 @@ def plan_entries(
             include_tagged=include_tagged,
             quality=quality,
             target=work.where,
+            calibration=calibration,
         )
         for plan in work.jobs
     ]
     return work, entries
+
+
+def _calibration(config: Config) -> dict | None:
+    """The calibration file's content when `run` would apply it here, for the workers."""
+    path = Path(config.calibration.path)
+    if not (config.calibration.use and path.is_file()):
+        return None
+    return asdict(read_calibration(path))
 
 
 def enqueue_entries(connection: Redis, entries: Sequence[Entry], options: QueueOptions) -> Enqueued:

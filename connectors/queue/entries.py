@@ -35,6 +35,9 @@ class Entry:
     quality: str = "compressed"
     target: str = ""
     """What was enqueued (``project 3``), for messages."""
+    calibration: dict[str, Any] | None = None
+    """The calibration file in use where the entry was made (`prelabel calibrate`), so that
+    every worker routes with the same learned temperature and thresholds."""
 
     def as_payload(self) -> dict[str, Any]:
         return asdict(self)

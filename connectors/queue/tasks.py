@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from connectors.cvat.connect import ServerOptions, connect
 from connectors.cvat.driver import JobOptions, candidate_names, label_jobs
 from connectors.cvat.jobs import find_work
 from connectors.queue.entries import COMPLETIONS, STATS_INDEX, Entry, stats_key
+from prelabel.calibrate import Calibration
 from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.runner import Pipeline, build_pipeline
@@ -52,7 +53,8 @@ class WorkerSettings:
     ca_bundle: str | None = None
 
 
-PipelineBuilder = Callable[[Config, Sequence[str]], Pipeline]
+PipelineBuilder = Callable[..., Pipeline]
+"""Called as ``builder(config, labels, calibration=...)``, like `build_pipeline`."""
 
 _settings: WorkerSettings | None = None
 _connection: Redis | None = None
@@ -93,7 +95,7 @@ def label_entry(payload: dict[str, Any]) -> dict[str, Any]:
     )
     hint = "prelabel setup --project-id N (or --task-id N) for the job's project or task"
     names = candidate_names(work, config, hint)
-    pipeline = _pipeline(config, names)
+    pipeline = _pipeline(config, names, entry.calibration)
     options = JobOptions(
         quality=entry.quality,
         relabel=entry.relabel,
@@ -152,12 +154,21 @@ def _client(entry: Entry, config: Config) -> Client:
     return _clients[key]
 
 
-def _pipeline(config: Config, names: list[str]) -> Pipeline:
-    """Built once per process for each config and label set."""
-    key = hashlib.sha256(json.dumps([config.model_dump(mode="json"), names]).encode()).hexdigest()
+def _pipeline(config: Config, names: list[str], calibration: dict[str, Any] | None) -> Pipeline:
+    """Built once per process for each config, label set and calibration.
+
+    Only the entry's calibration applies, never a calibration file on the worker machine.
+    """
+    key = hashlib.sha256(
+        json.dumps([config.model_dump(mode="json"), names, calibration], sort_keys=True).encode()
+    ).hexdigest()
     if key not in _pipelines:
         began = time.perf_counter()
-        _pipelines[key] = _builder(config, names)
+        config = config.model_copy(
+            update={"calibration": config.calibration.model_copy(update={"use": False})}
+        )
+        learned = Calibration(**calibration) if calibration else None
+        _pipelines[key] = _builder(config, names, calibration=learned)
         loaded = _pipelines[key].loaded
         log.info(
             "worker %s: built the pipeline (model %s on %s) in %.1fs",
