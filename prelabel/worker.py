@@ -55,13 +55,7 @@ def predict(
     At most ``batch_size * (prefetch_batches + 1)`` frames are decoded ahead of the model.
     """
     timer = timer or StageTimer()
-    decoded = ordered_map(
-        lambda frame: _prepare(frame, loaded, options.draft, timer),
-        frames,
-        workers=options.decode_workers or os.cpu_count() or 1,
-        ahead=options.batch_size * (options.prefetch_batches + 1),
-        name="decode",
-    )
+    decoded = _decode_ahead(frames, loaded, options, timer)
     batch: list[_Decoded] = []
     while True:
         with timer.stage("wait_decode"):
@@ -121,13 +115,7 @@ def embed(
 ) -> Iterator[Embedded]:
     """Yield each frame's image embedding, in input order, encoding frames in batches."""
     timer = timer or StageTimer()
-    decoded = ordered_map(
-        lambda frame: _prepare(frame, loaded, options.draft, timer),
-        frames,
-        workers=options.decode_workers or os.cpu_count() or 1,
-        ahead=options.batch_size * (options.prefetch_batches + 1),
-        name="decode",
-    )
+    decoded = _decode_ahead(frames, loaded, options, timer)
     batch: list[_Decoded] = []
     for item in itertools.chain(decoded, [None]):
         if item is not None:
@@ -161,6 +149,19 @@ def score_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClass
     with inference(loaded):
         features = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
         return classifier.probabilities(features).float().cpu()
+
+
+def _decode_ahead(
+    frames: Iterable[Frame], loaded: LoadedModel, options: WorkerOptions, timer: StageTimer
+) -> Iterator[_Decoded]:
+    """Decode and preprocess in a thread pool, in order, a bounded number of frames ahead."""
+    return ordered_map(
+        lambda frame: _prepare(frame, loaded, options.draft, timer),
+        frames,
+        workers=options.decode_workers or os.cpu_count() or 1,
+        ahead=options.batch_size * (options.prefetch_batches + 1),
+        name="decode",
+    )
 
 
 def _prepare(frame: Frame, loaded: LoadedModel, draft: bool, timer: StageTimer) -> _Decoded:

@@ -26,7 +26,7 @@ from cvat_sdk import Client
 from connectors.cvat import retry
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.frames import CvatFrameRef, JobFrameSource
-from connectors.cvat.jobs import JobPlan, _frame_info, _read_target, _step
+from connectors.cvat.jobs import JobPlan, _read_target, _step, plan_for
 from connectors.cvat.labels import CvatLabel
 from prelabel.interface import Example, Frame
 from prelabel.state import RunState
@@ -92,7 +92,6 @@ def _job_truth(
     step = _step(meta.frame_filter)
     job_frames = range(job.start_frame, job.stop_frame + 1, step)
     deleted = set(meta.deleted_frames or ())
-    names, sizes = _frame_info(meta, job_frames, job.data_compressed_chunk_type)
     accepted_job = job.stage == "acceptance" or job.state == "completed"
     truths = {}
     for frame in job_frames:
@@ -101,20 +100,7 @@ def _job_truth(
         found = _frame_truth(existing, frame, accepted_job, frame in deleted_by_us)
         if found is not None:
             truths[frame] = found
-    plan = JobPlan(
-        job_id=job.id,
-        task_id=job.task_id,
-        project_id=job.project_id,
-        start_frame=job.start_frame,
-        stop_frame=job.stop_frame,
-        step=step,
-        chunk_size=meta.chunk_size,
-        chunk_type=job.data_compressed_chunk_type,
-        frames=tuple(sorted(truths)),
-        names=names,
-        sizes=sizes,
-        existing=existing,
-    )
+    plan = plan_for(job, meta, sorted(truths), existing)
     return plan, truths
 
 

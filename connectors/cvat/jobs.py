@@ -174,7 +174,6 @@ def _plan_job(
     step = _step(meta.frame_filter)
     job_frames = range(job.start_frame, job.stop_frame + 1, step)
     deleted = set(meta.deleted_frames or ())
-    names, sizes = _frame_info(meta, job_frames, job.data_compressed_chunk_type)
     live = [frame for frame in job_frames if frame not in deleted and not existing.reviewed(frame)]
     human = [frame for frame in live if frame in existing.human_frames]
     if not include_tagged:
@@ -183,6 +182,22 @@ def _plan_job(
     wanted = live if relabel else [frame for frame in live if frame not in set(done)]
     if budget is not None:
         wanted = wanted[:budget]
+    return plan_for(
+        job,
+        meta,
+        wanted,
+        existing,
+        deleted=len(deleted & set(job_frames)),
+        already_tagged=len(human),
+        already_done=0 if relabel else len(done),
+    )
+
+
+def plan_for(job, meta, frames: Sequence[int], existing: JobOnServer, **counts: int) -> JobPlan:
+    """A `JobPlan` for these task frames of `job`, from the job and its data meta."""
+    step = _step(meta.frame_filter)
+    job_frames = range(job.start_frame, job.stop_frame + 1, step)
+    names, sizes = _frame_info(meta, job_frames, job.data_compressed_chunk_type)
     return JobPlan(
         job_id=job.id,
         task_id=job.task_id,
@@ -192,13 +207,11 @@ def _plan_job(
         step=step,
         chunk_size=meta.chunk_size,
         chunk_type=job.data_compressed_chunk_type,
-        frames=tuple(wanted),
+        frames=tuple(frames),
         names=names,
         sizes=sizes,
         existing=existing,
-        deleted=len(deleted & set(job_frames)),
-        already_tagged=len(human),
-        already_done=0 if relabel else len(done),
+        **counts,
     )
 
 
