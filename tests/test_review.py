@@ -250,7 +250,8 @@ def test_random_sigkills_converge(project: Project, tmp_path: Path):
     server = project.server
     server.set_global_delay(0.05, methods=["POST", "PATCH"])
     state = tmp_path / "state.db"
-    for _ in range(10):  # each run resumes what the killed one left
+    kills = int(os.environ.get("PRELABEL_TEST_KILLS", "6"))  # more for a soak: PRELABEL_TEST_KILLS=50
+    for _ in range(kills):  # each run resumes what the killed one left
         server.reset_counters()
         process = _start_run(project, config, state)
         target = rng.randint(1, 8)
