@@ -76,7 +76,7 @@ def _markdown(e: Evaluation, c: ReportContext, comparison: list[tuple[str, Evalu
     if c.target is not None:
         lines.append(f"| target precision | {c.target:.1%} |")
     if comparison:
-        lines += ["", "## Zero-shot against zero-shot plus few-shot cache (held-out frames)", ""]
+        lines += ["", "## Zero-shot against zero-shot plus few-shot cache (held-out half, temperature 1)", ""]
         lines += ["| scorer | frames | top-1 | top-5 | ECE |", "|---|---|---|---|---|"]
         for name, other in comparison:
             lines.append(
