@@ -471,6 +471,8 @@ from prelabel.cli_queue import register as _register_queue_commands  # noqa: E40
 
 _register_queue_commands(cli)
 
+import prelabel.cli_calibrate  # noqa: E402, F401  (its `eval` and `calibrate` register on import)
+
 
 def main() -> None:
     """Console entry point: runs the CLI and turns user errors into one-line messages."""
@@ -504,6 +506,3 @@ def main() -> None:
             err=True,
         )
         sys.exit(1)
-
-
-import prelabel.cli_calibrate  # noqa: E402, F401  (registers `eval` and `calibrate`)
