@@ -106,30 +106,30 @@ def cache_from(
     return FewShotCache(labels, keys.float(), targets, alpha, beta, model)
 
 
-def _loo_scores(cache: FewShotCache, features: torch.Tensor) -> torch.Tensor:
-    """Cache scores of frames that are themselves the cache's first rows, each without itself."""
+def _loo_scores(cache: FewShotCache, features: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Cache scores of frames, each scored without its own cache entry (if it has one)."""
     n_labels = len(cache.labels)
-    affinity = torch.exp(-cache.beta * (1.0 - features.float() @ cache.keys.T))
     onehot = torch.nn.functional.one_hot(cache.targets, n_labels).float()
-    own = _own_rows(features, cache.keys)
-    counts = onehot.sum(0).expand(len(features), n_labels).clone()
-    for i, row in enumerate(own):
-        if row >= 0:
-            affinity[i, row] = 0.0
-            counts[i] -= onehot[row]
-    present = counts > 0
-    per_label = (affinity @ onehot) / counts.clamp(min=1)
-    fill = (per_label * present).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp(min=1)
-    return torch.where(present, per_label, fill)
+    own = torch.tensor(_own_rows(features, cache.keys))
+    parts = []
+    for start in range(0, len(features), chunk):  # bounded memory: chunk x cache size
+        block, rows = features[start : start + chunk].float(), own[start : start + chunk]
+        affinity = torch.exp(-cache.beta * (1.0 - block @ cache.keys.T))
+        counts = onehot.sum(0).expand(len(block), n_labels).clone()
+        mine = (rows >= 0).nonzero().flatten()
+        affinity[mine, rows[mine]] = 0.0
+        counts[mine] -= onehot[rows[mine]]
+        present = counts > 0
+        per_label = (affinity @ onehot) / counts.clamp(min=1)
+        fill = (per_label * present).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp(min=1)
+        parts.append(torch.where(present, per_label, fill))
+    return torch.cat(parts) if parts else torch.zeros(0, n_labels)
 
 
 def _own_rows(features: torch.Tensor, keys: torch.Tensor) -> list[int]:
     """For each frame, the cache row holding exactly its embedding, or -1."""
-    if len(keys) == 0:
-        return [-1] * len(features)
-    distance = torch.cdist(features.float(), keys.float())
-    best = distance.argmin(dim=1)
-    return [int(b) if float(distance[i, b]) < 1e-6 else -1 for i, b in enumerate(best)]
+    index = {row.numpy().tobytes(): i for i, row in enumerate(keys.float())}
+    return [index.get(row.numpy().tobytes(), -1) for row in features.float()]
 
 
 @dataclass(frozen=True)

@@ -123,15 +123,15 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
             train, classifier.labels, config.fewshot.alpha, config.fewshot.beta, pipeline.loaded.identity
         )
         boosted = replace(zero_shot, cache=cache)
-        comparison = [
-            (
-                name,
-                evaluate(
-                    score_examples(held_out, c).probabilities, score_examples(held_out, c).truth, c.labels
-                ),
+        comparison = []
+        for name, scorer in (
+            ("zero-shot", zero_shot),
+            (f"zero-shot + cache of {len(cache)} frames", boosted),
+        ):
+            held_out_scores = score_examples(held_out, scorer)
+            comparison.append(
+                (name, evaluate(held_out_scores.probabilities, held_out_scores.truth, scorer.labels))
             )
-            for name, c in (("zero-shot", zero_shot), (f"zero-shot + cache of {len(cache)} frames", boosted))
-        ]
     context = ReportContext(
         title="prelabel evaluation",
         where=source.where,

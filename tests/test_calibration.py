@@ -280,3 +280,16 @@ def test_review_list_orders_by_margin_or_by_label(tmp_path: Path):
         by_label = [item.frame for item in pending_items(state, order="label")]
     assert by_margin == [2, 1, 0]  # margins 0.01, 0.05, 0.1
     assert by_label == [2, 0, 1]  # cat (0.01, 0.1), then dog
+
+
+def test_leave_one_out_scores_equal_a_cache_rebuilt_without_the_frame():
+    from prelabel.calibrate import _loo_scores
+    from prelabel.fewshot import FewShotCache
+
+    classifier, labeled = clustered(seed=3)
+    cache = cache_from(labeled, classifier.labels, alpha=0.1, beta=5.5, model="m")
+    scores = _loo_scores(cache, labeled.features, chunk=7)  # several chunks
+    for i in (0, 57, 199):
+        keep = [j for j in range(len(labeled)) if j != i]
+        without = FewShotCache(cache.labels, cache.keys[keep], cache.targets[keep], 0.1, 5.5, "m")
+        assert torch.allclose(without.scores(labeled.features[i : i + 1]), scores[i : i + 1], atol=1e-6)
