@@ -70,7 +70,11 @@ def model_options(func):
 
 
 def _overrides(**values) -> dict:
+    """Dotted config keys from the model options; an explicit threshold or margin on the
+    command line wins over the calibration file, which is then not applied."""
+    explicit = values.get("accept_threshold") is not None or values.get("min_margin") is not None
     return {
+        "calibration.use": False if explicit else None,
         "model.name": values.get("model"),
         "model.pretrained": values.get("pretrained"),
         "model.device": values.get("device"),

@@ -293,3 +293,31 @@ def test_leave_one_out_scores_equal_a_cache_rebuilt_without_the_frame():
         keep = [j for j in range(len(labeled)) if j != i]
         without = FewShotCache(cache.labels, cache.keys[keep], cache.targets[keep], 0.1, 5.5, "m")
         assert torch.allclose(without.scores(labeled.features[i : i + 1]), scores[i : i + 1], atol=1e-6)
+
+
+def test_run_applies_the_calibration_file_unless_a_threshold_is_given(tmp_path: Path):
+    from prelabel.calibrate import Calibration
+    from prelabel.cli import _overrides
+    from prelabel.config import load_config
+    from prelabel.runner import build_pipeline
+    from tests.conftest import TINY_MODEL
+
+    labels = ["cat", "rocket"]
+    path = tmp_path / "calibration.yaml"
+    write_calibration(
+        Calibration(
+            model=f"{TINY_MODEL}/random-seed0", labels=labels, temperature=2.5, accept_threshold=0.7,
+            label_thresholds={}, min_margin=0.05, target_precision=0.9, confidence=0.95, examples=300,
+            expected_coverage=0.3, precision_on_examples=0.93, precision_lower_bound=0.9,
+        ),
+        path,
+    )  # fmt: skip
+    base = {"model.name": TINY_MODEL, "model.pretrained": "none", "calibration.path": str(path)}
+    calibrated = build_pipeline(load_config(None, {**_overrides(), **base}), labels)
+    assert calibrated.calibrated == str(path)
+    assert (calibrated.classifier.temperature, calibrated.policy.accept_threshold) == (2.5, 0.7)
+    explicit = build_pipeline(load_config(None, {**_overrides(accept_threshold=0.4), **base}), labels)
+    assert explicit.calibrated is None
+    assert (explicit.classifier.temperature, explicit.policy.accept_threshold) == (1.0, 0.4)
+    with pytest.raises(ConfigError, match="was made for labels"):
+        build_pipeline(load_config(None, base), ["cat", "rocket", "coffee"])

@@ -110,6 +110,8 @@ def create(
             "decode.prefetch_batches": 0,
             "routing.accept_threshold": threshold,
             "routing.min_margin": margin,
+            # an explicit threshold or margin wins over a calibration file
+            "calibration.use": False if threshold is not None or margin is not None else None,
         },
     )
     names = _names(labels) or [label.name for label in settings.labels]
