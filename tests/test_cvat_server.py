@@ -35,9 +35,9 @@ from tests.cvat_server.media import pil_frame, video_chunk
 from tests.cvat_server.pytest_fixtures import Seeded, seed_capture_setup
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "cvat"
-SCHEMA_PATH = SHARED / "schema-2.73.0.yml"
-CAPTURES = SHARED / "responses"
+CVAT_ASSETS = REPO / "tests" / "assets" / "cvat-2.73"
+SCHEMA_PATH = CVAT_ASSETS / "schema-2.73.0.yml"
+CAPTURES = CVAT_ASSETS / "responses"
 JSON_MEDIA = "application/vnd.cvat+json"
 
 

@@ -1,6 +1,6 @@
 """Hands-free pre-labeling: `prelabel serve` takes CVAT's signed webhook deliveries.
 
-The signature tests replay the real deliveries of ../shared/cvat/webhooks/ (a CVAT 2.73.0
+The signature tests replay the real deliveries of tests/assets/cvat-2.73/webhooks/ (a CVAT 2.73.0
 server, secret ``s3cret``) against the service over real HTTP. The end-to-end test runs
 `prelabel serve` as a subprocess against the CVAT test server, which delivers webhooks as
 CVAT does: a task created there ends up pre-labeled, and a redelivery changes nothing.
@@ -29,7 +29,7 @@ from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer, sample_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
-CAPTURED = REPO.parent / "shared" / "cvat" / "webhooks"
+CAPTURED = REPO / "tests" / "assets" / "cvat-2.73" / "webhooks"
 REAL_SECRET = "s3cret"
 SECRET = "a-webhook-secret-for-tests-0123456789"
 

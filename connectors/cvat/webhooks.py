@@ -1,6 +1,6 @@
 """CVAT webhooks: what a delivery asks prelabel to do, and the project webhook that sends them.
 
-Two events matter (see ../shared/cvat/webhooks/ for real deliveries):
+Two events matter (see tests/assets/cvat-2.73/webhooks/ for real deliveries):
 
 - ``completed:request[create:task]``: a task's data is in place, so its jobs can be
   pre-labeled. (``create:task`` arrives earlier, before the task has data; it is ignored.)

@@ -70,7 +70,7 @@ def cvat_server() -> Iterator[CvatTestServer]:
 
 @pytest.fixture
 def cvat_seeded(cvat_server: CvatTestServer) -> Seeded:
-    """The setup the captured responses were made with (see shared/cvat/README.md)."""
+    """The setup the captured responses were made with (see tests/assets/cvat-2.73/README.md)."""
     return seed_capture_setup(cvat_server)
 
 

@@ -1,6 +1,6 @@
 """Project webhooks as CVAT 2.73 has them: the /api/webhooks endpoints, and signed deliveries.
 
-Deliveries are shaped as the real ones in ../shared/cvat/webhooks/: the body is
+Deliveries are shaped as the real ones in tests/assets/cvat-2.73/webhooks/: the body is
 ``json.dumps(payload)`` (Python's default separators), signed in ``X-Signature-256`` as
 ``sha256=`` plus the hex HMAC-SHA256 of those bytes under the webhook's secret, and sent
 with CVAT's User-Agent and no event header (the event is in the body). They go out from
