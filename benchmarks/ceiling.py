@@ -10,14 +10,14 @@ import time
 
 import torch
 
-from prelabel.model import LoadedModel, inference
+from prelabel.pipeline.model import LoadedModel, inference
 
 
 def encode_throughput(loaded: LoadedModel, batch_size: int, batches: int, *, seed: int = 0) -> float:
     """Images/s of ``encode_image`` over `batches` batches of random input, after one warm-up batch.
 
     Runs under the same inference mode and autocast as prelabel's worker
-    (`prelabel.model.inference`), on the model's device.
+    (`prelabel.pipeline.model.inference`), on the model's device.
     """
     generator = torch.Generator().manual_seed(seed)
     height, width = loaded.image_size

@@ -9,8 +9,8 @@ from cvat_sdk import Client
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
 from prelabel.config import Config
-from prelabel.runner import build_pipeline
-from prelabel.worker import WorkerOptions, predict
+from prelabel.pipeline.runner import build_pipeline
+from prelabel.pipeline.worker import WorkerOptions, predict
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from prelabel import cli, cli_queue
+from prelabel import cli
+from prelabel.cli import queue as cli_queue
 from prelabel.config import Config
-from prelabel.runner import Pipeline, build_pipeline
+from prelabel.pipeline.runner import Pipeline, build_pipeline
 
 
 def standin_builder(seconds: float):

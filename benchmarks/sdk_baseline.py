@@ -15,9 +15,9 @@ import cvat_sdk.auto_annotation as cvataa
 from PIL import Image
 
 from benchmarks.dataset import BenchProject
-from prelabel.classifier import TextClassifier
-from prelabel.model import LoadedModel
-from prelabel.worker import score_batch
+from prelabel.pipeline.classifier import TextClassifier
+from prelabel.pipeline.model import LoadedModel
+from prelabel.pipeline.worker import score_batch
 
 
 class OpenClipTagger:

@@ -27,7 +27,7 @@ from benchmarks.quantization import int8_agreement
 from benchmarks.report import Row, Spread, append_rows, mib, today
 from benchmarks.sdk_baseline import BaselineRun, OpenClipTagger, run_baseline
 from prelabel.config import load_config
-from prelabel.runner import build_pipeline
+from prelabel.pipeline.runner import build_pipeline
 from tests.cvat_server import CvatTestServer
 
 VARIANTS: tuple[Variant, ...] = (*DEFAULT_VARIANTS, Variant("int8", ("--quantize", "int8")))

@@ -9,8 +9,8 @@ from cvat_sdk import make_client
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
 from prelabel.config import load_config
-from prelabel.runner import build_pipeline
-from prelabel.worker import predict
+from prelabel.pipeline.runner import build_pipeline
+from prelabel.pipeline.worker import predict
 from tests.conftest import TINY_MODEL
 from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
 

@@ -12,8 +12,8 @@ from cvat_sdk import make_client, models
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
 from prelabel.config import load_config
-from prelabel.runner import build_pipeline
-from prelabel.worker import WorkerOptions, predict
+from prelabel.pipeline.runner import build_pipeline
+from prelabel.pipeline.worker import WorkerOptions, predict
 from tests.conftest import TINY_MODEL, run_cli
 from tests.cvat_fixtures import LABELS, PASSWORD, Project, tiny_args
 from tests.cvat_server import sample_jpegs

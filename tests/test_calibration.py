@@ -11,7 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-from prelabel.calibrate import (
+from prelabel.calibration.evaluation import evaluate
+from prelabel.calibration.fitting import (
     NotEnoughData,
     apply_calibration,
     cache_from,
@@ -20,20 +21,19 @@ from prelabel.calibrate import (
     score_examples,
     write_calibration,
 )
-from prelabel.calibration import (
+from prelabel.calibration.ground_truth import LabeledSet
+from prelabel.calibration.maths import (
     choose_threshold,
     expected_calibration_error,
     fit_temperature,
     precision_lower_bound,
     risk_coverage,
 )
-from prelabel.classifier import TextClassifier
+from prelabel.calibration.report import ReportContext, write_report
 from prelabel.errors import ConfigError
-from prelabel.evaluation import evaluate
-from prelabel.ground_truth import LabeledSet
 from prelabel.interface import Example
-from prelabel.report import ReportContext, write_report
-from prelabel.router import RoutingPolicy
+from prelabel.pipeline.classifier import TextClassifier
+from prelabel.pipeline.router import RoutingPolicy
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -283,8 +283,8 @@ def test_review_list_orders_by_margin_or_by_label(tmp_path: Path):
 
 
 def test_leave_one_out_scores_equal_a_cache_rebuilt_without_the_frame():
-    from prelabel.calibrate import _loo_scores
-    from prelabel.fewshot import FewShotCache
+    from prelabel.calibration.fewshot import FewShotCache
+    from prelabel.calibration.fitting import _loo_scores
 
     classifier, labeled = clustered(seed=3)
     cache = cache_from(labeled, classifier.labels, alpha=0.1, beta=5.5, model="m")
@@ -296,10 +296,10 @@ def test_leave_one_out_scores_equal_a_cache_rebuilt_without_the_frame():
 
 
 def test_run_applies_the_calibration_file_unless_a_threshold_is_given(tmp_path: Path):
-    from prelabel.calibrate import Calibration
-    from prelabel.cli import _overrides
+    from prelabel.calibration.fitting import Calibration
+    from prelabel.cli.label import _overrides
     from prelabel.config import load_config
-    from prelabel.runner import build_pipeline
+    from prelabel.pipeline.runner import build_pipeline
     from tests.conftest import TINY_MODEL
 
     labels = ["cat", "rocket"]

@@ -28,11 +28,11 @@ from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_labels, find_work
 from connectors.cvat.labels import add_missing_attributes
 from prelabel.config import load_config
-from prelabel.deliveries import DeliveryLog
-from prelabel.router import route
-from prelabel.runner import build_pipeline
+from prelabel.pipeline.router import route
+from prelabel.pipeline.runner import build_pipeline
+from prelabel.pipeline.worker import predict
+from prelabel.service.deliveries import DeliveryLog
 from prelabel.state import RunState
-from prelabel.worker import predict
 from tests.conftest import TINY_MODEL, run_cli, variants
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer

@@ -372,8 +372,8 @@ def test_entries_carry_the_calibration_in_use_and_workers_apply_only_it(queue: s
     """Every worker routes with the calibration of the machine that enqueued, not its own file."""
     from dataclasses import asdict
 
-    from prelabel.calibrate import Calibration, write_calibration
-    from prelabel.runner import build_pipeline
+    from prelabel.calibration.fitting import Calibration, write_calibration
+    from prelabel.pipeline.runner import build_pipeline
 
     labels = ["cat", "coffee", "rocket"]
     learned = Calibration(
@@ -393,7 +393,7 @@ def test_entries_carry_the_calibration_in_use_and_workers_apply_only_it(queue: s
         _, entries = plan_entries(client, {"project_id": project.project_id}, config, "setup")
     assert entries and all(entry.calibration == asdict(learned) for entry in entries)
 
-    from connectors.queue import tasks
+    from connectors.cvat import queued as tasks
 
     # a worker machine with another calibration file at the same path: the entry's wins
     write_calibration(Calibration(**{**asdict(learned), "temperature": 9.0}), tmp_path / "calibration.yaml")

@@ -6,7 +6,7 @@ import pytest
 
 from prelabel.config import Config
 from prelabel.interface import Prediction
-from prelabel.router import RoutingPolicy, route
+from prelabel.pipeline.router import RoutingPolicy, route
 
 
 def prediction(*scores: tuple[str, float], error: str | None = None) -> Prediction:

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from connectors.folder import FolderSource
-from prelabel.classifier import build_classifier, label_prompts
 from prelabel.config import SIMPLE_TEMPLATES, Config, ModelConfig, load_config
 from prelabel.errors import ModelError
 from prelabel.interface import Decision
-from prelabel.model import load_model
-from prelabel.runner import build_pipeline, run
+from prelabel.pipeline.classifier import build_classifier, label_prompts
+from prelabel.pipeline.model import load_model
+from prelabel.pipeline.runner import build_pipeline, run
 from tests.conftest import LABELS, TINY_MODEL, write_jpegs
 
 TINY_DIR = Path(TINY_MODEL.removeprefix("local-dir:"))
@@ -111,7 +111,7 @@ def test_prompt_ensembling_is_the_renormalised_mean_of_normalised_embeddings(tmp
 
 
 def test_classifier_is_cached_on_disk_under_its_fingerprint(tmp_path: Path):
-    from prelabel import classifier as classifier_module
+    from prelabel.pipeline import classifier as classifier_module
 
     classifier_module._MEMORY.clear()
     config = _tiny_config(tmp_path)

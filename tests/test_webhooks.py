@@ -22,9 +22,9 @@ import pytest
 from cvat_sdk import make_client
 
 from connectors.cvat.webhooks import DESCRIPTION, EVENTS, install_webhook, read_event, remove_webhook
-from prelabel.deliveries import DeliveryLog
 from prelabel.errors import PrelabelError
-from prelabel.serve import Intent, Service, listen
+from prelabel.service.deliveries import DeliveryLog
+from prelabel.service.http import Intent, Service, listen
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer, sample_jpegs
 
@@ -274,7 +274,7 @@ def test_webhook_install_is_idempotent_and_remove_removes_it():
 
 def test_worker_records_outcomes_failed_work_may_be_redelivered_and_unfinished_work_survives(tmp_path: Path):
     """The in-process worker with a stand-in for the CVAT work (its neighbour), and the real log."""
-    from prelabel.serve import InProcessWorker
+    from prelabel.service.http import InProcessWorker
 
     release = threading.Event()
     done: list[dict] = []

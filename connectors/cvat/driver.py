@@ -19,9 +19,9 @@ from connectors.cvat.labels import CvatLabel, check_schema
 from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
 from prelabel.errors import ConfigError
-from prelabel.runner import Pipeline, RunStats, run
+from prelabel.pipeline.runner import Pipeline, RunStats, run
+from prelabel.pipeline.timing import StageTimer
 from prelabel.state import RunState
-from prelabel.timing import StageTimer
 
 
 @dataclass(frozen=True)

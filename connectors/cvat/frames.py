@@ -22,8 +22,8 @@ from cvat_sdk import Client
 from connectors.cvat import retry
 from connectors.cvat.jobs import JobPlan
 from prelabel.interface import Frame
-from prelabel.stream import ordered_map
-from prelabel.timing import StageTimer
+from prelabel.pipeline.stream import ordered_map
+from prelabel.pipeline.timing import StageTimer
 
 
 @dataclass(frozen=True)

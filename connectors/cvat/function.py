@@ -28,9 +28,9 @@ from PIL import Image
 from connectors.cvat_xml import CONFIDENCE_ATTRIBUTE, MODEL_ATTRIBUTE, confidence_value
 from prelabel.config import load_config
 from prelabel.interface import Frame
-from prelabel.router import route
-from prelabel.runner import Pipeline, build_pipeline
-from prelabel.worker import predict
+from prelabel.pipeline.router import route
+from prelabel.pipeline.runner import Pipeline, build_pipeline
+from prelabel.pipeline.worker import predict
 
 _CONFIDENCE_ID, _MODEL_ID = 0, 1
 

@@ -23,7 +23,7 @@ from connectors.cvat.sync import sync_reviews
 from connectors.cvat.webhooks import WorkItem
 from connectors.queue.enqueue import QueueOptions, enqueue_entries, plan_entries
 from prelabel.config import Config
-from prelabel.runner import Pipeline, RunStats, build_pipeline
+from prelabel.pipeline.runner import Pipeline, RunStats, build_pipeline
 from prelabel.state import RunState
 
 

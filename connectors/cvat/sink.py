@@ -27,10 +27,10 @@ from connectors.cvat.frames import CvatFrameRef
 from connectors.cvat.jobs import JobPlan
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, tag_payload
 from prelabel.interface import Decision
+from prelabel.pipeline.stream import BackgroundWriter
+from prelabel.pipeline.timing import StageTimer
 from prelabel.review import review_message
 from prelabel.state import RunState
-from prelabel.stream import BackgroundWriter
-from prelabel.timing import StageTimer
 
 
 @dataclass(frozen=True)

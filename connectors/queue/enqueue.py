@@ -20,7 +20,7 @@ from rq.job import JobStatus
 from connectors.cvat.driver import candidate_names
 from connectors.cvat.jobs import Work, find_work
 from connectors.queue.entries import ENQUEUE_LOCK, FUNCTION, Entry, entry_id, open_queue
-from prelabel.calibrate import read_calibration
+from prelabel.calibration.fitting import read_calibration
 from prelabel.config import Config
 
 PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}

@@ -16,7 +16,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 QUEUE_NAME = "prelabel"
-FUNCTION = "connectors.queue.tasks.label_entry"
+FUNCTION = "connectors.cvat.queued.label_entry"
 SERIALIZER = JSONSerializer
 """JSON, not pickle: entries are plain data that any worker version can read."""
 

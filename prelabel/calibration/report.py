@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from prelabel.evaluation import NONE_LABEL, Evaluation
+from prelabel.calibration.evaluation import NONE_LABEL, Evaluation
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def folder(
     names = _split_labels(labels) or [label.name for label in config.labels]
     source = FolderSource(images_dir)
 
-    from prelabel.runner import build_pipeline, format_summary, run  # imports torch: slow
+    from prelabel.pipeline.runner import build_pipeline, format_summary, run  # imports torch: slow
 
     pipeline = build_pipeline(config, names)
     sink = FolderSink(
@@ -318,7 +318,7 @@ def run_command(
     target = _one_target(project_id, task_id, job_id)
     config = load_config(config_path, _overrides(**flags))
     if queue_url:  # scale-out: workers label the jobs (prelabel/cli_queue.py)
-        from prelabel.cli_queue import run_on_queue
+        from prelabel.cli.queue import run_on_queue
 
         server = dict(server_host=server_host, auth=auth, profile=profile, organization=organization,
                       insecure=insecure, ca_bundle=ca_bundle)  # fmt: skip
@@ -339,7 +339,7 @@ def run_command(
     if dry_run:
         return
 
-    from prelabel.runner import RunStats, build_pipeline, format_summary
+    from prelabel.pipeline.runner import RunStats, build_pipeline, format_summary
 
     with RunState(Path(state_path or config.state.path)) as state:
         state.set_meta("host", client.api_map.host)
@@ -467,20 +467,20 @@ def _write_profile(path: Path | None, total, per_job: dict | None = None) -> Non
     click.echo(f"  profile: {path}")
 
 
-from prelabel.cli_webhooks import register as _register_webhooks  # noqa: E402
+from prelabel.cli.webhooks import register as _register_webhooks  # noqa: E402
 
 _register_webhooks(cli)
 
-from prelabel.cli_queue import register as _register_queue_commands  # noqa: E402
+from prelabel.cli.queue import register as _register_queue_commands  # noqa: E402
 
 _register_queue_commands(cli)
 
-import prelabel.cli_calibrate  # noqa: E402, F401  (its `eval` and `calibrate` register on import)
+import prelabel.cli.calibrate  # noqa: E402, F401  (its `eval` and `calibrate` register on import)
 
 
 def main() -> None:
     """Console entry point: runs the CLI and turns user errors into one-line messages."""
-    from prelabel.memory import tune_allocator
+    from prelabel.pipeline.memory import tune_allocator
 
     tune_allocator()
     try:

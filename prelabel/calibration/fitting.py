@@ -18,18 +18,18 @@ import numpy as np
 import torch
 import yaml
 
-from prelabel.calibration import (
+from prelabel.calibration.fewshot import FewShotCache
+from prelabel.calibration.ground_truth import LabeledSet
+from prelabel.calibration.maths import (
     adjusted_level,
     candidate_thresholds,
     choose_threshold,
     fit_temperature,
     samples_needed,
 )
-from prelabel.classifier import TextClassifier
 from prelabel.errors import ConfigError, PrelabelError
-from prelabel.fewshot import FewShotCache
-from prelabel.ground_truth import LabeledSet
-from prelabel.router import RoutingPolicy
+from prelabel.pipeline.classifier import TextClassifier
+from prelabel.pipeline.router import RoutingPolicy
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli import _connect, _one_target, _overrides, _setup_hint, model_options, target_options
+from prelabel.cli.label import _connect, _one_target, _overrides, _setup_hint, model_options, target_options
 from prelabel.errors import PrelabelError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, auth, profil
 
     connection = connect_queue(queue_url)  # a bad URL fails before the slow imports
 
-    from connectors.queue import tasks
+    from connectors.cvat import queued as tasks
     from connectors.queue.worker import run_worker, worker_name
 
     quiet = click.get_current_context().find_root().params.get("quiet")
@@ -195,7 +195,7 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, auth, profil
 
 
 def _pipeline_builder():
-    from prelabel.runner import build_pipeline
+    from prelabel.pipeline.runner import build_pipeline
 
     return build_pipeline
 

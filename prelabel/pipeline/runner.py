@@ -17,16 +17,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from prelabel.calibrate import Calibration, apply_calibration, read_calibration
-from prelabel.classifier import TextClassifier, build_classifier, label_prompts
+from prelabel.calibration.fewshot import load_cache
+from prelabel.calibration.fitting import Calibration, apply_calibration, read_calibration
 from prelabel.config import Config
 from prelabel.errors import ConfigError
-from prelabel.fewshot import load_cache
 from prelabel.interface import DecisionSink, FrameSource
-from prelabel.model import LoadedModel, load_model
-from prelabel.router import RoutingPolicy, route
-from prelabel.timing import StageTimer
-from prelabel.worker import WorkerOptions, predict
+from prelabel.pipeline.classifier import TextClassifier, build_classifier, label_prompts
+from prelabel.pipeline.model import LoadedModel, load_model
+from prelabel.pipeline.router import RoutingPolicy, route
+from prelabel.pipeline.timing import StageTimer
+from prelabel.pipeline.worker import WorkerOptions, predict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "prelabel"
 

@@ -27,10 +27,10 @@ from connectors.cvat.connect import ServerOptions, connect
 from connectors.cvat.driver import JobOptions, candidate_names, label_jobs
 from connectors.cvat.jobs import find_work
 from connectors.queue.entries import COMPLETIONS, STATS_INDEX, Entry, stats_key
-from prelabel.calibrate import Calibration
+from prelabel.calibration.fitting import Calibration
 from prelabel.config import Config
 from prelabel.errors import ConfigError
-from prelabel.runner import Pipeline, build_pipeline
+from prelabel.pipeline.runner import Pipeline, build_pipeline
 from prelabel.state import RunState
 
 log = logging.getLogger(__name__)

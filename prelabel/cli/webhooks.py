@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli import _connect, server_options
+from prelabel.cli.label import _connect, server_options
 from prelabel.errors import ConfigError, PrelabelError
 
 SECRET_ENV = "PRELABEL_WEBHOOK_SECRET"
@@ -67,8 +67,8 @@ def serve(listen, config_path, state_path, project_ids, queue_url, **server):
     """
     from connectors.cvat.perform import CvatWork
     from prelabel.config import load_config
-    from prelabel.deliveries import DeliveryLog
-    from prelabel.serve import InProcessWorker, Service, emit, parse_listen, serve, use_json_logs
+    from prelabel.service.deliveries import DeliveryLog
+    from prelabel.service.http import InProcessWorker, Service, emit, parse_listen, serve, use_json_logs
 
     config = load_config(config_path)
     secret = _secret(config)
@@ -105,7 +105,7 @@ def serve(listen, config_path, state_path, project_ids, queue_url, **server):
 def _interpret(body, projects: set[int]):
     """A CVAT delivery as the service's `Intent`, ignoring projects not served."""
     from connectors.cvat.webhooks import read_event
-    from prelabel.serve import Intent
+    from prelabel.service.http import Intent
 
     event = read_event(body)
     if event.item is not None and projects and event.project_id not in projects:

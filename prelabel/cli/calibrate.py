@@ -14,7 +14,15 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli import _connect, _one_target, _overrides, cli, model_options, server_options, target_options
+from prelabel.cli.label import (
+    _connect,
+    _one_target,
+    _overrides,
+    cli,
+    model_options,
+    server_options,
+    target_options,
+)
 from prelabel.errors import InputError
 
 
@@ -60,8 +68,8 @@ def _load(config, ground_truth, labels, target_values, server, state):
 
 def _labeled_set(config, source, names, state, *, fresh: bool, progress: bool):
     """Load the pipeline (`fresh`: ignoring any calibration and cache) and embed the truth."""
-    from prelabel.ground_truth import embed_examples
-    from prelabel.runner import build_pipeline
+    from prelabel.calibration.ground_truth import embed_examples
+    from prelabel.pipeline.runner import build_pipeline
 
     if fresh:
         config = config.model_copy(
@@ -105,9 +113,9 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
     with RunState(Path(state_path or config.state.path), lock=False) as state:
         source, names = _load(config, ground_truth, labels, (project_id, task_id, job_id), server, state)
         pipeline, labeled = _labeled_set(config, source, names, state, fresh=False, progress=progress)
-    from prelabel.calibrate import cache_from, score_examples
-    from prelabel.evaluation import evaluate
-    from prelabel.report import ReportContext, write_report
+    from prelabel.calibration.evaluation import evaluate
+    from prelabel.calibration.fitting import cache_from, score_examples
+    from prelabel.calibration.report import ReportContext, write_report
 
     classifier = pipeline.classifier
     scores = score_examples(
@@ -184,9 +192,9 @@ def calibrate_command(
     with RunState(Path(state_path or config.state.path), lock=False) as state:
         source, names = _load(config, ground_truth, labels, (project_id, task_id, job_id), server, state)
         pipeline, labeled = _labeled_set(config, source, names, state, fresh=True, progress=progress)
-    from prelabel.calibrate import cache_from, fit_calibration, write_calibration
-    from prelabel.fewshot import save_cache
-    from prelabel.router import RoutingPolicy
+    from prelabel.calibration.fewshot import save_cache
+    from prelabel.calibration.fitting import cache_from, fit_calibration, write_calibration
+    from prelabel.pipeline.router import RoutingPolicy
 
     classifier = pipeline.classifier
     identity = pipeline.loaded.identity

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from prelabel.classifier import TextClassifier
-from prelabel.decode import DecodeError, decode
 from prelabel.interface import Frame, Prediction
-from prelabel.model import LoadedModel, inference
-from prelabel.stream import ordered_map
-from prelabel.timing import StageTimer
+from prelabel.pipeline.classifier import TextClassifier
+from prelabel.pipeline.decode import DecodeError, decode
+from prelabel.pipeline.model import LoadedModel, inference
+from prelabel.pipeline.stream import ordered_map
+from prelabel.pipeline.timing import StageTimer
 
 
 @dataclass(frozen=True)

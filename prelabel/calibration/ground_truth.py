@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from prelabel.interface import Example, GroundTruthSource
-from prelabel.model import LoadedModel
+from prelabel.pipeline.model import LoadedModel
+from prelabel.pipeline.worker import WorkerOptions, embed
 from prelabel.state import RunState
-from prelabel.worker import WorkerOptions, embed
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from prelabel.deliveries import DeliveryLog
 from prelabel.errors import PrelabelError
-from prelabel.signature import verify
+from prelabel.service.deliveries import DeliveryLog
+from prelabel.service.signature import verify
 
 log = logging.getLogger("prelabel.serve")
 

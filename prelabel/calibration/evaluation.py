@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prelabel.calibration import (
+from prelabel.calibration.maths import (
     ReliabilityBin,
     expected_calibration_error,
     reliability_table,

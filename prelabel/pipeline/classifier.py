@@ -18,9 +18,9 @@ from pathlib import Path
 import open_clip
 import torch
 
+from prelabel.calibration.fewshot import FewShotCache
 from prelabel.config import Config
-from prelabel.fewshot import FewShotCache
-from prelabel.model import LoadedModel, inference
+from prelabel.pipeline.model import LoadedModel, inference
 
 log = logging.getLogger(__name__)
 
