@@ -8,8 +8,9 @@ from cvat_sdk import Client
 
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
+from connectors.cvat.session import CvatSession
+from prelabel.assemble import build_pipeline
 from prelabel.config import Config
-from prelabel.pipeline.runner import build_pipeline
 from prelabel.pipeline.worker import WorkerOptions, predict
 
 
@@ -24,8 +25,9 @@ class Agreement:
 
 def int8_agreement(client: Client, task_id: int, config: Config, labels: tuple[str, ...]) -> Agreement:
     """Score the task's frames (as prelabel downloads them) with fp32 and int8 models and compare."""
-    work = find_work(client, task_id=task_id, include_tagged=True)
-    frames = [frame for plan in work.jobs for frame in JobFrameSource(client, plan).frames()]
+    session = CvatSession(client)
+    work = find_work(session, task_id=task_id, include_tagged=True)
+    frames = [frame for plan in work.jobs for frame in JobFrameSource(session, plan).frames()]
     scores = []
     for quantize in ("none", "int8"):
         model = config.model.model_copy(update={"quantize": quantize})

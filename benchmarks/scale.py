@@ -30,7 +30,9 @@ from rq import Worker
 
 from benchmarks.dataset import REPO
 from benchmarks.machine import _cpu_model
-from connectors.queue.enqueue import QueueOptions, enqueue_entries, plan_entries
+from connectors.cvat.queued import plan_entries
+from connectors.cvat.session import CvatSession
+from connectors.queue.enqueue import QueueOptions, enqueue_entries
 from connectors.queue.entries import COMPLETIONS, open_queue
 from connectors.queue.status import wait_for
 from prelabel.config import load_config
@@ -106,10 +108,10 @@ def measure(workers: int, args: argparse.Namespace, folder: Path) -> tuple[float
                 if time.monotonic() > deadline:
                     raise SystemExit("the workers did not start")
                 time.sleep(0.2)
-            client = make_client(server.url, credentials=("annotator", PASSWORD))
+            session = CvatSession(make_client(server.url, credentials=("annotator", PASSWORD)))
 
             def run(target: dict[str, int]) -> tuple[float, dict[str, list[str]]]:
-                _, entries = plan_entries(client, target, config, "")
+                _, entries = plan_entries(session, target, config)
                 start = time.perf_counter()
                 done = enqueue_entries(connection, entries, QueueOptions())
                 outcome = wait_for(connection, list(done.ids.values()), poll=0.05)

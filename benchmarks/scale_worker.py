@@ -12,17 +12,19 @@ import sys
 import time
 from collections.abc import Sequence
 
-from prelabel import cli
-from prelabel.cli import queue as cli_queue
+from prelabel.assemble import build_pipeline
+from prelabel.cli import main as prelabel_main
 from prelabel.config import Config
-from prelabel.pipeline.runner import Pipeline, build_pipeline
+from prelabel.pipeline.runner import Pipeline
 
 
 def standin_builder(seconds: float):
     """A pipeline builder whose image encoder sleeps `seconds` per batch before encoding."""
 
-    def build(config: Config, labels: Sequence[str], calibration=None) -> Pipeline:
-        pipeline = build_pipeline(config, labels, calibration=calibration)
+    def build(config: Config, labels: Sequence[str], loaded=None, calibration=None) -> Pipeline:
+        pipeline = build_pipeline(config, labels, loaded, calibration=calibration)
+        if loaded is not None:  # a model this builder loaded (and slowed down) before
+            return pipeline
         model = pipeline.loaded.model
         encode = model.encode_image
 
@@ -38,9 +40,7 @@ def standin_builder(seconds: float):
 
 def main() -> None:
     seconds = float(sys.argv[1])
-    cli_queue._pipeline_builder = lambda: standin_builder(seconds)
-    sys.argv = ["prelabel", "worker", *sys.argv[2:]]
-    cli.main()
+    prelabel_main(["worker", *sys.argv[2:]], obj={"pipeline_builder": standin_builder(seconds)})
 
 
 if __name__ == "__main__":

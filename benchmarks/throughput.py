@@ -26,8 +26,8 @@ from benchmarks.prelabel_cli import DEFAULT_VARIANTS, PrelabelRun, Variant, run_
 from benchmarks.quantization import int8_agreement
 from benchmarks.report import Row, Spread, append_rows, mib, today
 from benchmarks.sdk_baseline import BaselineRun, OpenClipTagger, run_baseline
+from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
-from prelabel.pipeline.runner import build_pipeline
 from tests.cvat_server import CvatTestServer
 
 VARIANTS: tuple[Variant, ...] = (*DEFAULT_VARIANTS, Variant("int8", ("--quantize", "int8")))

@@ -6,6 +6,7 @@ wrong type or a value out of range is a `ConfigError` whose message names the ke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -270,6 +271,45 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {_describe(exc)}") from None
+
+
+def model_overrides(
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    quantize: str | None = None,
+    accept_threshold: float | None = None,
+    min_margin: float | None = None,
+    multi_label: bool | None = None,
+    **_ignored: Any,
+) -> dict[str, Any]:
+    """`load_config` overrides for the model and routing settings given (None: not given).
+
+    An explicit accept threshold or minimum margin wins over the calibration file, which
+    is then not applied (the one place this rule is written).
+    """
+    explicit = accept_threshold is not None or min_margin is not None
+    return {
+        "calibration.use": False if explicit else None,
+        "model.name": model,
+        "model.pretrained": pretrained,
+        "model.device": device,
+        "model.batch_size": batch_size,
+        "model.quantize": quantize,
+        "routing.accept_threshold": accept_threshold,
+        "routing.min_margin": min_margin,
+        "routing.multi_label": multi_label,
+    }
+
+
+def split_labels(value: str | Sequence[str] | None) -> list[str]:
+    """Label names from ``"cat, dog,car"`` (or a list): stripped, empty parts dropped."""
+    if value is None:
+        return []
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    return [part.strip() for part in parts if part.strip()]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

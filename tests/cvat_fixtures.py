@@ -8,8 +8,9 @@ from cvat_sdk import make_client
 
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
+from connectors.cvat.session import CvatSession
+from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
-from prelabel.pipeline.runner import build_pipeline
 from prelabel.pipeline.worker import predict
 from tests.conftest import TINY_MODEL
 from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
@@ -82,13 +83,13 @@ def tiny_args(*extra: str) -> list[str]:
 def expected_top1(project: Project) -> dict[tuple[int, int], tuple[str, float]]:
     """The worker's top-1 (label, probability) per frame, computed in-process over the same chunks."""
     config = load_config(None, {"model.name": TINY_MODEL, "model.pretrained": "none"})
-    client = make_client(project.server.url, credentials=("annotator", PASSWORD))
-    work = find_work(client, project_id=project.project_id, include_tagged=True)
+    session = CvatSession(make_client(project.server.url, credentials=("annotator", PASSWORD)))
+    work = find_work(session, project_id=project.project_id, include_tagged=True)
     pipeline = build_pipeline(config, LABELS)
     top1 = {}
     for plan in work.jobs:
         for prediction in predict(
-            JobFrameSource(client, plan).frames(), pipeline.loaded, pipeline.classifier, pipeline.options
+            JobFrameSource(session, plan).frames(), pipeline.loaded, pipeline.classifier, pipeline.options
         ):
             top1[(plan.task_id, prediction.ref.frame)] = (prediction.top_label, prediction.confidence)
     return top1

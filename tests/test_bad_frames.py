@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from connectors.folder import FolderSource
-from prelabel.pipeline.runner import build_pipeline, run
+from prelabel.assemble import build_pipeline
+from prelabel.pipeline.runner import run
 from tests.conftest import LABELS, SAMPLES, run_cli
 from tests.cvat_fixtures import tiny_args
 from tests.test_scoring import ListSink, _tiny_config

@@ -11,8 +11,9 @@ from cvat_sdk import make_client, models
 
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
+from connectors.cvat.session import CvatSession
+from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
-from prelabel.pipeline.runner import build_pipeline
 from prelabel.pipeline.worker import WorkerOptions, predict
 from tests.conftest import TINY_MODEL, run_cli
 from tests.cvat_fixtures import LABELS, PASSWORD, Project, tiny_args
@@ -23,14 +24,14 @@ from tests.test_review import _edit_tag, _label_names, _same_attributes
 def probabilities(project: Project, **target: int) -> dict[tuple[int, int], dict[str, float]]:
     """Uncalibrated probabilities of every label per (job, frame) of a target, computed in-process."""
     config = load_config(None, {"model.name": TINY_MODEL, "model.pretrained": "none"})
-    client = make_client(project.server.url, credentials=("annotator", PASSWORD))
-    work = find_work(client, **target, include_tagged=True, relabel=True)
+    session = CvatSession(make_client(project.server.url, credentials=("annotator", PASSWORD)))
+    work = find_work(session, **target, include_tagged=True, relabel=True)
     pipeline = build_pipeline(config, LABELS)
     options = WorkerOptions(batch_size=8, top_k=len(LABELS))
     found = {}
     for plan in work.jobs:
         for p in predict(
-            JobFrameSource(client, plan).frames(), pipeline.loaded, pipeline.classifier, options
+            JobFrameSource(session, plan).frames(), pipeline.loaded, pipeline.classifier, options
         ):
             found[(plan.job_id, p.ref.frame)] = dict(p.scores)
     return found

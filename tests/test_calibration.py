@@ -296,10 +296,9 @@ def test_leave_one_out_scores_equal_a_cache_rebuilt_without_the_frame():
 
 
 def test_run_applies_the_calibration_file_unless_a_threshold_is_given(tmp_path: Path):
+    from prelabel.assemble import build_pipeline
     from prelabel.calibration.fitting import Calibration
-    from prelabel.cli.label import _overrides
-    from prelabel.config import load_config
-    from prelabel.pipeline.runner import build_pipeline
+    from prelabel.config import load_config, model_overrides
     from tests.conftest import TINY_MODEL
 
     labels = ["cat", "rocket"]
@@ -313,10 +312,10 @@ def test_run_applies_the_calibration_file_unless_a_threshold_is_given(tmp_path: 
         path,
     )  # fmt: skip
     base = {"model.name": TINY_MODEL, "model.pretrained": "none", "calibration.path": str(path)}
-    calibrated = build_pipeline(load_config(None, {**_overrides(), **base}), labels)
+    calibrated = build_pipeline(load_config(None, {**model_overrides(), **base}), labels)
     assert calibrated.calibrated == str(path)
     assert (calibrated.classifier.temperature, calibrated.policy.accept_threshold) == (2.5, 0.7)
-    explicit = build_pipeline(load_config(None, {**_overrides(accept_threshold=0.4), **base}), labels)
+    explicit = build_pipeline(load_config(None, {**model_overrides(accept_threshold=0.4), **base}), labels)
     assert explicit.calibrated is None
     assert (explicit.classifier.temperature, explicit.policy.accept_threshold) == (1.0, 0.4)
     with pytest.raises(ConfigError, match="was made for labels"):

@@ -27,9 +27,10 @@ from cvat_sdk import Client, make_client
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_labels, find_work
 from connectors.cvat.labels import add_missing_attributes
+from connectors.cvat.session import CvatSession
+from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
 from prelabel.pipeline.router import route
-from prelabel.pipeline.runner import build_pipeline
 from prelabel.pipeline.worker import predict
 from prelabel.service.deliveries import DeliveryLog
 from prelabel.state import RunState
@@ -68,11 +69,12 @@ def _free_port() -> int:
 
 def _top1(client: Client, task_id: int, config) -> dict[tuple[int, int], tuple[str, float]]:
     """(job, frame) -> top-1 (label, probability), computed in-process over the task's chunks."""
-    work = find_work(client, task_id=task_id, include_tagged=True)
+    session = CvatSession(client)
+    work = find_work(session, task_id=task_id, include_tagged=True)
     pipeline = build_pipeline(config, LABELS)
     top1 = {}
     for plan in work.jobs:
-        source = JobFrameSource(client, plan).frames()
+        source = JobFrameSource(session, plan).frames()
         for prediction in predict(source, pipeline.loaded, pipeline.classifier, pipeline.options):
             top1[(plan.job_id, prediction.ref.frame)] = (prediction.top_label, prediction.confidence)
     return top1
@@ -128,7 +130,8 @@ def hands_free(tmp_path_factory) -> Iterator[HandsFree]:
             labels=[{"name": name, "type": "tag", "attributes": []} for name in LABELS],
         )
         client = make_client(server.url, credentials=("annotator", PASSWORD))
-        add_missing_attributes(client, find_labels(client, project_id=project_id)[1])
+        session = CvatSession(client)
+        add_missing_attributes(session, find_labels(session, project_id=project_id)[1])
 
         # A probe task with the same images gives the confidences, to set a threshold that
         # sends about half of the frames to review.
@@ -344,11 +347,12 @@ def test_the_function_module_tags_through_annotate_task():
         cvataa.annotate_task(client, task_id, function, allow_unmatched_labels=True)
 
         # The same frames, scored and routed in-process by the function's own pipeline.
-        work = find_work(client, task_id=task_id, include_tagged=True)
+        session = CvatSession(client)
+        work = find_work(session, task_id=task_id, include_tagged=True)
         pipeline = function.pipeline
         expected = {}
         for plan in work.jobs:
-            source = JobFrameSource(client, plan).frames()
+            source = JobFrameSource(session, plan).frames()
             for prediction in predict(source, pipeline.loaded, pipeline.classifier, pipeline.options):
                 decision = route(prediction, pipeline.policy)
                 expected[prediction.ref.frame] = [label for label, _ in decision.tags if label in LABELS]

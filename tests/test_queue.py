@@ -20,7 +20,9 @@ import pytest
 from cvat_sdk import make_client
 from redis import Redis
 
-from connectors.queue.enqueue import QueueOptions, enqueue_entries, plan_entries
+from connectors.cvat.queued import plan_entries
+from connectors.cvat.session import CvatSession
+from connectors.queue.enqueue import QueueOptions, enqueue_entries
 from connectors.queue.status import read_status
 from prelabel.config import load_config
 from tests.conftest import TINY_MODEL, run_cli
@@ -133,7 +135,7 @@ def enqueue_here(queue: str, project: Project, config: Path, **overrides) -> Non
     """`prelabel enqueue --project-id`, in-process (where the CLI is not what a test is about)."""
     client = make_client(project.server.url, credentials=("annotator", PASSWORD))
     loaded = load_config(config, overrides)
-    _, entries = plan_entries(client, {"project_id": project.project_id}, loaded, "")
+    _, entries = plan_entries(CvatSession(client), {"project_id": project.project_id}, loaded)
     enqueue_entries(Redis.from_url(queue), entries, QueueOptions())
 
 
@@ -353,7 +355,7 @@ def test_a_webhook_s_new_task_goes_on_the_queue_once(queue: str, tmp_path: Path)
         project = many_jobs_project(server, image_frames=6, video_frames=2)
         client = make_client(server.url, credentials=("annotator", PASSWORD))
         redis = Redis.from_url(queue)
-        work = CvatWork(client, config, tmp_path / "state.db", redis)
+        work = CvatWork(CvatSession(client), config, tmp_path / "state.db", redis)
         item = {"kind": "label_task", "project_id": project.project_id, "task_id": project.image_tasks[0]}
         first, second = work(item), work(item)
         assert first.startswith(f"task {item['task_id']}: queued 3 jobs for the workers (0 already pending")
@@ -372,8 +374,8 @@ def test_entries_carry_the_calibration_in_use_and_workers_apply_only_it(queue: s
     """Every worker routes with the calibration of the machine that enqueued, not its own file."""
     from dataclasses import asdict
 
+    from prelabel.assemble import build_pipeline
     from prelabel.calibration.fitting import Calibration, write_calibration
-    from prelabel.pipeline.runner import build_pipeline
 
     labels = ["cat", "coffee", "rocket"]
     learned = Calibration(
@@ -390,14 +392,14 @@ def test_entries_carry_the_calibration_in_use_and_workers_apply_only_it(queue: s
     with CvatTestServer() as server:
         project = many_jobs_project(server, image_frames=4, video_frames=2)
         client = make_client(server.url, credentials=("annotator", PASSWORD))
-        _, entries = plan_entries(client, {"project_id": project.project_id}, config, "setup")
+        _, entries = plan_entries(CvatSession(client), {"project_id": project.project_id}, config)
     assert entries and all(entry.calibration == asdict(learned) for entry in entries)
 
-    from connectors.cvat import queued as tasks
+    from connectors.cvat.queued import EntryWorker, WorkerSettings
 
     # a worker machine with another calibration file at the same path: the entry's wins
     write_calibration(Calibration(**{**asdict(learned), "temperature": 9.0}), tmp_path / "calibration.yaml")
-    tasks.configure(tasks.WorkerSettings(name="w", state=None), Redis.from_url(queue), build_pipeline)
-    pipeline = tasks._pipeline(config, labels, entries[0].calibration)
+    worker = EntryWorker(WorkerSettings(name="w", state=None), Redis.from_url(queue), build_pipeline)
+    pipeline = worker.pipeline(entries[0], worker.config(entries[0]), labels)
     assert pipeline.classifier.temperature == 1.7
     assert pipeline.policy.accept_threshold == 0.52 and pipeline.policy.threshold("cat") == 0.61

@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from connectors.folder import FolderSource
+from prelabel.assemble import build_pipeline
 from prelabel.config import SIMPLE_TEMPLATES, Config, ModelConfig, load_config
 from prelabel.errors import ModelError
 from prelabel.interface import Decision
 from prelabel.pipeline.classifier import build_classifier, label_prompts
 from prelabel.pipeline.model import load_model
-from prelabel.pipeline.runner import build_pipeline, run
+from prelabel.pipeline.runner import run
 from tests.conftest import LABELS, TINY_MODEL, write_jpegs
 
 TINY_DIR = Path(TINY_MODEL.removeprefix("local-dir:"))

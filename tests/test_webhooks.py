@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from cvat_sdk import make_client
 
+from connectors.cvat.session import CvatSession
 from connectors.cvat.webhooks import DESCRIPTION, EVENTS, install_webhook, read_event, remove_webhook
 from prelabel.errors import PrelabelError
 from prelabel.service.deliveries import DeliveryLog
@@ -195,12 +196,12 @@ def test_test_server_delivers_like_real_cvat(tmp_path: Path):
     try:
         with CvatTestServer() as server:
             project_id = _seed(server)
-            client = make_client(server.url, credentials=("annotator", PASSWORD))
+            session = CvatSession(make_client(server.url, credentials=("annotator", PASSWORD)))
             url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-            installed = install_webhook(client, project_id, url, REAL_SECRET)
+            installed = install_webhook(session, project_id, url, REAL_SECRET)
             server.webhooks.webhooks[installed.webhook_id]["events"].append("create:task")
             task_id = server.add_image_task(project_id, sample_jpegs(4), name="t", segment_size=3)
-            job = client.jobs.retrieve(server.jobs(task_id)[0]["id"])
+            job = session.client.jobs.retrieve(server.jobs(task_id)[0]["id"])
             job.update({"stage": "validation"})
             deliveries = server.webhook_deliveries()
     finally:
@@ -246,13 +247,13 @@ def test_webhook_install_is_idempotent_and_remove_removes_it():
     with CvatTestServer() as server:
         project_id = _seed(server)
         other = server.add_project("other", owner="annotator", labels=[{"name": "cat", "type": "tag"}])
-        client = make_client(server.url, credentials=("annotator", PASSWORD))
-        first = install_webhook(client, project_id, "http://10.0.0.5:8765/", SECRET)
-        second = install_webhook(client, project_id, "http://10.0.0.5:8765/", SECRET)
+        session = CvatSession(make_client(server.url, credentials=("annotator", PASSWORD)))
+        first = install_webhook(session, project_id, "http://10.0.0.5:8765/", SECRET)
+        second = install_webhook(session, project_id, "http://10.0.0.5:8765/", SECRET)
         assert first.created and not second.created and second.webhook_id == first.webhook_id
-        moved = install_webhook(client, project_id, "http://10.0.0.6:9000/hook", SECRET)
+        moved = install_webhook(session, project_id, "http://10.0.0.6:9000/hook", SECRET)
         assert moved.webhook_id == first.webhook_id and not moved.created
-        install_webhook(client, other, "http://10.0.0.5:8765/", SECRET)
+        install_webhook(session, other, "http://10.0.0.5:8765/", SECRET)
 
         hooks = [w for w in server.webhooks.webhooks.values() if w["project_id"] == project_id]
         assert len(hooks) == 1
@@ -261,14 +262,14 @@ def test_webhook_install_is_idempotent_and_remove_removes_it():
         assert sorted(hook["events"]) == sorted(EVENTS)
         assert hook["secret"] == SECRET and hook["description"] == DESCRIPTION
         assert hook["content_type"] == "application/json" and hook["is_active"]
-        read = client.api_client.webhooks_api.retrieve(hook["id"])[0]
+        read = session.client.api_client.webhooks_api.retrieve(hook["id"])[0]
         assert "secret" not in read.to_dict()
 
         with pytest.raises(PrelabelError, match="project 999"):
-            install_webhook(client, 999, "http://10.0.0.5:8765/", SECRET)
+            install_webhook(session, 999, "http://10.0.0.5:8765/", SECRET)
 
-        assert remove_webhook(client, project_id) == [first.webhook_id]
-        assert remove_webhook(client, project_id) == []
+        assert remove_webhook(session, project_id) == [first.webhook_id]
+        assert remove_webhook(session, project_id) == []
         assert [w["project_id"] for w in server.webhooks.webhooks.values()] == [other]
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cvat_sdk import Client, models
+from cvat_sdk import models
 from cvat_sdk.core.helpers import get_paginated_collection
 
-from connectors.cvat import retry
-from connectors.cvat.connect import CvatError
+from connectors.cvat.errors import CvatError
 from connectors.cvat.labels import text_value
+from connectors.cvat.session import CvatSession
 from prelabel.config import ReviewConfig
 
 
@@ -25,14 +25,14 @@ class Reviewer:
     username: str
 
 
-def resolve_reviewers(client: Client, usernames: list[str]) -> list[Reviewer]:
+def resolve_reviewers(session: CvatSession, usernames: list[str]) -> list[Reviewer]:
     """Look each username up; an unknown one is an error (raised before anything is written)."""
     reviewers = []
     for username in usernames:
-        found = retry.call(
+        found = session.call(
             f"looking up reviewer {username!r}",
             lambda username=username: get_paginated_collection(
-                client.api_client.users_api.list_endpoint, username=username
+                session.client.api_client.users_api.list_endpoint, username=username
             ),
         )
         match = [user for user in found if user.username == username]
@@ -47,39 +47,40 @@ def resolve_reviewers(client: Client, usernames: list[str]) -> list[Reviewer]:
 
 
 def route_job(
-    client: Client, job_id: int, review_items: int, reviewers: list[Reviewer], config: ReviewConfig
+    session: CvatSession, job_id: int, review_items: int, reviewers: list[Reviewer], config: ReviewConfig
 ) -> dict[str, object]:
     """Set the job's assignee, stage and state for its outcome; returns the fields written."""
-    job, _ = retry.call(f"reading job {job_id}", lambda: client.api_client.jobs_api.retrieve(job_id))
+    jobs_api = session.client.api_client.jobs_api
+    job, _ = session.call(f"reading job {job_id}", lambda: jobs_api.retrieve(job_id))
     current_assignee = job.assignee.id if job.assignee else None
     wanted: dict[str, object] = {}
     if review_items:
         wanted["stage"], wanted["state"] = config.stage, config.state
         if reviewers:
-            wanted["assignee"] = _pick(client, job_id, current_assignee, reviewers, config.assign)
+            wanted["assignee"] = _pick(session, job_id, current_assignee, reviewers, config.assign)
     elif config.accepted_stage is not None:
         wanted["stage"] = config.accepted_stage
     current = {"stage": text_value(job.stage), "state": text_value(job.state), "assignee": current_assignee}
     changes = {key: value for key, value in wanted.items() if current[key] != value}
     if changes:
         request = models.PatchedJobWriteRequest(**changes)  # setting fields: safe to repeat
-        retry.call(
+        session.call(
             f"updating job {job_id}",
-            lambda: client.api_client.jobs_api.partial_update(job_id, patched_job_write_request=request),
+            lambda: jobs_api.partial_update(job_id, patched_job_write_request=request),
         )
     return changes
 
 
-def _pick(client: Client, job_id: int, current: int | None, reviewers: list[Reviewer], how: str) -> int:
+def _pick(session: CvatSession, job_id: int, current: int | None, reviewers: list[Reviewer], how: str) -> int:
     if current in {reviewer.id for reviewer in reviewers}:
         return current  # already with one of the reviewers: keep it there
     if how == "round_robin":
         return reviewers[job_id % len(reviewers)].id
     loads = []
     for reviewer in reviewers:
-        page, _ = retry.call(
+        page, _ = session.call(
             f"counting the jobs of reviewer {reviewer.username!r}",
-            lambda reviewer=reviewer: client.api_client.jobs_api.list(
+            lambda reviewer=reviewer: session.client.api_client.jobs_api.list(
                 assignee=reviewer.username, page_size=1
             ),
         )

@@ -1,5 +1,11 @@
 """Pre-labeling CVAT jobs: each job's frames run source -> worker -> router -> sink.
 
+`label_target` is the one composition of that work, used by `prelabel run`, the webhook
+service, the queue worker and (through `plan_target`) queue planning: find the jobs that
+need labels, check the candidate labels, then label each job and route it to review.
+Entry points only gather their inputs (a session, a target, a config, a pipeline maker)
+and call it.
+
 The job is the unit of work. Labeling one job depends only on the job, the config and the
 server's state (the local state file is a record), so jobs can be processed in any order,
 again after a crash, or on different machines, without writing anything twice.
@@ -7,21 +13,49 @@ again after a crash, or on different machines, without writing anything twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cvat_sdk import Client
-
-from connectors.cvat.assign import Reviewer, route_job
+from connectors.cvat.assign import Reviewer, resolve_reviewers, route_job
 from connectors.cvat.frames import JobFrameSource
-from connectors.cvat.jobs import JobPlan, Work
+from connectors.cvat.jobs import JobPlan, Work, find_work
 from connectors.cvat.labels import CvatLabel, check_schema
+from connectors.cvat.session import CvatSession
 from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.pipeline.runner import Pipeline, RunStats, run
 from prelabel.pipeline.timing import StageTimer
 from prelabel.state import RunState
+
+Target = dict[str, int]
+"""Exactly one of ``{"project_id": N}``, ``{"task_id": N}``, ``{"job_id": N}``."""
+
+PipelineFor = Callable[[Sequence[str]], Pipeline]
+"""Gives the pipeline for a list of candidate label names (built, or kept from before)."""
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    """Which frames of a target to label, and how."""
+
+    include_tagged: bool = False
+    """Also frames a person tagged (their tags are never changed)."""
+    relabel: bool = False
+    """Again the frames prelabel already did, replacing only prelabel's own tags and open issues."""
+    quality: str = "compressed"
+    limit: int | None = None
+    """At most this many frames (trials)."""
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """The jobs of a target that need work, and the label names to classify into."""
+
+    target: Target
+    work: Work
+    names: list[str]
 
 
 @dataclass(frozen=True)
@@ -33,22 +67,55 @@ class JobOutcome:
 
 
 @dataclass(frozen=True)
-class JobOptions:
-    """How jobs are labeled, beyond the pipeline itself."""
+class TargetOutcome:
+    """What `label_target` did, job by job."""
 
-    quality: str = "compressed"
-    relabel: bool = False
-    progress: bool = True
-    reviewers: list[Reviewer] = field(default_factory=list)
+    plan: TargetPlan
+    jobs: list[JobOutcome]
+
+    @property
+    def stats(self) -> RunStats:
+        total = RunStats()
+        for outcome in self.jobs:
+            total.merge(outcome.stats)
+        return total
+
+    @property
+    def tags(self) -> int:
+        return sum(len(outcome.result.tags_created) for outcome in self.jobs)
+
+    @property
+    def issues(self) -> int:
+        return sum(len(outcome.result.issues_created) for outcome in self.jobs)
 
 
-def candidate_names(work: Work, config: Config, setup_hint: str) -> list[str]:
+@dataclass(frozen=True)
+class Labeling:
+    """What every job of one target is labeled with."""
+
+    session: CvatSession
+    pipeline: Pipeline
+    config: Config
+    request: LabelRequest
+    reviewers: list[Reviewer]
+    state: RunState | None = None
+
+
+def setup_hint(target: Target) -> str:
+    """The `prelabel setup` command that fixes the target's label schema."""
+    key, value = next(iter(target.items()))
+    if key == "job_id":
+        return "prelabel setup --project-id N (or --task-id N) for the job's project or task"
+    return f"prelabel setup --{key.replace('_', '-')} {value}"
+
+
+def candidate_names(work: Work, config: Config, hint: str) -> list[str]:
     """The CVAT label names to classify into, checked against the config and the schema.
 
     A config label that names no CVAT candidate label is an error, as is a target without
     candidates or one whose labels lack the attributes `setup` adds.
     """
-    check_schema(work.labels, work.where, setup_hint)
+    check_schema(work.labels, work.where, hint)
     names = [label.name for label in work.labels]
     unknown = [label.name for label in config.labels if label.name not in names]
     if unknown:
@@ -59,97 +126,105 @@ def candidate_names(work: Work, config: Config, setup_hint: str) -> list[str]:
     return names
 
 
-def label_job(
-    client: Client,
-    plan: JobPlan,
-    labels: dict[str, CvatLabel],
-    pipeline: Pipeline,
-    config: Config,
-    options: JobOptions,
-    state: RunState | None = None,
-) -> JobOutcome:
-    """Label the planned frames of one job, then route the job (assignee, stage, state).
-
-    Accepted frames get tags; the others get a review issue (and a suggestion tag, if
-    configured). Only what the job does not hold yet is written.
-    """
-    settings = SinkSettings(
-        model_identity=pipeline.loaded.identity,
-        fingerprint=pipeline.fingerprint,
+def plan_target(
+    session: CvatSession, target: Target, config: Config, request: LabelRequest | None = None
+) -> TargetPlan:
+    """The target's jobs that need labels (read from the server), with the label names checked."""
+    request = request or LabelRequest()
+    work = find_work(
+        session,
+        **target,
+        include_tagged=request.include_tagged,
+        relabel=request.relabel,
         suggestions=config.review.upload_suggestion,
-        message_length=config.review.message_length,
-        batch_size=config.cvat.upload_batch_size,
-        relabel=options.relabel,
-        upload_queue=config.cvat.upload_queue,
+        limit=request.limit,
     )
-    timer = StageTimer()
-    source = JobFrameSource(
-        client,
-        plan,
-        quality=options.quality,
-        io_threads=config.cvat.download_threads,
-        prefetch_chunks=config.cvat.prefetch_chunks,
-        timer=timer,
-    )
-    sink = CvatSink(client, plan, labels, settings, state, timer)
-    stats = run(source, sink, pipeline, progress=options.progress, timer=timer)
-    changes = _route(
-        client,
-        plan,
-        len(sink.result.issues_created),
-        bool(sink.result.writes),
-        config,
-        options,
-        state,
-        settings.fingerprint,
-    )
-    return JobOutcome(plan, stats, sink.result, changes)
+    return TargetPlan(target, work, candidate_names(work, config, setup_hint(target)))
 
 
-def _route(
-    client: Client,
-    plan: JobPlan,
-    new_issues: int,
-    wrote: bool,
+def label_target(
+    session: CvatSession,
+    target: Target,
     config: Config,
-    options: JobOptions,
-    state: RunState | None,
-    fingerprint: str,
-) -> dict[str, object]:
-    """Route the job once: after any write to it, or when the state has no record of routing it.
-
-    A job that was already routed and got no new writes is left alone, so that a person
-    can move it on without a rerun moving it back.
-    """
-    open_issues = sum(plan.existing.open_issue(frame) is not None for frame in list(plan.existing.issues))
-    review_items = open_issues + new_issues
-    changes: dict[str, object] = {}
-    if wrote or state is None or not state.job_routed(plan.job_id):
-        changes = route_job(client, plan.job_id, review_items, options.reviewers, config.review)
-    if state is not None:
-        state.record_job(plan.job_id, plan.task_id, fingerprint, review_items, routed=True)
-    return changes
-
-
-def label_jobs(
-    client: Client,
-    work: Work,
-    pipeline: Pipeline,
-    config: Config,
-    options: JobOptions,
+    pipeline_for: PipelineFor,
+    *,
+    request: LabelRequest | None = None,
     state: RunState | None = None,
+    reviewers: list[Reviewer] | None = None,
+    planned: TargetPlan | None = None,
     on_job: Callable[[JobOutcome], None] | None = None,
-) -> list[JobOutcome]:
-    """Label every planned job in turn; `on_job` hears about each as it finishes."""
+) -> TargetOutcome:
+    """Label what the target still needs and route each job; `on_job` hears about each job.
+
+    `planned` is the `plan_target` result when the caller already has it (to show it
+    first), `reviewers` the resolved `review.reviewers` (resolved here when None). With no
+    job to label or route, no pipeline is asked for.
+    """
+    request = request or LabelRequest()
+    planned = planned or plan_target(session, target, config, request)
+    work = planned.work
+    if not work.jobs and not work.finished_jobs:
+        return TargetOutcome(planned, [])
+    if reviewers is None:
+        reviewers = resolve_reviewers(session, config.review.reviewers)
+    labeling = Labeling(session, pipeline_for(planned.names), config, request, reviewers, state)
     labels = {label.name: label for label in work.labels}
     outcomes = []
     for plan in work.jobs:
-        outcome = label_job(client, plan, labels, pipeline, config, options, state)
+        outcome = label_job(labeling, plan, labels)
         outcomes.append(outcome)
         if on_job:
             on_job(outcome)
     if state is not None:  # jobs finished before an interruption may still await their routing
         for plan in work.finished_jobs:
             if not state.job_routed(plan.job_id):
-                _route(client, plan, 0, False, config, options, state, pipeline.fingerprint)
-    return outcomes
+                _route(labeling, plan, review_items=plan.existing.open_issue_count(), wrote=False)
+    return TargetOutcome(planned, outcomes)
+
+
+def label_job(labeling: Labeling, plan: JobPlan, labels: dict[str, CvatLabel]) -> JobOutcome:
+    """Label the planned frames of one job, then route the job (assignee, stage, state).
+
+    Accepted frames get tags; the others get a review issue (and a suggestion tag, if
+    configured). Only what the job does not hold yet is written.
+    """
+    config, request = labeling.config, labeling.request
+    settings = SinkSettings(
+        model_identity=labeling.pipeline.loaded.identity,
+        fingerprint=labeling.pipeline.fingerprint,
+        suggestions=config.review.upload_suggestion,
+        message_length=config.review.message_length,
+        batch_size=config.cvat.upload_batch_size,
+        relabel=request.relabel,
+        upload_queue=config.cvat.upload_queue,
+    )
+    timer = StageTimer()
+    source = JobFrameSource(
+        labeling.session,
+        plan,
+        quality=request.quality,
+        io_threads=config.cvat.download_threads,
+        prefetch_chunks=config.cvat.prefetch_chunks,
+        timer=timer,
+    )
+    sink = CvatSink(labeling.session, plan, labels, settings, labeling.state, timer)
+    stats = run(source, sink, labeling.pipeline, progress=request.progress, timer=timer)
+    changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
+    return JobOutcome(plan, stats, sink.result, changes)
+
+
+def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool) -> dict[str, object]:
+    """Route the job once: after any write to it, or when the state has no record of routing it.
+
+    A job that was already routed and got no new writes is left alone, so that a person
+    can move it on without a rerun moving it back.
+    """
+    state = labeling.state
+    changes: dict[str, object] = {}
+    if wrote or state is None or not state.job_routed(plan.job_id):
+        changes = route_job(
+            labeling.session, plan.job_id, review_items, labeling.reviewers, labeling.config.review
+        )
+    if state is not None:
+        state.record_job(plan.job_id, plan.task_id, labeling.pipeline.fingerprint, review_items, routed=True)
+    return changes

@@ -10,13 +10,12 @@ the local state file, so a tag written just before a crash is never written twic
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from cvat_sdk import Client
 from cvat_sdk.core.helpers import get_paginated_collection
 
-from connectors.cvat import retry
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, text_value
+from connectors.cvat.session import CvatSession
 from connectors.cvat_xml import MODEL_ATTRIBUTE
 from prelabel.review import MESSAGE_PREFIX
 
@@ -49,6 +48,18 @@ class JobOnServer:
     unreadable_frames: set[int] = field(default_factory=set)
     """Frames whose prelabel issue says they could not be read (no suggestion is possible)."""
 
+    def copy(self) -> JobOnServer:
+        """A copy whose tag and issue maps can change without changing this one."""
+        return replace(
+            self,
+            tags=defaultdict(list, {frame: list(tags) for frame, tags in self.tags.items()}),
+            issues=defaultdict(list, {frame: list(issues) for frame, issues in self.issues.items()}),
+        )
+
+    def open_issue_count(self) -> int:
+        """Frames with an open prelabel issue."""
+        return sum(self.open_issue(frame) is not None for frame in list(self.issues))
+
     def reviewed(self, frame: int) -> bool:
         """A reviewer resolved prelabel's issue on this frame."""
         return any(issue.resolved for issue in self.issues.get(frame, ()))
@@ -72,15 +83,17 @@ class JobOnServer:
         return False
 
 
-def read_job(client: Client, job_id: int, labels: dict[int, CvatLabel]) -> JobOnServer:
+def read_job(session: CvatSession, job_id: int, labels: dict[int, CvatLabel]) -> JobOnServer:
     """Read a job's tags, issues and first comments, and sort them by author."""
-    api = client.api_client
+    api = session.client.api_client
     doing = f"reading the annotations and issues of job {job_id}"
-    annotations, _ = retry.call(doing, lambda: api.jobs_api.retrieve_annotations(job_id))
-    issues = retry.call(doing, lambda: get_paginated_collection(api.issues_api.list_endpoint, job_id=job_id))
+    annotations, _ = session.call(doing, lambda: api.jobs_api.retrieve_annotations(job_id))
+    issues = session.call(
+        doing, lambda: get_paginated_collection(api.issues_api.list_endpoint, job_id=job_id)
+    )
     comments = []
     if issues:
-        comments = retry.call(
+        comments = session.call(
             doing, lambda: get_paginated_collection(api.comments_api.list_endpoint, job_id=job_id)
         )
     state = JobOnServer()

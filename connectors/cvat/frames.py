@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
-from cvat_sdk import Client
 
-from connectors.cvat import retry
 from connectors.cvat.jobs import JobPlan
+from connectors.cvat.session import CvatSession
 from prelabel.interface import Frame
 from prelabel.pipeline.stream import ordered_map
 from prelabel.pipeline.timing import StageTimer
@@ -39,7 +38,7 @@ class JobFrameSource:
 
     def __init__(
         self,
-        client: Client,
+        session: CvatSession,
         plan: JobPlan,
         *,
         quality: str = "compressed",
@@ -47,7 +46,7 @@ class JobFrameSource:
         prefetch_chunks: int = 2,
         timer: StageTimer | None = None,
     ) -> None:
-        self.client = client
+        self.session = session
         self.plan = plan
         self.quality = quality
         self.io_threads = io_threads
@@ -80,13 +79,13 @@ class JobFrameSource:
         plan = self.plan
 
         def download() -> bytes:
-            _, response = self.client.api_client.jobs_api.retrieve_data(
+            _, response = self.session.client.api_client.jobs_api.retrieve_data(
                 plan.job_id, type="chunk", index=index, quality=self.quality, _parse_response=False
             )
             return response.data
 
         with self.timer.stage("download"):
-            payload = retry.call(f"downloading chunk {index} of job {plan.job_id}", download)
+            payload = self.session.call(f"downloading chunk {index} of job {plan.job_id}", download)
         first = plan.start_frame + index * plan.chunk_size * plan.step
         try:
             with self.timer.stage("unpack"):

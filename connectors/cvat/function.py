@@ -17,7 +17,6 @@ review issues, and keeps no state: running it twice tags the frames twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import cvat_sdk.auto_annotation as cvataa
@@ -26,10 +25,11 @@ from cvat_sdk.attributes import number_attribute_values
 from PIL import Image
 
 from connectors.cvat_xml import CONFIDENCE_ATTRIBUTE, MODEL_ATTRIBUTE, confidence_value
-from prelabel.config import load_config
+from prelabel.assemble import build_pipeline
+from prelabel.config import load_config, model_overrides, split_labels
 from prelabel.interface import Frame
 from prelabel.pipeline.router import route
-from prelabel.pipeline.runner import Pipeline, build_pipeline
+from prelabel.pipeline.runner import Pipeline
 from prelabel.pipeline.worker import predict
 
 _CONFIDENCE_ID, _MODEL_ID = 0, 1
@@ -99,27 +99,12 @@ def create(
     `config` a prelabel YAML config for prompts, descriptions and per-label thresholds;
     `attributes` adds the `confidence` and `model` attributes that `prelabel setup` creates.
     """
+    overrides = model_overrides(
+        model=model, pretrained=pretrained, device=device, accept_threshold=threshold, min_margin=margin
+    )
     settings = load_config(
         Path(config) if config else None,
-        {
-            "model.name": model,
-            "model.pretrained": pretrained,
-            "model.device": device,
-            "model.batch_size": 1,
-            "decode.workers": 1,
-            "decode.prefetch_batches": 0,
-            "routing.accept_threshold": threshold,
-            "routing.min_margin": margin,
-            # an explicit threshold or margin wins over a calibration file
-            "calibration.use": False if threshold is not None or margin is not None else None,
-        },
+        {**overrides, "model.batch_size": 1, "decode.workers": 1, "decode.prefetch_batches": 0},
     )
-    names = _names(labels) or [label.name for label in settings.labels]
+    names = split_labels(labels) or [label.name for label in settings.labels]
     return PrelabelFunction(build_pipeline(settings, names), attributes=attributes)
-
-
-def _names(labels: str | Sequence[str] | None) -> list[str]:
-    if labels is None:
-        return []
-    parts = labels.split(",") if isinstance(labels, str) else list(labels)
-    return [part.strip() for part in parts if part.strip()]

@@ -21,13 +21,11 @@ from collections import defaultdict
 from collections.abc import Collection, Hashable, Iterator
 from dataclasses import replace
 
-from cvat_sdk import Client
-
-from connectors.cvat import retry
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.frames import CvatFrameRef, JobFrameSource
 from connectors.cvat.jobs import JobPlan, _read_target, _step, plan_for
 from connectors.cvat.labels import CvatLabel
+from connectors.cvat.session import CvatSession
 from prelabel.interface import Example, Frame
 from prelabel.state import RunState
 
@@ -37,7 +35,7 @@ class CvatGroundTruth:
 
     def __init__(
         self,
-        client: Client,
+        session: CvatSession,
         *,
         project_id: int | None = None,
         task_id: int | None = None,
@@ -45,18 +43,18 @@ class CvatGroundTruth:
         state: RunState | None = None,
         quality: str = "compressed",
     ) -> None:
-        self.client = client
+        self.session = session
         self.quality = quality
-        self.where, self.labels, jobs = _read_target(client, project_id, task_id, job_id, with_jobs=True)
+        self.where, self.labels, jobs = _read_target(session, project_id, task_id, job_id, with_jobs=True)
         by_id = {label.id: label for label in self.labels}
         deleted_by_us = _deleted_accepted_tags(state)
-        host = client.api_map.host.rstrip("/")
+        host = session.client.api_map.host.rstrip("/")
         self._plans: dict[int, JobPlan] = {}
         self._examples: list[Example] = []
         for job in sorted(jobs, key=lambda job: job.id):
             if job.type != "annotation":
                 continue
-            plan, truths = _job_truth(client, job, by_id, deleted_by_us.get(job.id, set()))
+            plan, truths = _job_truth(session, job, by_id, deleted_by_us.get(job.id, set()))
             self._plans[job.id] = plan
             for frame, (labels, source) in sorted(truths.items()):
                 self._examples.append(
@@ -78,17 +76,17 @@ class CvatGroundTruth:
             wanted[ref.job_id].append(ref.frame)
         for job_id, frames in sorted(wanted.items()):
             plan = self._plans[job_id]
-            source = JobFrameSource(self.client, _with_frames(plan, frames), quality=self.quality)
+            source = JobFrameSource(self.session, _with_frames(plan, frames), quality=self.quality)
             yield from source.frames()
 
 
 def _job_truth(
-    client: Client, job, labels: dict[int, CvatLabel], deleted_by_us: set[int]
+    session: CvatSession, job, labels: dict[int, CvatLabel], deleted_by_us: set[int]
 ) -> tuple[JobPlan, dict[int, tuple[tuple[str, ...], str]]]:
-    meta, _ = retry.call(
-        f"reading job {job.id}", lambda: client.api_client.jobs_api.retrieve_data_meta(job.id)
+    meta, _ = session.call(
+        f"reading job {job.id}", lambda: session.client.api_client.jobs_api.retrieve_data_meta(job.id)
     )
-    existing = read_job(client, job.id, labels)
+    existing = read_job(session, job.id, labels)
     step = _step(meta.frame_filter)
     job_frames = range(job.start_frame, job.stop_frame + 1, step)
     deleted = set(meta.deleted_frames or ())

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cvat_sdk import Client
 from cvat_sdk.core.helpers import get_paginated_collection
 
-from connectors.cvat import retry
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.labels import CvatLabel, candidate_labels
+from connectors.cvat.session import CvatSession
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class Work:
 
 
 def find_work(
-    client: Client,
+    session: CvatSession,
     *,
     project_id: int | None = None,
     task_id: int | None = None,
@@ -87,7 +86,7 @@ def find_work(
     and only its missing pieces will be written. `limit` caps the total number of frames
     (jobs are taken in id order).
     """
-    where, labels, jobs = _read_target(client, project_id, task_id, job_id, with_jobs=True)
+    where, labels, jobs = _read_target(session, project_id, task_id, job_id, with_jobs=True)
     plans: list[JobPlan] = []
     finished: list[JobPlan] = []
     skipped: dict[int, str] = {}
@@ -100,7 +99,7 @@ def find_work(
             skipped[job.id] = "beyond --limit"
             continue
         plan = _plan_job(
-            client,
+            session,
             job,
             labels,
             include_tagged=include_tagged,
@@ -119,30 +118,34 @@ def find_work(
 
 
 def find_labels(
-    client: Client, *, project_id: int | None = None, task_id: int | None = None, job_id: int | None = None
+    session: CvatSession,
+    *,
+    project_id: int | None = None,
+    task_id: int | None = None,
+    job_id: int | None = None,
 ) -> tuple[str, list[CvatLabel]]:
     """The target's name for messages (``project 3``) and its candidate labels."""
-    where, labels, _ = _read_target(client, project_id, task_id, job_id, with_jobs=False)
+    where, labels, _ = _read_target(session, project_id, task_id, job_id, with_jobs=False)
     return where, labels
 
 
 def _read_target(
-    client: Client, project_id: int | None, task_id: int | None, job_id: int | None, *, with_jobs: bool
+    session: CvatSession, project_id: int | None, task_id: int | None, job_id: int | None, *, with_jobs: bool
 ) -> tuple[str, list[CvatLabel], list]:
     if sum(value is not None for value in (project_id, task_id, job_id)) != 1:
         raise ValueError("exactly one of project_id, task_id and job_id")
-    api = client.api_client
+    api = session.client.api_client
     if project_id is not None:
         where, key, value = f"project {project_id}", "project_id", project_id
-        retrieve = client.projects.retrieve
+        retrieve = session.client.projects.retrieve
     elif task_id is not None:
         where, key, value = f"task {task_id}", "task_id", task_id
-        retrieve = client.tasks.retrieve
+        retrieve = session.client.tasks.retrieve
     else:
         where, key, value = f"job {job_id}", "job_id", job_id
-        retrieve = client.jobs.retrieve
-    target = retry.call(f"reading {where}", lambda: retrieve(value))
-    labels = retry.call(
+        retrieve = session.client.jobs.retrieve
+    target = session.call(f"reading {where}", lambda: retrieve(value))
+    labels = session.call(
         f"reading the labels of {where}",
         lambda: get_paginated_collection(api.labels_api.list_endpoint, **{key: value}),
     )
@@ -150,7 +153,7 @@ def _read_target(
     if with_jobs and key == "job_id":
         jobs = [target._model]
     elif with_jobs:
-        jobs = retry.call(
+        jobs = session.call(
             f"listing the jobs of {where}",
             lambda: get_paginated_collection(api.jobs_api.list_endpoint, **{key: value}),
         )
@@ -158,7 +161,7 @@ def _read_target(
 
 
 def _plan_job(
-    client: Client,
+    session: CvatSession,
     job,
     labels: list[CvatLabel],
     *,
@@ -167,10 +170,10 @@ def _plan_job(
     suggestions: bool,
     budget: int | None,
 ) -> JobPlan:
-    meta, _ = retry.call(
-        f"reading job {job.id}", lambda: client.api_client.jobs_api.retrieve_data_meta(job.id)
+    meta, _ = session.call(
+        f"reading job {job.id}", lambda: session.client.api_client.jobs_api.retrieve_data_meta(job.id)
     )
-    existing = read_job(client, job.id, {label.id: label for label in labels})
+    existing = read_job(session, job.id, {label.id: label for label in labels})
     step = _step(meta.frame_filter)
     job_frames = range(job.start_frame, job.stop_frame + 1, step)
     deleted = set(meta.deleted_frames or ())

@@ -12,10 +12,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cvat_sdk import Client, models
+from cvat_sdk import models
 
-from connectors.cvat import retry
-from connectors.cvat.connect import CvatError
+from connectors.cvat.errors import CvatError
+from connectors.cvat.session import CvatSession
 from connectors.cvat_xml import CONFIDENCE_ATTRIBUTE, MODEL_ATTRIBUTE, confidence_value
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def check_schema(labels: Sequence[CvatLabel], where: str, setup_hint: str) -> No
             )
 
 
-def add_missing_attributes(client: Client, labels: Sequence[CvatLabel]) -> dict[str, list[str]]:
+def add_missing_attributes(session: CvatSession, labels: Sequence[CvatLabel]) -> dict[str, list[str]]:
     """Add the attributes each label lacks (PATCH /api/labels/{id}); returns what was added.
 
     Existing attributes are kept as they are; a second call adds nothing.
@@ -115,9 +115,9 @@ def add_missing_attributes(client: Client, labels: Sequence[CvatLabel]) -> dict[
             attributes=[models.AttributeRequest(name=name, **ATTRIBUTE_SPECS[name]) for name in names]
         )
         # Attributes are matched by name on the server, so a repeated request adds nothing twice.
-        retry.call(
+        session.call(
             f"adding attributes to label {label.name!r}",
-            lambda label=label, request=request: client.api_client.labels_api.partial_update(
+            lambda label=label, request=request: session.client.api_client.labels_api.partial_update(
                 label.id, patched_label_request=request
             ),
         )

@@ -3,7 +3,7 @@
 Transient: connection errors, timeouts, dropped connections, 502/503/504, and 429 (whose
 ``Retry-After`` is honoured). Everything else (400, 401, 403, 404, 409, validation errors)
 fails at once. Retries use exponential backoff with jitter, bounded in attempts and in
-total time (`RetryConfig`).
+total time (`RetryConfig`, which each `CvatSession` carries).
 
 Only idempotent calls are retried as they are (reads, setting job fields, adding label
 attributes by name, deletes). A create whose answer was lost may have been applied, so the
@@ -20,24 +20,13 @@ import tenacity
 import urllib3
 from cvat_sdk.api_client.exceptions import ApiException
 
-from connectors.cvat.connect import server_error
+from connectors.cvat.errors import server_error
 from prelabel.config import RetryConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
-_policy = RetryConfig()
-
-
-def configure(policy: RetryConfig) -> None:
-    """Set the retry policy of this process (the CLI does it from the config)."""
-    global _policy
-    _policy = policy
-
-
-def policy() -> RetryConfig:
-    return _policy
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -55,14 +44,18 @@ def _retry_after(exc: BaseException) -> float | None:
         return None
 
 
-def _wait(state: tenacity.RetryCallState) -> float:
-    backoff = tenacity.wait_exponential_jitter(initial=_policy.initial_wait, max=_policy.max_wait)(state)
-    exc = state.outcome.exception() if state.outcome else None
-    after = _retry_after(exc) if exc is not None else None
-    return min(max(backoff, after or 0.0), _policy.max_wait)
+def _wait(policy: RetryConfig) -> Callable[[tenacity.RetryCallState], float]:
+    backoff = tenacity.wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait)
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        after = _retry_after(exc) if exc is not None else None
+        return min(max(backoff(state), after or 0.0), policy.max_wait)
+
+    return wait
 
 
-def _log_retry(doing: str) -> Callable[[tenacity.RetryCallState], None]:
+def _log_retry(doing: str, policy: RetryConfig) -> Callable[[tenacity.RetryCallState], None]:
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning(
@@ -71,26 +64,26 @@ def _log_retry(doing: str) -> Callable[[tenacity.RetryCallState], None]:
             server_error(exc, "transient failure").one_line() if exc else "failed",
             state.next_action.sleep if state.next_action else 0.0,
             state.attempt_number,
-            _policy.attempts,
+            policy.attempts,
         )
 
     return before_sleep
 
 
-def retrying(doing: str) -> tenacity.Retrying:
-    """A tenacity loop for one operation under the current policy (re-raises the last error)."""
+def retrying(doing: str, policy: RetryConfig) -> tenacity.Retrying:
+    """A tenacity loop for one operation under `policy` (re-raises the last error)."""
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient),
-        wait=_wait,
-        stop=tenacity.stop_after_attempt(_policy.attempts) | tenacity.stop_after_delay(_policy.max_seconds),
-        before_sleep=_log_retry(doing),
+        wait=_wait(policy),
+        stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.max_seconds),
+        before_sleep=_log_retry(doing, policy),
         reraise=True,
     )
 
 
-def call(doing: str, func: Callable[[], T]) -> T:
+def call(doing: str, func: Callable[[], T], policy: RetryConfig) -> T:
     """Run an idempotent server call with retries; a failure becomes one line naming `doing`."""
     try:
-        return retrying(doing)(func)
+        return retrying(doing, policy)(func)
     except Exception as exc:
         raise server_error(exc, doing) from None

@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from cvat_sdk import Client, models
+from cvat_sdk import models
 
-from connectors.cvat import retry
-from connectors.cvat.connect import failing_as
+from connectors.cvat.errors import failing_as
 from connectors.cvat.existing import OurIssue, OurTag, read_job
 from connectors.cvat.frames import CvatFrameRef
 from connectors.cvat.jobs import JobPlan
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, tag_payload
+from connectors.cvat.session import CvatSession
 from prelabel.interface import Decision
 from prelabel.pipeline.stream import BackgroundWriter
 from prelabel.pipeline.timing import StageTimer
@@ -67,6 +67,8 @@ class JobResult:
     tags_deleted: list[int] = field(default_factory=list)
     issues_deleted: list[int] = field(default_factory=list)
     review: list[ReviewItem] = field(default_factory=list)
+    open_issues: int = 0
+    """Frames of the job with an open prelabel issue once the sink closed (new ones included)."""
 
     @property
     def writes(self) -> int:
@@ -78,14 +80,14 @@ class CvatSink:
 
     def __init__(
         self,
-        client: Client,
+        session: CvatSession,
         plan: JobPlan,
         labels: dict[str, CvatLabel],
         settings: SinkSettings,
         state: RunState | None = None,
         timer: StageTimer | None = None,
     ) -> None:
-        self.client = client
+        self.session = session
         self.plan = plan
         self.labels = labels
         self.settings = settings
@@ -96,13 +98,15 @@ class CvatSink:
         self._job_frames = set(plan.job_frames)
         self._writer = BackgroundWriter(depth=settings.upload_queue, name=f"upload-{plan.job_id}")
         self._labels_by_id = {label.id: label for label in labels.values()}
+        self._existing = plan.existing.copy()
+        """What the job holds as this sink goes: --relabel removes prelabel's old tags and issues."""
 
     def write(self, decision: Decision) -> None:
         prediction = decision.prediction
         ref: CvatFrameRef = prediction.ref
         if ref.job_id != self.plan.job_id or ref.frame not in self._job_frames:
             raise ValueError(f"frame {ref.frame} is not in job {self.plan.job_id}")
-        frame, existing = ref.frame, self.plan.existing
+        frame, existing = ref.frame, self._existing
         if self.settings.relabel and (existing.tags.get(frame) or existing.open_issue(frame)):
             tags, issue = existing.tags.pop(frame, []), existing.open_issue(frame)
             if issue is not None:
@@ -150,6 +154,7 @@ class CvatSink:
             self._flush()
         finally:
             self._writer.close()
+        self.result.open_issues = self._existing.open_issue_count() + len(self.result.issues_created)
 
     def _queue_tag(self, frame: int, label: str, probability: float, *, needs_review: bool) -> None:
         payload = tag_payload(
@@ -172,7 +177,7 @@ class CvatSink:
         doing = f"uploading {len(batch)} tags to job {job_id}"
         remaining = batch
         with self.timer.stage("upload"), failing_as(doing):
-            for attempt in retry.retrying(doing):
+            for attempt in self.session.retrying(doing):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         remaining = self._not_stored(remaining)
@@ -184,14 +189,14 @@ class CvatSink:
             version=0, tags=[_tag_request(tag) for tag in tags], shapes=[], tracks=[]
         )
         # The schema declares no body, but CVAT answers with the created objects.
-        _, response = self.client.api_client.jobs_api.partial_update_annotations(
+        _, response = self.session.client.api_client.jobs_api.partial_update_annotations(
             "create", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
         )
         return json.loads(response.data).get("tags", [])
 
     def _not_stored(self, tags: list[dict]) -> list[dict]:
         """The tags of `tags` that the server does not hold yet; records the ones it does."""
-        on_server = read_job(self.client, self.plan.job_id, self._labels_by_id)
+        on_server = read_job(self.session, self.plan.job_id, self._labels_by_id)
         stored = {}
         for frame, ours in on_server.tags.items():
             for tag in ours:
@@ -224,14 +229,14 @@ class CvatSink:
         )
         doing = f"creating the review issue for frame {frame} of job {job_id}"
         with self.timer.stage("upload"), failing_as(doing):
-            for attempt in retry.retrying(doing):
+            for attempt in self.session.retrying(doing):
                 with attempt:
                     issue_id = None
                     if attempt.retry_state.attempt_number > 1:
-                        found = read_job(self.client, job_id, self._labels_by_id).open_issue(frame)
+                        found = read_job(self.session, job_id, self._labels_by_id).open_issue(frame)
                         issue_id = found.id if found else None
                     if issue_id is None:
-                        issue, _ = self.client.api_client.issues_api.create(request)
+                        issue, _ = self.session.client.api_client.issues_api.create(request)
                         issue_id = issue.id
         self.result.issues_created.append(issue_id)
         if self.state is not None:
@@ -249,17 +254,17 @@ class CvatSink:
                 shapes=[],
                 tracks=[],
             )
-            retry.call(
+            self.session.call(
                 f"removing prelabel's tags from frame {frame} of job {self.plan.job_id}",
-                lambda: self.client.api_client.jobs_api.partial_update_annotations(
+                lambda: self.session.client.api_client.jobs_api.partial_update_annotations(
                     "delete", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
                 ),
             )
             self.result.tags_deleted.extend(tag.id for tag in tags)
         if issue is not None:
-            retry.call(
+            self.session.call(
                 f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}",
-                lambda: self.client.api_client.issues_api.destroy(issue.id),
+                lambda: self.session.client.api_client.issues_api.destroy(issue.id),
             )
             self.result.issues_deleted.append(issue.id)
         if self.state is not None:

@@ -15,28 +15,27 @@ from __future__ import annotations
 
 from collections import Counter
 
-from cvat_sdk import Client
 from cvat_sdk.core.helpers import get_paginated_collection
 
-from connectors.cvat import retry
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.labels import candidate_labels
+from connectors.cvat.session import CvatSession
 from prelabel.state import FrameRecord, Outcome, RunState
 
 
-def sync_reviews(client: Client, state: RunState, job_ids: list[int] | None = None) -> Counter[str]:
+def sync_reviews(session: CvatSession, state: RunState, job_ids: list[int] | None = None) -> Counter[str]:
     """Record an outcome for each frame of the given jobs (default: every job in the state)."""
     counts: Counter[str] = Counter()
     for job_id in job_ids or state.job_ids():
         labels = candidate_labels(
-            retry.call(
+            session.call(
                 f"reading the labels of job {job_id}",
                 lambda job_id=job_id: get_paginated_collection(
-                    client.api_client.labels_api.list_endpoint, job_id=job_id
+                    session.client.api_client.labels_api.list_endpoint, job_id=job_id
                 ),
             )
         )
-        existing = read_job(client, job_id, {label.id: label for label in labels})
+        existing = read_job(session, job_id, {label.id: label for label in labels})
         for record in state.frames(job_id=job_id):
             outcome = frame_outcome(record, existing)
             state.record_outcome(outcome)

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from cvat_sdk import Client, models
+from cvat_sdk import models
 from cvat_sdk.core.helpers import get_paginated_collection
 
-from connectors.cvat import retry
+from connectors.cvat.session import CvatSession
 
 EVENTS = ("completed:request[create:task]", "update:job")
 """Exactly the events `prelabel serve` acts on; `install_webhook` subscribes to these."""
@@ -133,14 +133,14 @@ class Installed:
     """False: an existing prelabel webhook of the project was updated in place."""
 
 
-def install_webhook(client: Client, project_id: int, url: str, secret: str) -> Installed:
+def install_webhook(session: CvatSession, project_id: int, url: str, secret: str) -> Installed:
     """Create the project's prelabel webhook, or update it in place: `EVENTS`, `url` and `secret`.
 
     The webhook is found by its description (`DESCRIPTION`) or its target URL, so running
     this again, even with another URL, leaves the project with one prelabel webhook.
     """
     where = f"project {project_id}"
-    retry.call(f"reading {where}", lambda: client.projects.retrieve(project_id))
+    session.call(f"reading {where}", lambda: session.client.projects.retrieve(project_id))
     fields = {
         "target_url": url,
         "description": DESCRIPTION,
@@ -150,11 +150,11 @@ def install_webhook(client: Client, project_id: int, url: str, secret: str) -> I
         "enable_ssl": True,
         "events": [models.EventsEnum(event) for event in EVENTS],
     }
-    api = client.api_client.webhooks_api
-    ours = _ours(client, project_id, url)
+    api = session.client.api_client.webhooks_api
+    ours = _ours(session, project_id, url)
     if ours:
         webhook_id = ours[0].id
-        retry.call(
+        session.call(
             f"updating webhook {webhook_id} of {where}",
             lambda: api.partial_update(
                 webhook_id, patched_webhook_write_request=models.PatchedWebhookWriteRequest(**fields)
@@ -162,39 +162,39 @@ def install_webhook(client: Client, project_id: int, url: str, secret: str) -> I
         )
         return Installed(webhook_id, created=False)
     # A create is not retried as it is: a lost answer could leave two webhooks.
-    webhook_id = retry.call(
+    webhook_id = session.call(
         f"creating the webhook of {where}",
-        lambda: _create_once(client, project_id, url, fields),
+        lambda: _create_once(session, project_id, url, fields),
     )
     return Installed(webhook_id, created=True)
 
 
-def _create_once(client: Client, project_id: int, url: str, fields: dict) -> int:
-    found = _ours(client, project_id, url)
+def _create_once(session: CvatSession, project_id: int, url: str, fields: dict) -> int:
+    found = _ours(session, project_id, url)
     if found:  # an earlier attempt went through
         return found[0].id
     request = models.WebhookWriteRequest(type=models.WebhookType("project"), project_id=project_id, **fields)
-    created, _ = client.api_client.webhooks_api.create(request)
+    created, _ = session.client.api_client.webhooks_api.create(request)
     return created.id
 
 
-def remove_webhook(client: Client, project_id: int) -> list[int]:
+def remove_webhook(session: CvatSession, project_id: int) -> list[int]:
     """Delete the project's prelabel webhooks (found as `install_webhook` finds them); their ids."""
     removed = []
-    for webhook in _ours(client, project_id, None):
-        retry.call(
+    for webhook in _ours(session, project_id, None):
+        session.call(
             f"deleting webhook {webhook.id} of project {project_id}",
-            lambda webhook=webhook: client.api_client.webhooks_api.destroy(webhook.id),
+            lambda webhook=webhook: session.client.api_client.webhooks_api.destroy(webhook.id),
         )
         removed.append(webhook.id)
     return removed
 
 
-def _ours(client: Client, project_id: int, url: str | None) -> list:
-    webhooks = retry.call(
+def _ours(session: CvatSession, project_id: int, url: str | None) -> list:
+    webhooks = session.call(
         f"listing the webhooks of project {project_id}",
         lambda: get_paginated_collection(
-            client.api_client.webhooks_api.list_endpoint, project_id=project_id, type="project"
+            session.client.api_client.webhooks_api.list_endpoint, project_id=project_id, type="project"
         ),
     )
     return sorted(

@@ -7,6 +7,10 @@ renewing; once its lease has run out, the next maintenance pass of any live work
 `lease` seconds) hands the entry back to the queue, or to the failed list when its
 attempts are spent. So a dead worker's job is retried within about three leases.
 
+The job function gets the worker's context (``FUNCTION(payload, worker=context)``): what the
+process built for its entries (sessions, the model) lives in that object, not in module
+globals. The queue package knows the context only as an object to pass on.
+
 SIGTERM (or Ctrl+C) finishes the current entry and exits; a second one stops at once and
 the entry goes back to the queue as a failed attempt.
 """
@@ -18,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 from redis import Redis
 from rq import SimpleWorker
@@ -38,6 +43,20 @@ def worker_name(device: str | None = None) -> str:
     """``host-pid`` (and the device): unique among live workers, readable in `status`."""
     suffix = f"-{device.replace(':', '')}" if device else ""
     return f"{socket.gethostname()}-{os.getpid()}{suffix}"
+
+
+class ContextJob(Job):
+    """A job whose function is called with the running worker's context as ``worker=``."""
+
+    context: object = None
+
+    def _execute(self) -> Any:
+        return self.func(*self.args, **self.kwargs, worker=self.context)
+
+
+def job_class_for(context: object) -> type[Job]:
+    """A `ContextJob` class bound to `context` (one per worker, nothing shared)."""
+    return type("BoundContextJob", (ContextJob,), {"context": context})
 
 
 class LeasedWorker(SimpleWorker):
@@ -100,9 +119,20 @@ class LeasedWorker(SimpleWorker):
 
 
 def run_worker(
-    connection: Redis, name: str, *, burst: bool, lease: int = DEFAULT_LEASE, level: int = logging.INFO
+    connection: Redis,
+    name: str,
+    context: object,
+    *,
+    burst: bool,
+    lease: int = DEFAULT_LEASE,
+    level: int = logging.INFO,
 ) -> bool:
-    """Work the queue until stopped (or, with `burst`, until no entry is left); True if any ran."""
+    """Work the queue until stopped (or, with `burst`, until no entry is left); True if any ran.
+
+    Each entry's function is called with `context` as its ``worker`` argument.
+    """
     queue = open_queue(connection)
-    worker = LeasedWorker([queue], connection=connection, name=name, lease=lease)
+    worker = LeasedWorker(
+        [queue], connection=connection, name=name, lease=lease, job_class=job_class_for(context)
+    )
     return worker.work(burst=burst, logging_level=level)

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli.label import (
-    _connect,
-    _one_target,
-    _overrides,
-    cli,
+from prelabel.cli.options import (
+    connect_to,
+    labels_option,
     model_options,
+    one_target,
+    progress_option,
     server_options,
+    state_option,
     target_options,
 )
 from prelabel.errors import InputError
@@ -33,43 +34,40 @@ def _ground_truth_options(func):
         type=click.Path(path_type=Path),
         help="Labeled files instead of CVAT: a folder with one subfolder per label, or a CSV (path,label).",
     )(func)
-    func = click.option(
-        "--state", "state_path", type=click.Path(path_type=Path), help="State file (SQLite)."
+    func = state_option(func)
+    func = labels_option(
+        "Comma-separated labels to classify into (files only; default: those in the truth)."
     )(func)
-    func = click.option(
-        "--labels", help="Comma-separated labels to classify into (files only; default: those in the truth)."
-    )(func)
-    func = click.option("--progress/--no-progress", default=True, help="Show a progress bar.")(func)
+    func = progress_option(func)
     return target_options(server_options(model_options(func)))
 
 
-def _load(config, ground_truth, labels, target_values, server, state):
+def _load(config, ground_truth, labels, target, server, state):
     """The ground-truth source and the label names to classify into."""
     if ground_truth is not None:
-        if any(v is not None for v in target_values):
+        if target:
             raise click.UsageError("give either --ground-truth or a CVAT target, not both")
         from connectors.labeled_folder import LabeledFolder
 
         source = LabeledFolder(ground_truth)
-        names = [part.strip() for part in labels.split(",") if part.strip()] if labels else None
-        names = names or [label.name for label in config.labels]
+        names = labels or [label.name for label in config.labels]
         if not names:
             names = sorted({name for example in source.examples() for name in example.labels})
         return source, names
     from connectors.cvat.ground_truth import CvatGroundTruth
     from connectors.cvat.labels import check_schema
 
-    target = _one_target(*target_values)
-    client = _connect(config, **server)
-    source = CvatGroundTruth(client, **target, state=state)
+    target = one_target(target)
+    session = connect_to(config, server)
+    source = CvatGroundTruth(session, **target, state=state)
     check_schema(source.labels, source.where, "prelabel setup")
     return source, [label.name for label in source.labels]
 
 
 def _labeled_set(config, source, names, state, *, fresh: bool, progress: bool):
     """Load the pipeline (`fresh`: ignoring any calibration and cache) and embed the truth."""
+    from prelabel.assemble import build_pipeline
     from prelabel.calibration.ground_truth import embed_examples
-    from prelabel.pipeline.runner import build_pipeline
 
     if fresh:
         config = config.model_copy(
@@ -87,7 +85,7 @@ def _labeled_set(config, source, names, state, *, fresh: bool, progress: bool):
     return pipeline, labeled
 
 
-@cli.command(name="eval")
+@click.command(name="eval")
 @_ground_truth_options
 @click.option(
     "--out",
@@ -97,7 +95,9 @@ def _labeled_set(config, source, names, state, *, fresh: bool, progress: bool):
     show_default=True,
     help="Folder for report.md and its plots.",
 )
-def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, progress, out_dir, **flags):
+def eval_command(
+    target, ground_truth, labels, state_path, progress, out_dir, config_path, overrides, profile_path, server
+):
     """Measure the model on ground truth and write a report with plots.
 
     Reports top-1 and top-5 accuracy, per-label precision and recall, the confusion
@@ -108,10 +108,9 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
     from prelabel.config import load_config
     from prelabel.state import RunState
 
-    server = {key: flags.pop(key) for key in list(flags) if key in _SERVER_KEYS}
-    config = load_config(flags.pop("config_path"), _overrides(**flags))
+    config = load_config(config_path, overrides)
     with RunState(Path(state_path or config.state.path), lock=False) as state:
-        source, names = _load(config, ground_truth, labels, (project_id, task_id, job_id), server, state)
+        source, names = _load(config, ground_truth, labels, target, server, state)
         pipeline, labeled = _labeled_set(config, source, names, state, fresh=False, progress=progress)
     from prelabel.calibration.evaluation import evaluate
     from prelabel.calibration.fitting import cache_from, score_examples
@@ -165,7 +164,7 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
     click.echo(f"  report: {path}")
 
 
-@cli.command(name="calibrate")
+@click.command(name="calibrate")
 @_ground_truth_options
 @click.option(
     "--target-precision",
@@ -174,8 +173,9 @@ def eval_command(project_id, task_id, job_id, ground_truth, labels, state_path, 
     help="Accepted tags must be at least this precise (e.g. 0.95), with the configured confidence.",
 )
 def calibrate_command(
-    project_id, task_id, job_id, ground_truth, labels, state_path, progress, target_precision, **flags
-):
+    target, ground_truth, labels, state_path, progress, target_precision, config_path, overrides,
+    profile_path, server,
+):  # fmt: skip
     """Learn the temperature and accept thresholds that reach a target precision.
 
     Fits one temperature on the ground truth, then picks the accept threshold (global,
@@ -187,10 +187,9 @@ def calibrate_command(
     from prelabel.config import load_config
     from prelabel.state import RunState
 
-    server = {key: flags.pop(key) for key in list(flags) if key in _SERVER_KEYS}
-    config = load_config(flags.pop("config_path"), _overrides(**flags))
+    config = load_config(config_path, overrides)
     with RunState(Path(state_path or config.state.path), lock=False) as state:
-        source, names = _load(config, ground_truth, labels, (project_id, task_id, job_id), server, state)
+        source, names = _load(config, ground_truth, labels, target, server, state)
         pipeline, labeled = _labeled_set(config, source, names, state, fresh=True, progress=progress)
     from prelabel.calibration.fewshot import save_cache
     from prelabel.calibration.fitting import cache_from, fit_calibration, write_calibration
@@ -233,5 +232,3 @@ def calibrate_command(
     )
     click.echo(f"  written to {path}; `prelabel run` applies it")
 
-
-_SERVER_KEYS = {"server_host", "auth", "profile", "organization", "insecure", "ca_bundle"}

@@ -1,7 +1,6 @@
 """The scale-out commands: `enqueue`, `worker`, `status`, `requeue-failed`, and `run --queue`.
 
-They share work through an RQ queue on Redis (see connectors/queue/); `register` adds
-them to the `prelabel` command group.
+They share work through an RQ queue on Redis (see connectors/queue/).
 """
 
 from __future__ import annotations
@@ -12,7 +11,14 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli.label import _connect, _one_target, _overrides, _setup_hint, model_options, target_options
+from prelabel.cli.options import (
+    connect_to,
+    login_options,
+    model_options,
+    one_target,
+    server_options,
+    target_options,
+)
 from prelabel.errors import PrelabelError
 
 log = logging.getLogger(__name__)
@@ -47,39 +53,13 @@ def queue_run_options(func):
     return func
 
 
-def login_options(func):
-    """How a worker logs in to CVAT; the server itself comes with each entry."""
-    options = [
-        click.option(
-            "--auth",
-            metavar="USER[:PASS]",
-            help="User and password; the PASS variable can hold the password. "
-            "Without it: CVAT_ACCESS_TOKEN, CVAT_USERNAME/CVAT_PASSWORD, or a cvat-cli profile.",
-        ),
-        click.option("--cvat-profile", "profile", help="A saved cvat-cli profile."),
-        click.option("--insecure", is_flag=True, help="Skip TLS certificate checks (trusted networks only)."),
-        click.option(
-            "--ca-bundle", type=click.Path(dir_okay=False), help="A PEM file of certificate authorities."
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def enqueue_target(connection, client, target, config, *, relabel, include_tagged, quality, options):
+def enqueue_target(connection, session, target, config, request, options):
     """Plan the target's jobs, print the plan, and enqueue them; returns `Enqueued`."""
-    from connectors.queue.enqueue import enqueue_entries, plan_entries
+    from connectors.cvat.queued import plan_entries
+    from connectors.queue.enqueue import enqueue_entries
 
-    work, entries = plan_entries(
-        client,
-        target,
-        config,
-        _setup_hint(target),
-        relabel=relabel,
-        include_tagged=include_tagged,
-        quality=quality,
-    )
+    planned, entries = plan_entries(session, target, config, request)
+    work = planned.work
     done = enqueue_entries(connection, entries, options)
     click.echo(
         f"{work.where}: {len(entries)} jobs need work ({work.frame_count} frames); "
@@ -97,17 +77,15 @@ def enqueue_target(connection, client, target, config, *, relabel, include_tagge
 @click.command()
 @target_options
 @model_options
-@click.option("--server-host", help="CVAT URL, e.g. https://app.cvat.ai (or CVAT_HOST).")
-@login_options
-@click.option("--org", "organization", metavar="SLUG", help="Organization slug.")
+@server_options
 @queue_option
 @click.option("--relabel", is_flag=True, help="Label again what prelabel already did (see `run`).")
 @click.option("--include-tagged", is_flag=True, help="Also label frames a person tagged (see `run`).")
 @click.option("--quality", type=click.Choice(["compressed", "original"]), default="compressed")
 @queue_run_options
 def enqueue(
-    project_id, task_id, job_id, config_path, server_host, auth, profile, insecure, ca_bundle,
-    organization, queue_url, relabel, include_tagged, quality, attempts, job_timeout, **flags,
+    target, config_path, overrides, profile_path, server, queue_url, relabel, include_tagged, quality,
+    attempts, job_timeout,
 ):  # fmt: skip
     """Put one queue entry per CVAT job that needs pre-labels; workers take them.
 
@@ -115,23 +93,18 @@ def enqueue(
     for a job that is pending or running. Entries hold the job id, the server URL and the
     config; never credentials: each worker logs in with its own.
     """
+    from connectors.cvat.driver import LabelRequest
     from connectors.queue.enqueue import QueueOptions
     from connectors.queue.redis_url import connect_queue
     from prelabel.config import load_config
 
-    target = _one_target(project_id, task_id, job_id)
-    config = load_config(config_path, _overrides(**flags))
+    target = one_target(target)
+    config = load_config(config_path, overrides)
     connection = connect_queue(queue_url)
-    client = _connect(config, server_host, auth, profile, organization, insecure, ca_bundle)
+    session = connect_to(config, server)
+    request = LabelRequest(include_tagged=include_tagged, relabel=relabel, quality=quality)
     enqueue_target(
-        connection,
-        client,
-        target,
-        config,
-        relabel=relabel,
-        include_tagged=include_tagged,
-        quality=quality,
-        options=QueueOptions(job_timeout=job_timeout, attempts=attempts),
+        connection, session, target, config, request, QueueOptions(job_timeout=job_timeout, attempts=attempts)
     )
 
 
@@ -155,7 +128,7 @@ def enqueue(
     "after about 3 leases.",
 )
 @login_options
-def worker(queue_url, device, batch_size, burst, state_path, lease, auth, profile, insecure, ca_bundle):
+def worker(queue_url, device, batch_size, burst, state_path, lease, server):
     """Take CVAT jobs off the queue and pre-label them, one at a time, until stopped.
 
     The model and text classifier are loaded once per process. Run one worker per GPU
@@ -165,39 +138,34 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, auth, profil
 
     connection = connect_queue(queue_url)  # a bad URL fails before the slow imports
 
-    from connectors.cvat import queued as tasks
+    from connectors.cvat.queued import EntryWorker, WorkerSettings
     from connectors.queue.worker import run_worker, worker_name
+    from prelabel.assemble import build_pipeline
 
-    quiet = click.get_current_context().find_root().params.get("quiet")
+    root = click.get_current_context().find_root()
+    quiet = root.params.get("quiet")
+    builder = (root.obj or {}).get("pipeline_builder", build_pipeline)  # benchmarks/scale_worker.py
     level = logging.WARNING if quiet else logging.INFO
     logging.getLogger("connectors.queue").setLevel(level)
+    logging.getLogger("connectors.cvat.queued").setLevel(level)
     name = worker_name(device)
     state = _worker_state(state_path)
     try:
-        tasks.configure(
-            tasks.WorkerSettings(
-                name=name,
-                state=state,
-                device=device,
-                batch_size=batch_size,
-                auth=auth,
-                profile=profile,
-                insecure=insecure,
-                ca_bundle=ca_bundle,
-            ),
-            connection,
-            builder=_pipeline_builder(),
+        settings = WorkerSettings(
+            name=name,
+            state=state,
+            device=device,
+            batch_size=batch_size,
+            auth=server["auth"],
+            profile=server["profile"],
+            insecure=server["insecure"],
+            ca_bundle=server["ca_bundle"],
         )
+        context = EntryWorker(settings, connection, builder)
         click.echo(f"worker {name}: state {state.path}; waiting for entries", err=True)
-        run_worker(connection, name, burst=burst, lease=lease, level=level)
+        run_worker(connection, name, context, burst=burst, lease=lease, level=level)
     finally:
         state.close()
-
-
-def _pipeline_builder():
-    from prelabel.pipeline.runner import build_pipeline
-
-    return build_pipeline
 
 
 def _worker_state(path: Path | None):
@@ -248,9 +216,7 @@ def requeue_failed_command(queue_url, attempts):
         click.echo("no failed entries")
 
 
-def run_on_queue(
-    queue_url, target, config, server, *, relabel, include_tagged, quality, limit, dry_run, progress
-):
+def run_on_queue(queue_url, target, config, server, request):
     """`prelabel run --queue`: enqueue the target's jobs, then follow them to the end."""
     from rq import Worker
     from tqdm import tqdm
@@ -260,26 +226,13 @@ def run_on_queue(
     from connectors.queue.redis_url import connect_queue, redacted
     from connectors.queue.status import read_status, wait_for
 
-    if limit is not None:
-        raise click.UsageError("--limit does not apply with --queue (workers label whole jobs)")
-    if dry_run:
-        raise click.UsageError("--dry-run does not apply with --queue; run it without --queue")
     connection = connect_queue(queue_url)
-    client = _connect(config, **server)
-    done = enqueue_target(
-        connection,
-        client,
-        target,
-        config,
-        relabel=relabel,
-        include_tagged=include_tagged,
-        quality=quality,
-        options=QueueOptions(),
-    )
+    session = connect_to(config, server)
+    done = enqueue_target(connection, session, target, config, request, QueueOptions())
     ids = [done.ids[job] for job in done.added + done.pending]
     if ids and Worker.count(queue=open_queue(connection)) == 0:
         log.warning("no worker is listening on %s yet: start one with `prelabel worker`", redacted(queue_url))
-    bar = tqdm(total=len(ids), unit="job", disable=not progress, leave=False)
+    bar = tqdm(total=len(ids), unit="job", disable=not request.progress, leave=False)
 
     def advance(finished: int, total: int) -> None:
         bar.update(finished - bar.n)
@@ -298,9 +251,3 @@ def run_on_queue(
             f"{len(outcome['failed'])} of {len(ids)} jobs failed",
             hint="prelabel status shows why; prelabel requeue-failed sends them back",
         )
-
-
-def register(group: click.Group) -> None:
-    """Add the queue commands to the `prelabel` group."""
-    for command in (enqueue, worker, status, requeue_failed_command):
-        group.add_command(command)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli.label import _connect, server_options
+from prelabel.cli.options import config_option, connect_to, server_options, state_option
 from prelabel.errors import ConfigError, PrelabelError
 
 SECRET_ENV = "PRELABEL_WEBHOOK_SECRET"
@@ -33,8 +33,8 @@ def _secret(config) -> str:
 @click.option(
     "--listen", default="127.0.0.1:8765", show_default=True, help="HOST:PORT to receive deliveries on."
 )
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file.")
-@click.option("--state", "state_path", type=click.Path(path_type=Path), help="State file (SQLite).")
+@config_option
+@state_option
 @click.option(
     "--project-id",
     "project_ids",
@@ -50,7 +50,7 @@ def _secret(config) -> str:
     "`prelabel worker` processes, instead of labeling them here.",
 )
 @server_options
-def serve(listen, config_path, state_path, project_ids, queue_url, **server):
+def serve(listen, config_path, state_path, project_ids, queue_url, server):
     """Receive CVAT webhook deliveries and pre-label new tasks as they arrive.
 
     \b
@@ -80,10 +80,10 @@ def serve(listen, config_path, state_path, project_ids, queue_url, **server):
         from connectors.queue.redis_url import connect_queue
 
         connection = connect_queue(queue_url)
-    client = _connect(config, **server)
+    session = connect_to(config, server)
     state = Path(state_path or config.state.path)
     with DeliveryLog(state.with_name("deliveries.db")) as deliveries:
-        perform = CvatWork(client, config, state, connection)
+        perform = CvatWork(session, config, state, connection)
         worker = InProcessWorker(perform, deliveries, config.webhook.queue_size)
         for key, item in deliveries.unfinished():
             try:
@@ -121,9 +121,9 @@ def webhook() -> None:
 @webhook.command(name="install")
 @click.option("--project-id", type=int, required=True, help="The CVAT project.")
 @click.option("--url", required=True, help="Where CVAT delivers: the address of `prelabel serve`.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file.")
+@config_option
 @server_options
-def webhook_install(project_id, url, config_path, **server):
+def webhook_install(project_id, url, config_path, server):
     """Create (or update in place) the project's webhook for `prelabel serve`.
 
     It subscribes to exactly the events `serve` acts on and carries the secret from
@@ -140,30 +140,24 @@ def webhook_install(project_id, url, config_path, **server):
         raise PrelabelError(f"--url {url!r} is not an http(s) URL", hint="e.g. --url http://10.0.0.5:8765/")
     config = load_config(config_path)
     secret = _secret(config)
-    client = _connect(config, **server)
-    installed = install_webhook(client, project_id, url, secret)
+    session = connect_to(config, server)
+    installed = install_webhook(session, project_id, url, secret)
     verb = "created" if installed.created else "updated in place"
     click.echo(f"project {project_id}: webhook {installed.webhook_id} {verb}: {url} ({', '.join(EVENTS)})")
 
 
 @webhook.command(name="remove")
 @click.option("--project-id", type=int, required=True, help="The CVAT project.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file.")
+@config_option
 @server_options
-def webhook_remove(project_id, config_path, **server):
+def webhook_remove(project_id, config_path, server):
     """Delete the project's prelabel webhook (others are left alone)."""
     from connectors.cvat.webhooks import remove_webhook
     from prelabel.config import load_config
 
-    client = _connect(load_config(config_path), **server)
-    removed = remove_webhook(client, project_id)
+    session = connect_to(load_config(config_path), server)
+    removed = remove_webhook(session, project_id)
     if removed:
         click.echo(f"project {project_id}: removed webhook {', '.join(map(str, removed))}")
     else:
         click.echo(f"project {project_id}: no prelabel webhook; nothing changed")
-
-
-def register(cli: click.Group) -> None:
-    """Add `serve` and `webhook` to the command line."""
-    cli.add_command(serve)
-    cli.add_command(webhook)

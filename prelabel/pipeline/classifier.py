@@ -14,13 +14,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
 
-from prelabel.calibration.fewshot import FewShotCache
 from prelabel.config import Config
 from prelabel.pipeline.model import LoadedModel, inference
+
+if TYPE_CHECKING:  # the few-shot cache is built by prelabel.calibration and passed in
+    from prelabel.calibration.fewshot import FewShotCache
 
 log = logging.getLogger(__name__)
 

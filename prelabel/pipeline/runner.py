@@ -1,7 +1,8 @@
 """The runner: wires source -> worker -> router -> sink, and accounts for every frame.
 
-`build_pipeline` loads the model and text classifier once; `run` can then be called for
-any number of sources (a folder, each CVAT job) with the same pipeline.
+A `Pipeline` (built by `prelabel.assemble.build_pipeline`) holds the loaded model and text
+classifier; `run` can be called for any number of sources (a folder, each CVAT job) with
+the same pipeline.
 """
 
 from __future__ import annotations
@@ -11,24 +12,16 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from prelabel.calibration.fewshot import load_cache
-from prelabel.calibration.fitting import Calibration, apply_calibration, read_calibration
-from prelabel.config import Config
-from prelabel.errors import ConfigError
 from prelabel.interface import DecisionSink, FrameSource
-from prelabel.pipeline.classifier import TextClassifier, build_classifier, label_prompts
-from prelabel.pipeline.model import LoadedModel, load_model
+from prelabel.pipeline.classifier import TextClassifier
+from prelabel.pipeline.model import LoadedModel
 from prelabel.pipeline.router import RoutingPolicy, route
 from prelabel.pipeline.timing import StageTimer
 from prelabel.pipeline.worker import WorkerOptions, predict
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "prelabel"
 
 log = logging.getLogger(__name__)
 
@@ -51,75 +44,14 @@ class Pipeline:
         payload = json.dumps(
             [
                 self.classifier.fingerprint,
-                repr(self.policy),
+                asdict(self.policy),
                 self.classifier.temperature,
                 len(cache) if cache is not None else 0,
             ],
             ensure_ascii=False,
+            sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def build_pipeline(
-    config: Config,
-    labels: Sequence[str],
-    loaded: LoadedModel | None = None,
-    calibration: Calibration | None = None,
-) -> Pipeline:
-    """Load the configured model (unless `loaded` is given) and build the classifier for `labels`.
-
-    The learned temperature and thresholds are applied: `calibration` when given (a queue
-    entry carries its own), else the calibration file when it exists and is in use.
-    """
-    if not labels:
-        raise ConfigError("no labels: give --labels a,b,c or list them under 'labels' in the config")
-    loaded = loaded or load_model(config.model)
-    cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else DEFAULT_CACHE_DIR
-    classifier = build_classifier(loaded, label_prompts(labels, config), cache_dir)
-    default_batch = 128 if loaded.device.type == "cuda" else 32
-    options = WorkerOptions(
-        batch_size=config.model.batch_size or default_batch,
-        top_k=len(labels) if config.routing.multi_label else config.routing.top_k,
-        draft=config.decode.draft,
-        decode_workers=config.decode.workers,
-        prefetch_batches=config.decode.prefetch_batches,
-    )
-    policy = RoutingPolicy.from_config(config)
-    classifier = _with_fewshot(config, classifier, loaded.identity)
-    path = Path(config.calibration.path)
-    origin = "the queue entry's calibration"
-    if calibration is None and config.calibration.use and path.is_file():
-        calibration, origin = read_calibration(path), str(path)
-    if calibration is None:
-        return Pipeline(loaded, classifier, policy, options)
-    if calibration.fewshot != (classifier.cache is not None):
-        raise ConfigError(
-            f"{origin} was made {'with' if calibration.fewshot else 'without'} the few-shot cache,"
-            " and fewshot.enabled (or the cache file) says otherwise",
-            hint="run `prelabel calibrate` again with the current config",
-        )
-    classifier, policy = apply_calibration(
-        calibration, classifier, policy, model_identity=loaded.identity, path=origin
-    )
-    return Pipeline(loaded, classifier, policy, options, origin)
-
-
-def _with_fewshot(config: Config, classifier: TextClassifier, identity: str) -> TextClassifier:
-    """The classifier with the few-shot cache blended in, when enabled and built."""
-    settings = config.fewshot
-    if not settings.enabled:
-        return classifier
-    path = Path(settings.path)
-    if not path.is_file():
-        log.warning("few-shot cache %s not built yet (run `prelabel calibrate`): zero-shot only", path)
-        return classifier
-    cache = load_cache(path, alpha=settings.alpha, beta=settings.beta)
-    if cache.model_identity != identity:
-        raise ConfigError(
-            f"few-shot cache {path} holds embeddings of model {cache.model_identity!r}, not {identity!r}",
-            hint="run `prelabel calibrate` to rebuild it",
-        )
-    return replace(classifier, cache=cache.for_labels(classifier.labels))
 
 
 @dataclass

@@ -1,0 +1,45 @@
+"""A connection to one CVAT server: the logged-in client and how its calls are retried.
+
+Every function in `connectors.cvat` that talks to the server takes a `CvatSession`, so the
+retry policy travels with the client instead of living in a process-wide setting. TLS and
+timeouts are fixed when the client is built (`connectors.cvat.connect`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import tenacity
+from cvat_sdk import Client
+
+from connectors.cvat import retry
+from prelabel.config import RetryConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CvatSession:
+    """A logged-in cvat-sdk client and the retry policy for its calls."""
+
+    client: Client
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+    @property
+    def host(self) -> str:
+        """The server's URL (``http://cvat.example:8080``)."""
+        return self.client.api_map.host
+
+    @property
+    def organization(self) -> str | None:
+        return self.client.organization_slug
+
+    def call(self, doing: str, func: Callable[[], T]) -> T:
+        """Run an idempotent server call with retries; a failure is one `CvatError` naming `doing`."""
+        return retry.call(doing, func, self.retry)
+
+    def retrying(self, doing: str) -> tenacity.Retrying:
+        """A retry loop for an operation that checks the server itself before repeating a write."""
+        return retry.retrying(doing, self.retry)

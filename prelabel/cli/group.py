@@ -1,0 +1,95 @@
+"""The `prelabel` click group, its commands (registered here, explicitly), and `main`.
+
+Every problem a user can cause ends as one line on stderr and a non-zero exit code;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from prelabel.cli import calibrate, label, queue, review, webhooks
+from prelabel.errors import PrelabelError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.version_option(package_name="prelabel")
+def cli(debug: bool, quiet: bool) -> None:
+    """Zero-shot pre-labeling for CVAT with OpenCLIP.
+
+    Each image gets a tag with a confidence score from the label names (and optional
+    descriptions) alone, with no training images. Confident tags are written out; the
+    rest go to a human review queue.
+
+    \b
+    Start here:
+      prelabel folder samples/images --labels cat,coffee,rocket --out out/demo
+    """
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    for noisy in ("root", "urllib3", "PIL", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    label.folder,
+    label.setup,
+    label.run_command,
+    review.review,
+    webhooks.serve,
+    webhooks.webhook,
+    queue.enqueue,
+    queue.worker,
+    queue.status,
+    queue.requeue_failed_command,
+    calibrate.eval_command,
+    calibrate.calibrate_command,
+)
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def main(args: Sequence[str] | None = None, obj: Any = None) -> None:
+    """Console entry point: runs the CLI and turns user errors into one-line messages.
+
+    `obj` becomes the click context's ``obj`` (benchmarks pass a pipeline builder there).
+    """
+    from prelabel.pipeline.memory import tune_allocator
+
+    tune_allocator()
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
+    try:
+        cli.main(argv, prog_name="prelabel", standalone_mode=False, obj=obj)
+    except PrelabelError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc.one_line()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        click.echo(
+            f"internal error: {type(exc).__name__}: {message} (run with --debug for the traceback)",
+            err=True,
+        )
+        sys.exit(1)

@@ -1,0 +1,74 @@
+"""`prelabel review list` and `prelabel review sync`: the review queue and its outcomes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from prelabel.cli.options import config_option, connect_to, server_options, state_option
+from prelabel.errors import PrelabelError
+
+
+@click.group()
+def review() -> None:
+    """The review queue: frames prelabel routed to a human, as CVAT issues."""
+
+
+def _state_file(config, state_path: Path | None) -> Path:
+    path = Path(state_path or config.state.path)
+    if not path.exists():
+        raise PrelabelError(f"no state file at {path}", hint="run `prelabel run` first, or pass --state")
+    return path
+
+
+@review.command(name="list")
+@config_option
+@state_option
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+)
+@click.option("--all", "show_all", is_flag=True, help="Include items a reviewer already handled.")
+@click.option(
+    "--order",
+    type=click.Choice(["margin", "label"]),
+    default="margin",
+    show_default=True,
+    help="margin: the most uncertain frames first; label: grouped by the predicted label.",
+)
+def review_list(config_path, state_path, fmt, show_all, order):
+    """Print the pending review items with direct links into CVAT."""
+    from prelabel.config import load_config
+    from prelabel.review import pending_items, write_items
+    from prelabel.state import RunState
+
+    path = _state_file(load_config(config_path), state_path)
+    with RunState(path, lock=False) as state:
+        items = pending_items(state, include_handled=show_all, order=order)
+    write_items(items, fmt, sys.stdout)
+
+
+@review.command(name="sync")
+@config_option
+@state_option
+@click.option("--job-id", "job_ids", type=int, multiple=True, help="Only these jobs (repeatable).")
+@server_options
+def review_sync(config_path, state_path, job_ids, server):
+    """Read back what reviewers did in CVAT and record each frame's outcome.
+
+    Outcomes: kept (the predicted label stands), changed (another label), deleted (the tag
+    is gone), added (a reviewer tagged a frame that had no suggestion), pending (the issue
+    is still open). They are the ground truth that calibration learns from.
+    """
+    from connectors.cvat.sync import sync_reviews
+    from prelabel.config import load_config
+    from prelabel.state import RunState
+
+    config = load_config(config_path)
+    path = _state_file(config, state_path)
+    session = connect_to(config, server)
+    with RunState(path) as state:
+        counts = sync_reviews(session, state, list(job_ids) or None)
+    summary = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items())) or "nothing to sync"
+    click.echo(f"synced: {summary}")
