@@ -7,6 +7,10 @@ server ids of the created tags and issue, and the fingerprint of model, prompts 
 thresholds; per job, whether its review routing was applied; and the outcomes that
 `review sync` read back. No secret is ever stored here.
 
+The file carries its schema version (SQLite's ``user_version``); opening a file of an older
+release migrates it in place, step by step (`_MIGRATIONS`), keeping every record. Rows are
+read by column name, never by position.
+
 One process at a time holds the run lock (an exclusive `flock` beside the database, which
 the kernel releases when the process dies, even on SIGKILL).
 """
@@ -27,6 +31,9 @@ from pathlib import Path
 from prelabel.errors import PrelabelError
 
 DEFAULT_STATE_PATH = Path(".prelabel/state.db")
+
+SCHEMA_VERSION = 1
+"""The version this release writes. 0: prelabel 0.1 (no version recorded)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,6 +78,13 @@ CREATE TABLE IF NOT EXISTS embeddings (
     PRIMARY KEY (model, key)
 );
 """
+"""The tables as prelabel 0.1 made them (schema version 0); `_MIGRATIONS` bring them up to date."""
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 0 -> 1: the review queue reads frames by decision.
+    0: ("CREATE INDEX IF NOT EXISTS frames_by_decision ON frames (decision, job_id, frame)",),
+}
+"""From version N to N + 1: the statements, run in one transaction with the version bump."""
 
 
 class StateLockedError(PrelabelError):
@@ -90,6 +104,16 @@ class FrameRecord:
     status: str
     tag_ids: list[int]
     issue_id: int | None
+
+
+_FRAME_COLUMNS = tuple(FrameRecord.__dataclass_fields__)
+
+
+def _frame_record(row: sqlite3.Row) -> FrameRecord:
+    values = {key: row[key] for key in _FRAME_COLUMNS}
+    values["scores"] = [tuple(pair) for pair in json.loads(values["scores"])]
+    values["tag_ids"] = json.loads(values["tag_ids"])
+    return FrameRecord(**values)
 
 
 @dataclass(frozen=True)
@@ -131,14 +155,39 @@ class RunState:
             self._acquire_lock()
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
+            self._migrate()
+        except PrelabelError:
+            self.close()
+            raise
         except sqlite3.DatabaseError as exc:
             self.close()
             raise PrelabelError(
                 f"the state file {self.path} is not a usable SQLite database: {exc}"
             ) from None
+
+    def _migrate(self) -> None:
+        """Bring the file to `SCHEMA_VERSION`, one step per transaction; refuse a newer file."""
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise PrelabelError(
+                f"the state file {self.path} has schema version {version}, newer than this prelabel's "
+                f"{SCHEMA_VERSION}",
+                hint="upgrade prelabel, or give this run its own --state file",
+            )
+        while version < SCHEMA_VERSION:
+            with self.transaction() as db:
+                if db.execute("PRAGMA user_version").fetchone()[0] == version:  # not done by another process
+                    for statement in _MIGRATIONS[version]:
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {version + 1}")
+            version = self.schema_version()
+
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
 
     def close(self) -> None:
         if self.db is not None:
@@ -168,31 +217,36 @@ class RunState:
         handle.flush()
         self._lock_file = handle
 
+    def _connection(self) -> sqlite3.Connection:
+        if self.db is None:
+            raise PrelabelError(f"the state file {self.path} is not open (use RunState as a context manager)")
+        return self.db
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        assert self.db is not None
+        db = self._connection()
         with self._db_lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self.db
+                yield db
             except BaseException:
-                self.db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
+            db.execute("COMMIT")
 
-    def _query(self, sql: str, args: tuple | list = ()) -> list[tuple]:
-        assert self.db is not None
+    def _query(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
+        db = self._connection()
         with self._db_lock:
-            return self.db.execute(sql, args).fetchall()
+            return db.execute(sql, args).fetchall()
 
     # -- meta -------------------------------------------------------------------------------
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
-        return rows[0][0] if rows else None
+        return rows[0]["value"] if rows else None
 
     # -- frames -----------------------------------------------------------------------------
     def record_decision(
@@ -240,11 +294,12 @@ class RunState:
             ).fetchone()
             if row is None:
                 return
-            tags = sorted(set(json.loads(row[0])) | set(tag_ids or ()))
+            tags = sorted(set(json.loads(row["tag_ids"])) | set(tag_ids or ()))
+            issue = issue_id if issue_id is not None else row["issue_id"]
             db.execute(
                 """UPDATE frames SET tag_ids = ?, issue_id = ?, status = 'uploaded', updated = ?
                    WHERE job_id = ? AND frame = ?""",
-                (json.dumps(tags), issue_id if issue_id is not None else row[1], time.time(), job_id, frame),
+                (json.dumps(tags), issue, time.time(), job_id, frame),
             )
 
     def forget_uploads(self, job_id: int, frame: int) -> None:
@@ -257,28 +312,13 @@ class RunState:
             )
 
     def frames(self, *, job_id: int | None = None, decision: str | None = None) -> list[FrameRecord]:
-        query, args = "SELECT * FROM frames WHERE 1=1", []
+        query, args = f"SELECT {', '.join(_FRAME_COLUMNS)} FROM frames WHERE 1=1", []
         if job_id is not None:
             query, args = query + " AND job_id = ?", [*args, job_id]
         if decision is not None:
             query, args = query + " AND decision = ?", [*args, decision]
         rows = self._query(query + " ORDER BY job_id, frame", args)
-        return [
-            FrameRecord(
-                job_id=r[0],
-                frame=r[1],
-                task_id=r[2],
-                name=r[3],
-                fingerprint=r[4],
-                scores=[tuple(pair) for pair in json.loads(r[5])],
-                decision=r[6],
-                reason=r[7],
-                status=r[8],
-                tag_ids=json.loads(r[9]),
-                issue_id=r[10],
-            )
-            for r in rows
-        ]
+        return [_frame_record(row) for row in rows]
 
     # -- jobs -------------------------------------------------------------------------------
     def record_job(
@@ -286,7 +326,8 @@ class RunState:
     ) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
+                """INSERT OR REPLACE INTO jobs (job_id, task_id, fingerprint, review_items, routed, updated)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
                 (job_id, task_id, fingerprint, review_items, int(routed), time.time()),
             )
 
@@ -297,16 +338,19 @@ class RunState:
         moved it on since.
         """
         rows = self._query("SELECT routed FROM jobs WHERE job_id = ?", (job_id,))
-        return bool(rows and rows[0][0])
+        return bool(rows and rows[0]["routed"])
 
     def job_ids(self) -> list[int]:
-        return [row[0] for row in self._query("SELECT DISTINCT job_id FROM frames ORDER BY job_id")]
+        rows = self._query("SELECT DISTINCT job_id FROM frames ORDER BY job_id")
+        return [row["job_id"] for row in rows]
 
     # -- outcomes ---------------------------------------------------------------------------
     def record_outcome(self, outcome: Outcome) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                """INSERT OR REPLACE INTO outcomes (job_id, frame, predicted, decision, outcome, final_labels,
+                                                   issue_resolved, synced)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     outcome.job_id,
                     outcome.frame,
@@ -329,18 +373,30 @@ class RunState:
             rows = self._query(
                 f"SELECT key, vector FROM embeddings WHERE model = ? AND key IN ({marks})", [model, *part]
             )
-            found.update(rows)
+            found.update((row["key"], row["vector"]) for row in rows)
         return found
 
     def record_embeddings(self, model: str, items: list[tuple[str, bytes]]) -> None:
         with self.transaction() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)", [(model, k, v) for k, v in items]
+                "INSERT OR REPLACE INTO embeddings (model, key, vector) VALUES (?, ?, ?)",
+                [(model, k, v) for k, v in items],
             )
 
     def outcomes(self) -> list[Outcome]:
-        rows = self._query("SELECT * FROM outcomes ORDER BY job_id, frame")
+        rows = self._query(
+            "SELECT job_id, frame, predicted, decision, outcome, final_labels, issue_resolved"
+            " FROM outcomes ORDER BY job_id, frame"
+        )
         return [
-            Outcome(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), None if r[6] is None else bool(r[6]))
+            Outcome(
+                job_id=r["job_id"],
+                frame=r["frame"],
+                predicted=r["predicted"],
+                decision=r["decision"],
+                outcome=r["outcome"],
+                final_labels=json.loads(r["final_labels"]),
+                issue_resolved=None if r["issue_resolved"] is None else bool(r["issue_resolved"]),
+            )
             for r in rows
         ]
