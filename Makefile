@@ -71,8 +71,10 @@ calibrate: install
 bench: install
 	$(BIN)/python -m benchmarks.throughput $(ARGS)
 
+# ruff, and the layering contracts of pyproject.toml [tool.importlinter] (lint-imports)
 lint: install
 	$(BIN)/ruff check prelabel connectors tests benchmarks
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

@@ -137,13 +137,15 @@ def run_command(
     Running it again writes nothing new; after a crash it completes what is missing.
     Frames a person tagged are skipped, and no human annotation is ever changed.
     """
-    from connectors.cvat.assign import resolve_reviewers
-    from connectors.cvat.driver import LabelRequest, label_target, plan_target
     from prelabel.config import load_config
-    from prelabel.state import RunState
 
     target = one_target(target)
     config = load_config(config_path, overrides)
+
+    from connectors.cvat.assign import resolve_reviewers  # cvat-sdk and torch: slow
+    from connectors.cvat.driver import LabelRequest, label_target, plan_target
+    from prelabel.state import RunState
+
     request = LabelRequest(
         include_tagged=include_tagged, relabel=relabel, quality=quality, limit=limit, progress=progress
     )
