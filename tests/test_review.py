@@ -251,11 +251,17 @@ def test_random_sigkills_converge(project: Project, tmp_path: Path):
     server.set_global_delay(0.05, methods=["POST", "PATCH"])
     state = tmp_path / "state.db"
     kills = int(os.environ.get("PRELABEL_TEST_KILLS", "6"))  # more for a soak: PRELABEL_TEST_KILLS=50
+    killed = 0
     for _ in range(kills):  # each run resumes what the killed one left
         server.reset_counters()
         process = _start_run(project, config, state)
         target = rng.randint(1, 8)
         _kill_when(process, lambda target=target: server.write_count >= target)
+        killed += process.returncode == -signal.SIGKILL
+    # A run that finds too little left to write finishes before its kill point; the first
+    # ones must have been killed, or this test would not test recovery at all.
+    assert killed >= 1, f"no run was killed mid-way (seed {seed})"
+    print(f"killed {killed} of {kills} runs")
     server.set_global_delay(0)
     final = run_cli(*run_args(project, config, state), env=lead_env(project))
     assert final.returncode == 0, final.stderr

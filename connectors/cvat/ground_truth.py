@@ -72,7 +72,8 @@ class CvatGroundTruth:
     def frames(self, refs: Collection[Hashable]) -> Iterator[Frame]:
         wanted: dict[int, list[int]] = defaultdict(list)
         for ref in refs:
-            assert isinstance(ref, CvatFrameRef)
+            if not isinstance(ref, CvatFrameRef):
+                raise TypeError(f"not a frame of this ground truth: {ref!r}")
             wanted[ref.job_id].append(ref.frame)
         for job_id, frames in sorted(wanted.items()):
             plan = self._plans[job_id]

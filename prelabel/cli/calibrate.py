@@ -54,13 +54,14 @@ def _load(config, ground_truth, labels, target, server, state):
         if not names:
             names = sorted({name for example in source.examples() for name in example.labels})
         return source, names
+    from connectors.cvat.driver import setup_hint
     from connectors.cvat.ground_truth import CvatGroundTruth
     from connectors.cvat.labels import check_schema
 
     target = one_target(target)
     session = connect_to(config, server)
     source = CvatGroundTruth(session, **target, state=state)
-    check_schema(source.labels, source.where, "prelabel setup")
+    check_schema(source.labels, source.where, setup_hint(target))
     return source, [label.name for label in source.labels]
 
 

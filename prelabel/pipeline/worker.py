@@ -7,9 +7,8 @@ cannot be decoded come out as predictions with an `error` instead of scores.
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,50 +54,20 @@ def predict(
     At most ``batch_size * (prefetch_batches + 1)`` frames are decoded ahead of the model.
     """
     timer = timer or StageTimer()
-    decoded = _decode_ahead(frames, loaded, options, timer)
-    batch: list[_Decoded] = []
-    while True:
-        with timer.stage("wait_decode"):
-            item = next(decoded, None)
-        if item is None:
-            break
-        batch.append(item)
-        if len(batch) >= options.batch_size:
-            yield from _flush(batch, loaded, classifier, options, timer)
-    yield from _flush(batch, loaded, classifier, options, timer)
-
-
-def _flush(
-    batch: list[_Decoded],
-    loaded: LoadedModel,
-    classifier: TextClassifier,
-    options: WorkerOptions,
-    timer: StageTimer,
-) -> Iterator[Prediction]:
-    if not batch:
-        return
-    items = list(batch)
-    batch.clear()
-    good = [item for item in items if item.tensor is not None]
-    scores: dict[int, tuple[tuple[str, float], ...]] = {}
-    if good:
-        with timer.stage("model"):
-            probabilities = score_batch(torch.stack([item.tensor for item in good]), loaded, classifier)
-        k = min(options.top_k, len(classifier.labels))
-        values, indices = probabilities.topk(k, dim=-1)
-        for item, row_values, row_indices in zip(good, values.tolist(), indices.tolist(), strict=True):
-            scores[id(item)] = tuple(
-                (classifier.labels[index], value)
-                for value, index in zip(row_values, row_indices, strict=True)
+    k = min(options.top_k, len(classifier.labels))
+    for batch in _batches(frames, loaded, options, timer):
+        probabilities = _through_model(batch, lambda pixels: score_batch(pixels, loaded, classifier), timer)
+        for item, row in zip(batch, probabilities, strict=True):
+            scores: tuple[tuple[str, float], ...] = ()
+            if row is not None:
+                values, indices = row.topk(k)
+                scores = tuple(
+                    (classifier.labels[index], value)
+                    for value, index in zip(values.tolist(), indices.tolist(), strict=True)
+                )
+            yield Prediction(
+                ref=item.frame.ref, name=item.frame.name, scores=scores, error=item.error, size=item.size
             )
-    for item in items:
-        yield Prediction(
-            ref=item.frame.ref,
-            name=item.frame.name,
-            scores=scores.get(id(item), ()),
-            error=item.error,
-            size=item.size,
-        )
 
 
 @dataclass(frozen=True)
@@ -115,40 +84,61 @@ def embed(
 ) -> Iterator[Embedded]:
     """Yield each frame's image embedding, in input order, encoding frames in batches."""
     timer = timer or StageTimer()
+    for batch in _batches(frames, loaded, options, timer):
+        features = _through_model(batch, lambda pixels: encode_batch(pixels, loaded), timer)
+        for item, row in zip(batch, features, strict=True):
+            yield Embedded(item.frame, row, item.error)
+
+
+def _batches(
+    frames: Iterable[Frame], loaded: LoadedModel, options: WorkerOptions, timer: StageTimer
+) -> Iterator[list[_Decoded]]:
+    """The decoded frames in batches of `options.batch_size` (the last one may be smaller)."""
     decoded = _decode_ahead(frames, loaded, options, timer)
     batch: list[_Decoded] = []
-    for item in itertools.chain(decoded, [None]):
-        if item is not None:
-            batch.append(item)
-            if len(batch) < options.batch_size:
-                continue
-        good = [entry for entry in batch if entry.tensor is not None]
-        features: dict[int, torch.Tensor] = {}
-        if good:
-            with timer.stage("model"):
-                encoded = encode_batch(torch.stack([entry.tensor for entry in good]), loaded)
-            features = {id(entry): row for entry, row in zip(good, encoded, strict=True)}
-        for entry in batch:
-            yield Embedded(entry.frame, features.get(id(entry)), entry.error)
-        batch = []
+    while True:
+        with timer.stage("wait_decode"):
+            item = next(decoded, None)
+        if item is None:
+            break
+        batch.append(item)
+        if len(batch) >= options.batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _through_model(
+    batch: list[_Decoded], model: Callable[[torch.Tensor], torch.Tensor], timer: StageTimer
+) -> list[torch.Tensor | None]:
+    """`model` applied to the batch's decoded frames at once: one row per frame, None where
+    the frame could not be decoded."""
+    good = [item.tensor for item in batch if item.tensor is not None]
+    if not good:
+        return [None] * len(batch)
+    with timer.stage("model"):
+        rows = iter(model(torch.stack(good)))
+    return [next(rows) if item.tensor is not None else None for item in batch]
+
+
+def _encode(pixels: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
+    """Unit image embeddings on the model's device; call inside `inference(loaded)`."""
+    if loaded.device.type == "cuda":
+        pixels = pixels.pin_memory()  # lets the copy to the GPU run asynchronously
+    return loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
 
 
 def encode_batch(pixels: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
     """[N, 3, H, W] preprocessed images -> [N, embed_dim] unit embeddings on the CPU, fp32."""
-    if loaded.device.type == "cuda":
-        pixels = pixels.pin_memory()
     with inference(loaded):
-        features = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
-        return features.float().cpu()
+        return _encode(pixels, loaded).float().cpu()
 
 
 def score_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier) -> torch.Tensor:
     """[N, 3, H, W] preprocessed images -> [N, n_labels] probabilities on the CPU, fp32."""
-    if loaded.device.type == "cuda":
-        pixels = pixels.pin_memory()  # lets the copy to the GPU run asynchronously
     with inference(loaded):
-        features = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
-        return classifier.probabilities(features).float().cpu()
+        return classifier.probabilities(_encode(pixels, loaded)).float().cpu()
 
 
 def _decode_ahead(
