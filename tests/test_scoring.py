@@ -112,16 +112,12 @@ def test_prompt_ensembling_is_the_renormalised_mean_of_normalised_embeddings(tmp
 
 
 def test_classifier_is_cached_on_disk_under_its_fingerprint(tmp_path: Path):
-    from prelabel.pipeline import classifier as classifier_module
-
-    classifier_module._MEMORY.clear()
     config = _tiny_config(tmp_path)
     loaded = load_model(config.model)
     prompts = label_prompts(LABELS, config)
     first = build_classifier(loaded, prompts, tmp_path)
     cached = tmp_path / "classifiers" / f"{first.fingerprint}.pt"
     assert cached.is_file()
-    classifier_module._MEMORY.clear()
     second = build_classifier(loaded, prompts, tmp_path)
     assert torch.equal(first.weights, second.weights)
     other = build_classifier(loaded, label_prompts(["cat", "dog"], config), tmp_path)

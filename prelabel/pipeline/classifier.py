@@ -3,7 +3,7 @@
 Each label's prompts are its configured descriptions, or its name expanded through the
 prompt templates. Their normalised text embeddings are averaged and re-normalised (prompt
 ensembling, as in the CLIP paper). A classifier is built once per (model, labels,
-prompts) and cached in memory and on disk under its fingerprint.
+prompts) and cached on disk under its fingerprint.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # the few-shot cache is built by prelabel.calibration and pas
 
 log = logging.getLogger(__name__)
 
-_MEMORY: dict[tuple[str, str], TextClassifier] = {}
 
 
 @dataclass(frozen=True)
@@ -97,11 +96,12 @@ def classifier_fingerprint(model_identity: str, prompts: dict[str, list[str]]) -
 def build_classifier(
     loaded: LoadedModel, prompts: dict[str, list[str]], cache_dir: Path | None = None
 ) -> TextClassifier:
-    """Build (or fetch from the memory or disk cache) the classifier for these prompts."""
+    """Build (or read from the disk cache) the classifier for these prompts.
+
+    A long-lived process keeps the classifiers it built in its `PipelineCache`
+    (`prelabel.assemble`); nothing is kept process-wide here.
+    """
     fingerprint = classifier_fingerprint(loaded.identity, prompts)
-    memory_key = (fingerprint, str(loaded.device))
-    if memory_key in _MEMORY:
-        return _MEMORY[memory_key]
     path = cache_dir / "classifiers" / f"{fingerprint}.pt" if cache_dir else None
     weights = _read_cached(path, len(prompts))
     if weights is None:
@@ -116,7 +116,6 @@ def build_classifier(
         logit_bias=None if bias is None else float(bias.detach().float()),
         fingerprint=fingerprint,
     )
-    _MEMORY[memory_key] = classifier
     return classifier
 
 
