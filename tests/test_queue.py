@@ -403,3 +403,32 @@ def test_entries_carry_the_calibration_in_use_and_workers_apply_only_it(queue: s
     pipeline = worker.pipeline(entries[0], worker.config(entries[0]), labels)
     assert pipeline.classifier.temperature == 1.7
     assert pipeline.policy.accept_threshold == 0.52 and pipeline.policy.threshold("cat") == 0.61
+
+
+class _Recorder:
+    """A worker context that records the payloads it is given (the queue's side of the contract)."""
+
+    def __init__(self) -> None:
+        self.payloads: list[dict] = []
+
+    def label(self, payload: dict) -> dict:
+        self.payloads.append(payload)
+        return {"cvat_job": payload["job_id"]}
+
+
+def test_entries_under_the_current_and_the_old_function_path_run_with_the_worker_s_context(queue: str):
+    """RQ calls the function by its dotted path with the worker's context; entries queued by
+    prelabel 0.1 (``connectors.queue.tasks.label_entry``) still run."""
+    from connectors.queue.entries import FUNCTION, OLD_FUNCTION, SERIALIZER, open_queue
+    from connectors.queue.worker import run_worker
+
+    redis = Redis.from_url(queue)
+    rq_queue = open_queue(redis)
+    jobs = [rq_queue.enqueue(name, {"job_id": job_id}) for name, job_id in ((FUNCTION, 1), (OLD_FUNCTION, 2))]
+    context = _Recorder()
+    assert run_worker(redis, "context-test", context, burst=True, lease=2)
+    assert sorted(p["job_id"] for p in context.payloads) == [1, 2]
+    from rq.job import Job
+
+    results = [Job.fetch(job.id, connection=redis, serializer=SERIALIZER).return_value() for job in jobs]
+    assert results == [{"cvat_job": 1}, {"cvat_job": 2}]

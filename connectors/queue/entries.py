@@ -17,6 +17,10 @@ from rq.serializers import JSONSerializer
 
 QUEUE_NAME = "prelabel"
 FUNCTION = "connectors.cvat.queued.label_entry"
+"""The job function a worker runs for an entry, called as ``FUNCTION(payload, worker=context)``
+with the worker's context (see `connectors.queue.worker`); found by its path, not imported."""
+OLD_FUNCTION = "connectors.queue.tasks.label_entry"
+"""What entries queued by prelabel 0.1 name; `connectors.queue.tasks` forwards them."""
 SERIALIZER = JSONSerializer
 """JSON, not pickle: entries are plain data that any worker version can read."""
 
