@@ -8,13 +8,11 @@ server, compared with the capture's shape and error bodies.
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import json
 import time
 import zipfile
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,81 +20,20 @@ import av
 import numpy as np
 import pytest
 import urllib3
-import yaml
 from cvat_sdk import Client, make_client, models
 from cvat_sdk.api_client import ApiClient, Configuration
 from cvat_sdk.api_client.exceptions import ApiException, ApiValueError
 from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
-from openapi_schema_validator import OAS30ReadValidator
 from PIL import Image
 
 from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
 from tests.cvat_server.media import pil_frame, video_chunk
 from tests.cvat_server.pytest_fixtures import Seeded, seed_capture_setup
+from tests.cvat_server.schema import check, check_component
 
 REPO = Path(__file__).resolve().parents[1]
 CVAT_ASSETS = REPO / "tests" / "assets" / "cvat-2.73"
-SCHEMA_PATH = CVAT_ASSETS / "schema-2.73.0.yml"
 CAPTURES = CVAT_ASSETS / "responses"
-JSON_MEDIA = "application/vnd.cvat+json"
-
-
-# ---------------------------------------------------------------- schema checks
-@cache
-def _spec() -> dict[str, Any]:
-    return yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-
-
-@cache
-def _strict_components() -> dict[str, Any]:
-    """Schema components where objects accept no undeclared property."""
-    components = copy.deepcopy(_spec()["components"])
-
-    def close(node: Any) -> None:
-        if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node:
-                node["additionalProperties"] = False
-            if node.get("nullable") and "allOf" in node:
-                # OAS 3.0 `nullable` beside `allOf` (CVAT's nullable $refs) allows null;
-                # spell that out, as jsonschema evaluates the allOf branch alone.
-                node["anyOf"] = [{"allOf": node.pop("allOf")}, {"enum": [None]}]
-            for value in node.values():
-                close(value)
-        elif isinstance(node, list):
-            for value in node:
-                close(value)
-
-    close(components["schemas"])
-    return components
-
-
-@cache
-def _operations() -> dict[str, dict[str, Any]]:
-    return {
-        op["operationId"]: op
-        for item in _spec()["paths"].values()
-        for method, op in item.items()
-        if method != "parameters"
-    }
-
-
-def check(operation_id: str, status: int, body: Any) -> Any:
-    """Validate a raw JSON body against the schema's response for this operation/status."""
-    response = _operations()[operation_id]["responses"][str(status)]
-    content = response.get("content")
-    if content is None:
-        return body
-    schema = {**content[JSON_MEDIA]["schema"], "components": _strict_components()}
-    OAS30ReadValidator(schema, format_checker=OAS30ReadValidator.FORMAT_CHECKER).validate(body)
-    return body
-
-
-def check_component(name: str, body: Any) -> Any:
-    """Validate a body against a named schema component (for operations whose 200
-    response the schema leaves without content, such as PATCH job annotations)."""
-    schema = {"$ref": f"#/components/schemas/{name}", "components": _strict_components()}
-    OAS30ReadValidator(schema, format_checker=OAS30ReadValidator.FORMAT_CHECKER).validate(body)
-    return body
 
 
 def raw(call: Any, *args: Any, **kwargs: Any) -> tuple[int, Any, urllib3.HTTPResponse]:
