@@ -26,7 +26,7 @@ from cvat_sdk.api_client.exceptions import ApiException, ApiValueError
 from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
 from PIL import Image
 
-from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
+from tests.cvat_server import CvatTestServer, SchemaViolation, sample_frames, sample_jpegs
 from tests.cvat_server.media import pil_frame, video_chunk
 from tests.cvat_server.pytest_fixtures import Seeded, seed_capture_setup
 from tests.cvat_server.schema import check, check_component
@@ -103,6 +103,48 @@ def test_schema_check_accepts_real_cvat_captures(name: str) -> None:
     """The strict schema check itself passes what real CVAT 2.73 answered."""
     captured = capture(name)
     check(CAPTURED_OPERATIONS[name], captured["status"], captured["body"])
+
+
+def test_schema_check_rejects_what_cvat_would_not_answer() -> None:
+    about = capture("server_about")["body"]
+    with pytest.raises(SchemaViolation):
+        check("server_retrieve_about", 200, {k: v for k, v in about.items() if k != "version"})
+    with pytest.raises(SchemaViolation):
+        check("server_retrieve_about", 200, {**about, "build": "nightly"})  # undeclared field
+    with pytest.raises(SchemaViolation):  # the annotation writes answer LabeledData
+        check("jobs_partial_update_annotations", 200, {"version": 0, "tags": [{"frame": 0}]})
+
+
+def test_server_records_wrong_shaped_answers_and_fails_on_exit() -> None:
+    """A status fault lets the server send answers CVAT would not: each is recorded with
+    method, path, status and the validator's message, and leaving the server raises."""
+    about = capture("server_about")["body"]
+    server = CvatTestServer()
+    with pytest.raises(SchemaViolation) as failed, server:
+        get = _plain(server, None)
+        assert get("/api/server/about").status == 200 and server.answer_violations == []
+        server.fail("/api/server/about", 200, body={"name": about["name"]})
+        server.fail("/api/server/about", 201, body=about)
+        assert [get("/api/server/about").status for _ in range(3)] == [200, 201, 200]
+        found = server.answer_violations
+        assert [(v["kind"], v["method"], v["path"], v["status"]) for v in found] == [
+            ("answer_schema", "GET", "/api/server/about", 200),
+            ("answer_schema", "GET", "/api/server/about", 201),
+        ]
+        assert "'description' is a required property" in found[0]["message"]
+        assert "declares no 201 answer" in found[1]["message"]
+        assert [v["kind"] for v in server.violations] == ["answer_schema"] * 2
+        server.clear_violations()  # does not hide them from the check on exit
+    assert "2 answer(s)" in str(failed.value) and "GET /api/server/about -> 201" in str(failed.value)
+    # error answers the schema does not declare only need to be JSON; non-JSON ones are skipped
+    with CvatTestServer() as server:
+        server.fail("/api/server/about", 418, body=["short and stout"])
+        assert _plain(server, None)("/api/server/about").status == 418
+        assert _plain(server, None)("/api/nothing").status == 404
+    with CvatTestServer(check_answers=False) as server:
+        server.fail("/api/server/about", 200, body={})
+        assert _plain(server, None)("/api/server/about").status == 200
+        assert server.answer_violations == []
 
 
 # --------------------------------------------------------------------- fixtures
