@@ -8,13 +8,11 @@ server, compared with the capture's shape and error bodies.
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import json
 import time
 import zipfile
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,81 +20,20 @@ import av
 import numpy as np
 import pytest
 import urllib3
-import yaml
 from cvat_sdk import Client, make_client, models
 from cvat_sdk.api_client import ApiClient, Configuration
 from cvat_sdk.api_client.exceptions import ApiException, ApiValueError
 from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
-from openapi_schema_validator import OAS30ReadValidator
 from PIL import Image
 
-from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
+from tests.cvat_server import CvatTestServer, SchemaViolation, sample_frames, sample_jpegs
 from tests.cvat_server.media import pil_frame, video_chunk
 from tests.cvat_server.pytest_fixtures import Seeded, seed_capture_setup
+from tests.cvat_server.schema import check, check_component
 
 REPO = Path(__file__).resolve().parents[1]
 CVAT_ASSETS = REPO / "tests" / "assets" / "cvat-2.73"
-SCHEMA_PATH = CVAT_ASSETS / "schema-2.73.0.yml"
 CAPTURES = CVAT_ASSETS / "responses"
-JSON_MEDIA = "application/vnd.cvat+json"
-
-
-# ---------------------------------------------------------------- schema checks
-@cache
-def _spec() -> dict[str, Any]:
-    return yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-
-
-@cache
-def _strict_components() -> dict[str, Any]:
-    """Schema components where objects accept no undeclared property."""
-    components = copy.deepcopy(_spec()["components"])
-
-    def close(node: Any) -> None:
-        if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node:
-                node["additionalProperties"] = False
-            if node.get("nullable") and "allOf" in node:
-                # OAS 3.0 `nullable` beside `allOf` (CVAT's nullable $refs) allows null;
-                # spell that out, as jsonschema evaluates the allOf branch alone.
-                node["anyOf"] = [{"allOf": node.pop("allOf")}, {"enum": [None]}]
-            for value in node.values():
-                close(value)
-        elif isinstance(node, list):
-            for value in node:
-                close(value)
-
-    close(components["schemas"])
-    return components
-
-
-@cache
-def _operations() -> dict[str, dict[str, Any]]:
-    return {
-        op["operationId"]: op
-        for item in _spec()["paths"].values()
-        for method, op in item.items()
-        if method != "parameters"
-    }
-
-
-def check(operation_id: str, status: int, body: Any) -> Any:
-    """Validate a raw JSON body against the schema's response for this operation/status."""
-    response = _operations()[operation_id]["responses"][str(status)]
-    content = response.get("content")
-    if content is None:
-        return body
-    schema = {**content[JSON_MEDIA]["schema"], "components": _strict_components()}
-    OAS30ReadValidator(schema, format_checker=OAS30ReadValidator.FORMAT_CHECKER).validate(body)
-    return body
-
-
-def check_component(name: str, body: Any) -> Any:
-    """Validate a body against a named schema component (for operations whose 200
-    response the schema leaves without content, such as PATCH job annotations)."""
-    schema = {"$ref": f"#/components/schemas/{name}", "components": _strict_components()}
-    OAS30ReadValidator(schema, format_checker=OAS30ReadValidator.FORMAT_CHECKER).validate(body)
-    return body
 
 
 def raw(call: Any, *args: Any, **kwargs: Any) -> tuple[int, Any, urllib3.HTTPResponse]:
@@ -166,6 +103,48 @@ def test_schema_check_accepts_real_cvat_captures(name: str) -> None:
     """The strict schema check itself passes what real CVAT 2.73 answered."""
     captured = capture(name)
     check(CAPTURED_OPERATIONS[name], captured["status"], captured["body"])
+
+
+def test_schema_check_rejects_what_cvat_would_not_answer() -> None:
+    about = capture("server_about")["body"]
+    with pytest.raises(SchemaViolation):
+        check("server_retrieve_about", 200, {k: v for k, v in about.items() if k != "version"})
+    with pytest.raises(SchemaViolation):
+        check("server_retrieve_about", 200, {**about, "build": "nightly"})  # undeclared field
+    with pytest.raises(SchemaViolation):  # the annotation writes answer LabeledData
+        check("jobs_partial_update_annotations", 200, {"version": 0, "tags": [{"frame": 0}]})
+
+
+def test_server_records_wrong_shaped_answers_and_fails_on_exit() -> None:
+    """A status fault lets the server send answers CVAT would not: each is recorded with
+    method, path, status and the validator's message, and leaving the server raises."""
+    about = capture("server_about")["body"]
+    server = CvatTestServer()
+    with pytest.raises(SchemaViolation) as failed, server:
+        get = _plain(server, None)
+        assert get("/api/server/about").status == 200 and server.answer_violations == []
+        server.fail("/api/server/about", 200, body={"name": about["name"]})
+        server.fail("/api/server/about", 201, body=about)
+        assert [get("/api/server/about").status for _ in range(3)] == [200, 201, 200]
+        found = server.answer_violations
+        assert [(v["kind"], v["method"], v["path"], v["status"]) for v in found] == [
+            ("answer_schema", "GET", "/api/server/about", 200),
+            ("answer_schema", "GET", "/api/server/about", 201),
+        ]
+        assert "'description' is a required property" in found[0]["message"]
+        assert "declares no 201 answer" in found[1]["message"]
+        assert [v["kind"] for v in server.violations] == ["answer_schema"] * 2
+        server.clear_violations()  # does not hide them from the check on exit
+    assert "2 answer(s)" in str(failed.value) and "GET /api/server/about -> 201" in str(failed.value)
+    # error answers the schema does not declare only need to be JSON; non-JSON ones are skipped
+    with CvatTestServer() as server:
+        server.fail("/api/server/about", 418, body=["short and stout"])
+        assert _plain(server, None)("/api/server/about").status == 418
+        assert _plain(server, None)("/api/nothing").status == 404
+    with CvatTestServer(check_answers=False) as server:
+        server.fail("/api/server/about", 200, body={})
+        assert _plain(server, None)("/api/server/about").status == 200
+        assert server.answer_violations == []
 
 
 # --------------------------------------------------------------------- fixtures

@@ -3,6 +3,7 @@
 from .app import LoggedRequest
 from .faults import Fault, FaultInjector
 from .samples import sample_frames, sample_jpegs
+from .schema import SchemaViolation
 from .server import CvatTestServer
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "Fault",
     "FaultInjector",
     "LoggedRequest",
+    "SchemaViolation",
     "sample_frames",
     "sample_jpegs",
 ]

@@ -17,6 +17,7 @@ from .api import JSON_TYPE, Api, Ctx, Reply
 from .auth import authenticate, require_user
 from .errors import ApiError
 from .faults import MUTATING, Fault, FaultInjector
+from .schema import answer_problem
 from .state import State
 
 
@@ -33,14 +34,17 @@ class LoggedRequest:
 
 
 class App:
-    """Everything behind the socket: API, request log, write counter and faults."""
+    """Everything behind the socket: API, request log, write counter, faults and the
+    check of every JSON answer against CVAT's schema (when `check_answers`)."""
 
-    def __init__(self, state: State, faults: FaultInjector) -> None:
+    def __init__(self, state: State, faults: FaultInjector, *, check_answers: bool = True) -> None:
         self.state = state
         self.faults = faults
+        self.check_answers = check_answers
         self.api: Api | None = None
         self.log: list[LoggedRequest] = []
         self.write_count = 0
+        self.answer_violations: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
     def record(self, entry: LoggedRequest, *, write: bool) -> None:
@@ -55,6 +59,22 @@ class App:
         with self._lock:
             self.log.clear()
             self.write_count = 0
+
+    def check_answer(self, method: str, path: str, status: int, data: bytes, content_type: str) -> None:
+        """Record (in `answer_violations` and the state's violations) a JSON answer that
+        CVAT 2.73's schema does not allow; non-JSON answers are not checked."""
+        if not self.check_answers or "json" not in content_type:
+            return
+        try:
+            problem = answer_problem(method, path, status, json.loads(data) if data else None, content_type)
+        except ValueError as exc:
+            problem = f"a {content_type} answer that is not JSON: {exc}"
+        if problem is None:
+            return
+        entry = {"method": method, "path": path, "status": status}
+        self.state.violation("answer_schema", problem, **entry)
+        with self._lock:
+            self.answer_violations.append({"kind": "answer_schema", "message": problem, **entry})
 
     def dispatch(
         self, method: str, path: str, query: dict[str, str], headers: Any, body: bytes
@@ -113,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
                 LoggedRequest(method, path, query, before.answer_status, fault=before.kind),
                 write=False,
             )
-            self._fail(before)
+            self._fail(before, path)
             return
 
         reply, username = app.dispatch(method, path, query, self.headers, body)
@@ -124,29 +144,32 @@ class Handler(BaseHTTPRequestHandler):
                 LoggedRequest(method, path, query, after.answer_status, username, after.kind),
                 write=True,
             )
-            self._fail(after)
+            self._fail(after, path)
             return
         app.record(LoggedRequest(method, path, query, reply.status, username), write=write)
-        self._send(reply)
+        self._send(reply, path)
 
-    def _fail(self, fault: Fault) -> None:
+    def _fail(self, fault: Fault, path: str) -> None:
         """Answer with the fault's status, or drop the connection."""
         if fault.answer_status is None:
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
-        self._send(Reply(status=fault.status, body=fault.response_body(), headers=fault.response_headers()))
+        reply = Reply(status=fault.status, body=fault.response_body(), headers=fault.response_headers())
+        self._send(reply, path)
 
-    def _send(self, reply: Reply) -> None:
+    def _send(self, reply: Reply, path: str) -> None:
         if isinstance(reply.body, bytes):
             data = reply.body
         elif reply.body is None and reply.status == 204:
             data = b""
         else:
             data = json.dumps(reply.body).encode()
+        content_type = reply.content_type if data else JSON_TYPE
+        self.server.app.check_answer(self.command, path, reply.status, data, content_type)
         self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type if data else JSON_TYPE)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Request-Id", str(uuid.uuid4()))
         for name, value in reply.headers.items():

@@ -14,6 +14,7 @@ from . import media
 from .api import Api
 from .app import App, CvatHTTPServer, LoggedRequest
 from .faults import Fault, FaultInjector, FaultKind
+from .schema import SchemaViolation
 from .state import State
 from .webhooks import Webhooks
 
@@ -27,6 +28,10 @@ class CvatTestServer:
     Use as a context manager (or call start()/stop()). Seed it with add_* methods,
     point cvat-sdk at `url`, then inspect stored objects, the request log,
     `write_count` and `violations`.
+
+    With `check_answers` (the default) every JSON answer is validated against CVAT 2.73's
+    OpenAPI schema; a mismatch is recorded in `answer_violations` (and `violations`), and
+    leaving the `with` block raises `SchemaViolation` if any was recorded.
     """
 
     def __init__(
@@ -36,12 +41,14 @@ class CvatTestServer:
         port: int = 0,
         seed: int = 0,
         tls: tuple[str, str] | None = None,
+        check_answers: bool = True,
     ) -> None:
-        """`tls` is (certificate file, key file): serve HTTPS with that certificate."""
+        """`tls` is (certificate file, key file): serve HTTPS with that certificate.
+        `check_answers=False` skips the schema check (benchmarks)."""
         self._tls = tls
         self.state = State()
         self.faults = FaultInjector(seed)
-        self._app = App(self.state, self.faults)
+        self._app = App(self.state, self.faults, check_answers=check_answers)
         self._host, self._port = host, port
         self._httpd: CvatHTTPServer | None = None
         self.webhooks: Webhooks | None = None
@@ -78,8 +85,20 @@ class CvatTestServer:
     def __enter__(self) -> CvatTestServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.stop()
+        if exc_type is None:  # an exception already on its way is the more useful report
+            self.assert_answers_valid()
+
+    def assert_answers_valid(self) -> None:
+        """Raise `SchemaViolation` listing the answers that broke CVAT's schema, if any."""
+        found = self.answer_violations
+        if found:
+            lines = [f"{v['method']} {v['path']} -> {v['status']}: {v['message']}" for v in found]
+            raise SchemaViolation(
+                f"{len(found)} answer(s) of the test server do not match CVAT 2.73's schema:\n"
+                + "\n".join(lines[:20])
+            )
 
     @property
     def url(self) -> str:
@@ -270,7 +289,8 @@ class CvatTestServer:
 
     @property
     def violations(self) -> list[dict[str, Any]]:
-        """Client mistakes real CVAT accepts silently: {"kind", "message", ...}."""
+        """Client mistakes real CVAT accepts silently, and answers that broke CVAT's schema
+        (kind "answer_schema"): {"kind", "message", ...}."""
         with self.state.lock:
             return copy.deepcopy(self.state.violations)
 
@@ -278,6 +298,13 @@ class CvatTestServer:
         """Forget recorded violations."""
         with self.state.lock:
             self.state.violations.clear()
+
+    @property
+    def answer_violations(self) -> list[dict[str, Any]]:
+        """Answers that broke CVAT 2.73's schema: {"kind", "message", "method", "path", "status"};
+        unlike `violations`, `clear_violations` does not forget them."""
+        with self._app._lock:
+            return copy.deepcopy(self._app.answer_violations)
 
     @property
     def write_count(self) -> int:
