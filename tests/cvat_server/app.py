@@ -17,6 +17,7 @@ from .api import JSON_TYPE, Api, Ctx, Reply
 from .auth import authenticate, require_user
 from .errors import ApiError
 from .faults import MUTATING, Fault, FaultInjector
+from .latency import Latency
 from .state import State
 
 
@@ -35,10 +36,11 @@ class LoggedRequest:
 class App:
     """Everything behind the socket: API, request log, write counter and faults."""
 
-    def __init__(self, state: State, faults: FaultInjector) -> None:
+    def __init__(self, state: State, faults: FaultInjector, latency: Latency | None = None) -> None:
         self.state = state
         self.faults = faults
         self.api: Api | None = None
+        self.latency = latency or Latency()
         self.log: list[LoggedRequest] = []
         self.write_count = 0
         self._lock = threading.Lock()
@@ -116,7 +118,8 @@ class Handler(BaseHTTPRequestHandler):
             self._fail(before)
             return
 
-        reply, username = app.dispatch(method, path, query, self.headers, body)
+        with app.latency.request(method, path, query, self.headers):  # off unless a profile is set
+            reply, username = app.dispatch(method, path, query, self.headers, body)
         write = method in MUTATING and not path.startswith("/api/auth/")
         after = next((f for f in fired if f.kind.endswith("_after_write")), None)
         if after is not None and write:
