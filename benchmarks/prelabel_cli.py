@@ -162,18 +162,20 @@ def run_prelabel(
     batch_size: int,
     variant: Variant = DEFAULT_VARIANTS[0],
     routing: tuple[str, ...] = ("--accept-threshold", "0", "--min-margin", "0"),
+    launcher: tuple[str, ...] = (),
     timeout: float = 3600,
 ) -> PrelabelRun:
     """Run ``prelabel run --task-id`` on a fresh task, time it, and check every frame got one tag.
 
     `routing` are the threshold flags (see benchmarks/routing.py); frames sent to review
     get their top-1 as a suggestion tag, so every frame still holds exactly one tag.
+    `launcher` goes between the interpreter and ``-m prelabel`` (e.g. memray's ``-m memray run``).
     """
     frames = len(project.server.state.tasks[task_id]["frames"])
     job_ids = set(project.job_ids(task_id))
     with tempfile.TemporaryDirectory(prefix="bench-prelabel-") as tmp:
         command = [
-            sys.executable, "-m", "prelabel", "run",
+            sys.executable, *launcher, "-m", "prelabel", "run",
             "--task-id", str(task_id),
             "--model", model,
             "--pretrained", "none",
