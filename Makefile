@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review bench eval calibrate workers bench-scale
+.PHONY: install test demo lint clean prelabel setup review bench bench-memory eval calibrate workers bench-scale
 
 install: $(VENV)/.installed
 
@@ -66,10 +66,16 @@ calibrate: install
 	@test -n "$(PROJECT)" || { echo "usage: make calibrate PROJECT=<project id> [TARGET=0.95]"; exit 2; }
 	$(PRELABEL) calibrate --project-id $(PROJECT) --target-precision $(TARGET) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-# Throughput against the bare model and cvat-sdk's annotate_task, on the test server;
-# appends a dated row to docs/benchmarks.md. make bench ARGS="--frames 128 --repeats 2"
+# Throughput against the bare model and cvat-sdk's annotate_task, on the test server made as
+# slow as a real CVAT 2.73 (ARGS="--latency none" turns that off); appends dated rows to
+# docs/benchmarks.md. make bench ARGS="--frames 128 --repeats 2"
 bench: install
 	$(BIN)/python -m benchmarks.throughput $(ARGS)
+
+# Peak RSS at N and 8N frames and its slope per frame (tiny model and ViT-B-32, folder and
+# CVAT test server); --trace finds what grows with memray. make bench-memory ARGS="--frames 32"
+bench-memory: install
+	$(BIN)/python -m benchmarks.memory $(ARGS)
 
 # ruff, and the layering contracts of pyproject.toml [tool.importlinter] (lint-imports)
 lint: install

@@ -175,28 +175,6 @@ class BenchProject:
         """The task's annotation jobs, in frame order."""
         return [job["id"] for job in self.server.jobs(task_id)]
 
-    def warm_chunks(self, client: Client, task_id: int) -> None:
-        """Have the server build every chunk both clients will ask for, before any timing.
-
-        Real CVAT prepares a task's chunks when the task is created; here the server runs on
-        the benchmark's own CPUs, so building them during a timed run would be charged to
-        the client. Job chunks in "compressed" quality serve prelabel; task chunks in
-        "original" quality serve cvat-sdk's TaskDataset.
-        """
-        api = client.api_client
-        chunk = self.spec.chunk_size
-        for job in self.server.jobs(task_id):
-            size = job["stop_frame"] - job["start_frame"] + 1
-            for index in range(-(-size // chunk)):
-                api.jobs_api.retrieve_data(
-                    job["id"], type="chunk", index=index, quality="compressed", _parse_response=False
-                )
-        task_size = len(self.server.state.tasks[task_id]["frames"])
-        for number in range(-(-task_size // chunk)):
-            api.tasks_api.retrieve_data(
-                task_id, type="chunk", number=number, quality="original", _parse_response=False
-            )
-
     def tags_per_frame(self, task_id: int) -> dict[int, int]:
         """How many tags each task frame holds on the server (frames without tags: 0)."""
         counts = dict.fromkeys(range(len(self.server.state.tasks[task_id]["frames"])), 0)

@@ -8,6 +8,11 @@ Two clocks per run:
   seen by polling the server's request log (the log has no timestamps; the polling
   interval, 5 ms, bounds the error). This leaves out start-up and model load.
 
+Seen the same way: the first write (a tag PATCH or an issue POST) after the process started
+and after the first chunk request, i.e. the time to the first tag. From the CLI's own
+``--profile`` file: the model's wait for decoded frames in each job (``wait_decode``), which
+holds the stall at the job's start while its first chunk is fetched.
+
 The CLI runs in a temporary working directory, so that whatever it keeps there by default
 (its run state, review lists) starts empty each time and never lands in the repository.
 
@@ -17,6 +22,7 @@ Peak RSS comes from the kernel: the child's ``ru_maxrss`` as returned by ``os.wa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -32,6 +38,8 @@ from benchmarks.dataset import REPO, BenchProject
 POLL_SECONDS = 0.005
 _JOB_CHUNK = re.compile(r"^/api/jobs/(\d+)/data/?$")
 _JOB_ANNOTATIONS = re.compile(r"^/api/jobs/(\d+)/annotations/?$")
+_ISSUES = re.compile(r"^/api/issues/?$")
+_JOB_LINE = re.compile(r"^job (\d+) \(task \d+\): \d+ frames, (\d+) accepted, (\d+) for review", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,14 @@ class PrelabelRun:
     """The CLI's own line ``task T: N images in Xs (Y images/s)``."""
     cli_stages: str
     """The CLI's ``time per stage`` line."""
+    review: int = 0
+    """Frames the run sent to review (from the CLI's per-job lines)."""
+    first_write_seconds: float | None = None
+    """From the process start to its first tag PATCH or issue POST."""
+    first_write_in_run_seconds: float | None = None
+    """From the first chunk request to the first tag PATCH or issue POST."""
+    model_idle_per_job: tuple[float, ...] = ()
+    """Seconds the model waited for decoded frames in each job, in job order (``wait_decode``)."""
 
     @property
     def process_images_per_second(self) -> float:
@@ -82,6 +98,7 @@ class _RequestWatch(threading.Thread):
         self._seen = len(self._server.requests)
         self._done = threading.Event()
         self.first_chunk: float | None = None
+        self.first_write: float | None = None
         self.last_patch: float | None = None
 
     def run(self) -> None:
@@ -106,6 +123,9 @@ class _RequestWatch(threading.Thread):
                 match = _JOB_ANNOTATIONS.match(entry.path)
                 if match and int(match[1]) in self._job_ids:
                     self.last_patch = now
+                    self.first_write = self.first_write or now
+            elif entry.method == "POST" and entry.status == 201 and _ISSUES.match(entry.path):
+                self.first_write = self.first_write or now  # one run at a time: its own issue
         self._seen = len(log)
 
 
@@ -141,22 +161,29 @@ def run_prelabel(
     device: str,
     batch_size: int,
     variant: Variant = DEFAULT_VARIANTS[0],
+    routing: tuple[str, ...] = ("--accept-threshold", "0", "--min-margin", "0"),
+    launcher: tuple[str, ...] = (),
     timeout: float = 3600,
 ) -> PrelabelRun:
-    """Run ``prelabel run --task-id`` on a fresh task, time it, and check every frame got one tag."""
+    """Run ``prelabel run --task-id`` on a fresh task, time it, and check every frame got one tag.
+
+    `routing` are the threshold flags (see benchmarks/routing.py); frames sent to review
+    get their top-1 as a suggestion tag, so every frame still holds exactly one tag.
+    `launcher` goes between the interpreter and ``-m prelabel`` (e.g. memray's ``-m memray run``).
+    """
     frames = len(project.server.state.tasks[task_id]["frames"])
     job_ids = set(project.job_ids(task_id))
     with tempfile.TemporaryDirectory(prefix="bench-prelabel-") as tmp:
         command = [
-            sys.executable, "-m", "prelabel", "run",
+            sys.executable, *launcher, "-m", "prelabel", "run",
             "--task-id", str(task_id),
             "--model", model,
             "--pretrained", "none",
             "--device", device,
             "--batch-size", str(batch_size),
-            "--accept-threshold", "0",
-            "--min-margin", "0",
+            *routing,
             "--no-progress",
+            "--profile", str(Path(tmp) / "profile.json"),
             *variant.flags,
         ]  # fmt: skip
         workdir, stdout_path, stderr_path = Path(tmp) / "cwd", Path(tmp) / "stdout", Path(tmp) / "stderr"
@@ -177,6 +204,8 @@ def run_prelabel(
             process.returncode = os.waitstatus_to_exitcode(status)
         watch.stop()
         out, err = stdout_path.read_text(), stderr_path.read_text()
+        profile_path = Path(tmp) / "profile.json"
+        profile = json.loads(profile_path.read_text()) if profile_path.exists() else {}
 
     who = f"prelabel run ({variant.name})"
     if process.returncode != 0:
@@ -189,6 +218,9 @@ def run_prelabel(
     if summary is None or int(summary[1]) != frames:
         raise RuntimeError(f"{who} on task {task_id}: its summary does not report {frames} images:\n{out}")
     stages = re.search(r"^\s*time per stage: (.*)$", out, re.MULTILINE)
+    jobs = {int(job): figures for job, figures in profile.get("jobs", {}).items()}
+    idle = tuple(jobs[job]["stages"].get("wait_decode", 0.0) for job in sorted(jobs))
+    first_write = watch.first_write
     return PrelabelRun(
         task_id=task_id,
         frames=frames,
@@ -197,4 +229,8 @@ def run_prelabel(
         peak_rss_bytes=usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),  # Linux: KiB
         cli_summary=summary[0].strip(),
         cli_stages=stages[1].strip() if stages else "",
+        review=sum(int(match[3]) for match in _JOB_LINE.finditer(out)),
+        first_write_seconds=first_write - start if first_write is not None else None,
+        first_write_in_run_seconds=first_write - watch.first_chunk if first_write is not None else None,
+        model_idle_per_job=idle,
     )

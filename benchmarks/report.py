@@ -11,9 +11,9 @@ from pathlib import Path
 from benchmarks.machine import Machine, percent
 
 COLUMNS = (
-    "date", "machine", "torch", "device", "model", "variant", "N", "batch",
+    "date", "machine", "torch", "device", "model", "latency", "variant", "case", "review", "N", "batch",
     "a ceiling", "b process", "b in-run", "c cvat-sdk", "b/a", "b/c", "b/c process",
-    "RSS at N", "RSS at 4N", "other load",
+    "first write s", "model idle per job s", "RSS at N", "RSS at 4N", "other load",
 )  # fmt: skip
 
 INTRO = """\
@@ -25,14 +25,23 @@ creates a project with the tag labels cat, coffee, rocket, astronaut and galaxy 
 task of N frames: 1280x720 JPEGs (quality 90) cut, resized, mirrored and colour-jittered
 from the photographs in `samples/images`, 128 frames per job, 72 frames per chunk. The model
 has random weights (`--pretrained none`): the weights do not change the speed. Every run
-labels a fresh copy of the task, and the server builds the chunks before the clock starts
-(real CVAT prepares them when the task is created; here the server shares the CPUs).
+labels a fresh copy of the task. The server runs with a latency model of a real CVAT 2.73.0
+on 2 cores (`tests/cvat_server/latency.py`, profile `cvat-2.73-2core` unless `--latency`
+says otherwise): each chunk is built on its first request, as real CVAT does (about 19 ms
+per frame compressed, 12 ms original, at most 2 builds at once), later requests of a chunk
+cost about 345 ms per 64 frames, a tag PATCH 50 ms, an issue POST 48 ms, and so on.
 
 The three measurements run in alternating repetitions (a, b, c, a, b, c, ...) on the same
 machine. Each figure is the median over the repetitions, with the range (min-max) in
 brackets; a ratio is computed within each repetition, then summarised the same way.
 
 Columns:
+
+- **latency**: the server's latency profile (`none`: answers at once).
+- **case**: `accepted` (every frame accepted: thresholds 0), `review-30%` (the accept
+  threshold set so that 30% of the frames go to review), `review-all` (every frame to
+  review). A review frame costs an issue POST and a suggestion tag. **review** is the
+  share that went to review, from prelabel's own report.
 
 - **a ceiling**: images/s of the bare `encode_image` on random, already preprocessed
   tensors, at prelabel's batch size and device, under its inference mode and autocast. No
@@ -47,6 +56,11 @@ Columns:
 - **b/a**: b in-run / a, the share of the model's speed that reaches CVAT.
 - **b/c**: b in-run / c, the speed-up over cvat-sdk, both with the model already loaded.
 - **b/c process**: b process / c, the same but charging prelabel its start-up and model load.
+- **first write s**: seconds from the prelabel process start to its first tag PATCH or
+  issue POST (time to the first tag), median over the repetitions.
+- **model idle per job s**: seconds the model waited for decoded frames in each job
+  (`wait_decode` of `prelabel run --profile`), job by job, median over the repetitions.
+  It holds the stall at each job's start while its first chunk is built and fetched.
 - **RSS at N, 4N**: peak resident memory of the prelabel process on an N- and a 4N-frame task
   (the child's `ru_maxrss` from `os.wait4`, what `/usr/bin/time -v` reports).
 - **other load**: the share of the machine's CPU time that other processes used during the
@@ -71,6 +85,11 @@ class Spread:
     def of(cls, values: Sequence[float]) -> Spread:
         return cls(statistics.median(values), min(values), max(values))
 
+    def format_percent(self) -> str:
+        if self.low == self.high:
+            return f"{self.median:.0%}"
+        return f"{self.median:.0%} ({self.low:.0%}–{self.high:.0%})"
+
     def format(self, digits: int = 1) -> str:
         if self.low == self.high:
             return f"{self.median:.{digits}f}"
@@ -84,7 +103,10 @@ class Row:
     date: str
     machine: Machine
     model: str
+    latency: str
     variant: str
+    case: str
+    review_share: Spread
     frames: int
     batch_size: int
     ceiling: Spread
@@ -94,6 +116,8 @@ class Row:
     b_over_a: Spread
     b_over_c: Spread
     b_over_c_process: Spread
+    first_write: Spread | None
+    model_idle_per_job: tuple[float, ...]
     rss_n: int
     rss_4n: int | None
     other_load: float | None
@@ -105,7 +129,10 @@ class Row:
             self.machine.torch,
             self.machine.device,
             self.model,
+            self.latency,
             self.variant,
+            self.case,
+            self.review_share.format_percent(),
             str(self.frames),
             str(self.batch_size),
             self.ceiling.format(),
@@ -115,6 +142,8 @@ class Row:
             self.b_over_a.format(2),
             self.b_over_c.format(2),
             self.b_over_c_process.format(2),
+            self.first_write.format(2) if self.first_write is not None else "–",
+            idle_per_job(self.model_idle_per_job),
             mib(self.rss_n),
             mib(self.rss_4n) if self.rss_4n is not None else "–",
             percent(self.other_load),
@@ -123,7 +152,9 @@ class Row:
     def table(self, repeats: int) -> str:
         """The printed summary: one line per figure, saying what each one measures."""
         lines = [
-            f"images/s, median (min–max) over {repeats} repetition(s); variant {self.variant!r}",
+            f"images/s, median (min–max) over {repeats} repetition(s); variant {self.variant!r}, "
+            f"case {self.case!r} ({self.review_share.format_percent()} to review), "
+            f"latency {self.latency}",
             f"  (a) ceiling, encode_image on ready tensors      {self.ceiling.format():>22}",
             f"  (b) prelabel, process start to exit             {self.process.format():>22}",
             f"  (b) prelabel, first chunk GET to last tag PATCH {self.in_run.format():>22}",
@@ -131,11 +162,19 @@ class Row:
             f"  b/a  (b in-run / a)                             {self.b_over_a.format(2):>22}",
             f"  b/c  (b in-run / c)                             {self.b_over_c.format(2):>22}",
             f"  b/c  (b process / c)                            {self.b_over_c_process.format(2):>22}",
+            "  first tag PATCH or issue POST, s after start    "
+            f"{self.first_write.format(2) if self.first_write is not None else '–':>22}",
+            f"  model idle waiting for frames, per job, s: {idle_per_job(self.model_idle_per_job)}",
             f"  peak RSS of prelabel (ru_maxrss via wait4): {mib(self.rss_n)} at {self.frames} frames"
             + (f", {mib(self.rss_4n)} at {4 * self.frames} frames" if self.rss_4n is not None else ""),
             f"  CPU used by other processes meanwhile: {percent(self.other_load)} of the machine",
         ]
         return "\n".join(lines)
+
+
+def idle_per_job(seconds: Sequence[float]) -> str:
+    """E.g. ``1.21 / 0.95 / 0.97 / 1.02`` (job order); "–" when unknown."""
+    return " / ".join(f"{s:.2f}" for s in seconds) if seconds else "–"
 
 
 def mib(size: int) -> str:

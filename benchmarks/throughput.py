@@ -1,9 +1,12 @@
 """Throughput of prelabel against CVAT: ``python -m benchmarks.throughput`` (``make bench``).
 
-Measures, in alternating repetitions on one machine and one test server:
+Measures, in alternating repetitions on one machine and one test server that is as slow as
+a real CVAT 2.73 (its latency model, `tests/cvat_server/latency.py`; ``--latency none``
+turns it off), with chunks built on their first request:
 
 (a) the ceiling: the bare image encoder on ready tensors;
-(b) prelabel end to end: ``prelabel run`` as a subprocess, by process time and in-run time;
+(b) prelabel end to end: ``prelabel run`` as a subprocess, by process time and in-run time,
+    once per routing case (all accepted, 30% to review, all to review; benchmarks/routing.py);
 (c) the baseline: cvat-sdk's ``annotate_task`` with the same model and classifier;
 
 then the peak memory of (b) on a task four times as large. It prints a table and appends
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -25,14 +29,16 @@ from benchmarks.machine import Machine, OtherLoad, percent
 from benchmarks.prelabel_cli import DEFAULT_VARIANTS, PrelabelRun, Variant, run_prelabel, setup_project
 from benchmarks.quantization import int8_agreement
 from benchmarks.report import Row, Spread, append_rows, mib, today
+from benchmarks.routing import CASES, Case, case_by_name, routing_flags, threshold_for, top1_probabilities
 from benchmarks.sdk_baseline import BaselineRun, OpenClipTagger, run_baseline
 from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
 from tests.cvat_server import CvatTestServer
+from tests.cvat_server.latency import PROFILES, profile
 
 VARIANTS: tuple[Variant, ...] = (*DEFAULT_VARIANTS, Variant("int8", ("--quantize", "int8")))
 """The prelabel variants measured as (b); add one (a name and extra CLI flags) to compare it.
-int8 runs on the CPU only; on CUDA it is left out."""
+int8 runs on the CPU only, in the "accepted" case only; on CUDA it is left out."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -52,6 +58,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--ceiling-batches", type=int, default=4, help="timed batches per (a) measurement (default 4)"
     )
     parser.add_argument(
+        "--latency",
+        default="cvat-2.73-2core",
+        help=f"the test server's latency profile, NAME or NAME*FACTOR ({', '.join(PROFILES)}; "
+        "default cvat-2.73-2core; none: answer at once)",
+    )
+    parser.add_argument(
+        "--chunk-builders", type=int, default=2, help="chunks the server builds at once (default 2)"
+    )
+    parser.add_argument(
+        "--cases",
+        default=",".join(case.name for case in CASES),
+        help=f"routing cases, comma-separated (default {','.join(case.name for case in CASES)})",
+    )
+    parser.add_argument("--no-int8", action="store_true", help="leave out the int8 variant")
+    parser.add_argument(
         "--rss-only",
         action="store_true",
         help="only the peak RSS of prelabel at N and 4N frames (printed, not written)",
@@ -66,6 +87,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.chunk_builders < 1:
+        parser.error("--chunk-builders must be at least 1")
+    try:
+        profile(args.latency)
+        args.cases = [case_by_name(name.strip()) for name in args.cases.split(",") if name.strip()]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.cases:
+        parser.error("--cases names no case")
     return args
 
 
@@ -87,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     started, load = time.perf_counter(), OtherLoad()
-    with CvatTestServer(check_answers=False) as server:  # measure prelabel, not the schema check
+    with CvatTestServer(  # measure prelabel, not the schema check
+        check_answers=False, latency=args.latency, chunk_builders=args.chunk_builders
+    ) as server:
+        latency = server.latency.describe()
+        say(f"test server latency profile: {latency}")
         say(f"making {spec.count} frames of {spec.size[0]}x{spec.size[1]} ...")
         project = BenchProject.create(server, spec)
         setup_project(project)
@@ -103,14 +137,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"chunks of {spec.chunk_size}"
         )
         client = project.client()
-        variants = [v for v in VARIANTS if v.name != "int8" or loaded.device.type == "cpu"]
+        variants = [
+            v for v in VARIANTS if v.name != "int8" or (loaded.device.type == "cpu" and not args.no_int8)
+        ]
+        cases = args.cases
+        thresholds = {case.name: threshold_for(case, []) for case in cases if case.review_share in (0, 1)}
+        if len(thresholds) < len(cases):
+            top1 = top1_probabilities(project.frames, pipeline, config, spec.image_quality, batch_size)
+            thresholds = {case.name: threshold_for(case, top1) for case in cases}
+        measured = [(v, c) for v in variants for c in cases if v.name != "int8" or c.name == "accepted"]
+        say("cases: " + ", ".join(f"{c.name} (accept threshold {thresholds[c.name]:.6g})" for c in cases))
 
         def fresh_task(times: int = 1) -> int:
-            task_id = project.new_task(times)
-            project.warm_chunks(client, task_id)
-            return task_id
+            return project.new_task(times)  # chunks are built on their first request, as in CVAT
 
-        def prelabel(task_id: int, variant: Variant) -> PrelabelRun:
+        def prelabel(task_id: int, variant: Variant, case: Case = cases[0]) -> PrelabelRun:
             meter = OtherLoad()
             run = run_prelabel(
                 project,
@@ -119,24 +160,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 batch_size=batch_size,
                 variant=variant,
+                routing=routing_flags(thresholds[case.name]),
                 timeout=600 + 2 * spec.count * 4,
             )
+            first = f"{run.first_write_seconds:.2f}s" if run.first_write_seconds is not None else "–"
             say(
-                f"  (b) {variant.name}: {run.frames} frames, process {run.process_seconds:.1f}s "
+                f"  (b) {variant.name}, {case.name}: {run.frames} frames, {run.review} to review, "
+                f"process {run.process_seconds:.1f}s "
                 f"({run.process_images_per_second:.2f}/s), in-run {run.in_run_seconds:.1f}s "
                 f"({run.in_run_images_per_second:.2f}/s), peak RSS {mib(run.peak_rss_bytes)}, "
                 f"other load {percent(meter.share())}\n"
+                f"      first write {first} after start; model idle per job "
+                f"{' / '.join(f'{s:.2f}' for s in run.model_idle_per_job)} s\n"
                 f"      prelabel says: {run.cli_summary}\n"
                 f"      time per stage: {run.cli_stages}"
             )
             return run
 
         ceilings: list[float] = []
-        runs: dict[str, list[PrelabelRun]] = {variant.name: [] for variant in variants}
+        runs: dict[tuple[str, str], list[PrelabelRun]] = {(v.name, c.name): [] for v, c in measured}
         baselines: list[BaselineRun] = []
         if args.rss_only:
             for variant in variants:
-                runs[variant.name].append(prelabel(fresh_task(), variant))
+                runs[variant.name, cases[0].name].append(prelabel(fresh_task(), variant))
         else:
             tagger = OpenClipTagger(loaded, pipeline.classifier)
             for repeat in range(1, args.repeats + 1):
@@ -147,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"  (a) ceiling: {ceilings[-1]:.2f} images/s ({args.ceiling_batches} batches), "
                     f"other load {percent(meter.share())}"
                 )
-                for variant in variants:
-                    runs[variant.name].append(prelabel(fresh_task(), variant))
+                for variant, case in measured:
+                    runs[variant.name, case.name].append(prelabel(fresh_task(), variant, case))
                 task_id, meter = fresh_task(), OtherLoad()
                 baselines.append(run_baseline(project, task_id, tagger))
                 say(
@@ -163,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{agreement.top1_agreement:.1%}, largest probability difference "
                 f"{agreement.max_probability_difference:.4f}"
             )
-        say(f"memory: one run on a {4 * spec.count}-frame task")
+        say(f"memory: one run on a {4 * spec.count}-frame task ({cases[0].name})")
         large = {variant.name: prelabel(fresh_task(times=4), variant) for variant in variants}
         client.close()
     other_load = load.share()
@@ -173,22 +219,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variant in variants:
             say(
                 f"peak RSS of prelabel ({variant.name}; ru_maxrss via wait4): "
-                f"{mib(runs[variant.name][0].peak_rss_bytes)} at {spec.count} frames, "
+                f"{mib(runs[variant.name, cases[0].name][0].peak_rss_bytes)} at {spec.count} frames, "
                 f"{mib(large[variant.name].peak_rss_bytes)} at {4 * spec.count} frames"
             )
         return 0
 
     rows = []
-    for variant in variants:
-        measured = runs[variant.name]
-        process = [run.process_images_per_second for run in measured]
-        in_run = [run.in_run_images_per_second for run in measured]
+    for variant, case in measured:
+        done = runs[variant.name, case.name]
+        process = [run.process_images_per_second for run in done]
+        in_run = [run.in_run_images_per_second for run in done]
         baseline = [run.images_per_second for run in baselines]
+        firsts = [run.first_write_seconds for run in done if run.first_write_seconds is not None]
+        idle = [run.model_idle_per_job for run in done if run.model_idle_per_job]
         row = Row(
             date=today(),
             machine=machine,
-            model=args.model,
+            model=args.model.rpartition("/")[2] if args.model.startswith("local-dir:") else args.model,
+            latency=server.latency.profile.name,
             variant=variant.name,
+            case=case.name,
+            review_share=Spread.of([run.review / run.frames for run in done]),
             frames=spec.count,
             batch_size=batch_size,
             ceiling=Spread.of(ceilings),
@@ -198,8 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             b_over_a=Spread.of([b / a for b, a in zip(in_run, ceilings, strict=True)]),
             b_over_c=Spread.of([b / c for b, c in zip(in_run, baseline, strict=True)]),
             b_over_c_process=Spread.of([b / c for b, c in zip(process, baseline, strict=True)]),
-            rss_n=max(run.peak_rss_bytes for run in measured),
-            rss_4n=large[variant.name].peak_rss_bytes,
+            first_write=Spread.of(firsts) if firsts else None,
+            model_idle_per_job=tuple(statistics.median(job) for job in zip(*idle, strict=True))
+            if idle
+            else (),
+            rss_n=max(run.peak_rss_bytes for run in done),
+            rss_4n=large[variant.name].peak_rss_bytes if case == cases[0] else None,
             other_load=other_load,
         )
         rows.append(row)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +10,7 @@ from urllib.parse import urlencode
 
 from . import media
 from .errors import ApiError, bad_request, forbidden, not_found
+from .latency import Latency
 from .serializers import Serializer
 from .state import JOB_STAGES, JOB_STATES, State, now
 
@@ -71,12 +71,11 @@ def _int(value: str | None) -> int | None:
 class Api:
     """The CVAT 2.73 endpoints used by prelabel and cvat-sdk, over a `State`."""
 
-    def __init__(self, state: State, base: str) -> None:
+    def __init__(self, state: State, base: str, latency: Latency | None = None) -> None:
         self.state = state
         self.ser = Serializer(state, base)
         self.base = base
-        self._chunks: dict[tuple[Any, ...], bytes] = {}
-        self._chunk_lock = threading.Lock()
+        self.latency = latency or Latency()
         self.routes = self._build_routes()
 
     # ------------------------------------------------------------- routing
@@ -418,15 +417,15 @@ class Api:
             )
         video = task["media_type"] == "video"
         key = (task["id"], tuple(frames), compressed and not video, task["chunks_updated_date"])
-        with self._chunk_lock:
-            data = self._chunks.get(key)
-            if data is None:
-                items = [task["frames"][n] for n in frames]
-                if video:
-                    data = media.video_chunk(items, fps=task["fps"])
-                else:
-                    data = media.image_chunk(items, compressed=compressed, quality=task["image_quality"])
-                self._chunks[key] = data
+
+        def build() -> bytes:
+            items = [task["frames"][n] for n in frames]
+            if video:
+                return media.video_chunk(items, fps=task["fps"])
+            return media.image_chunk(items, compressed=compressed, quality=task["image_quality"])
+
+        # Built on its first request and kept, taking the latency model's time (if any).
+        data = self.latency.chunk(key, len(frames), compressed and not video, build)
         return Reply(body=data, content_type="video/mp4" if video else "application/zip")
 
     def _frame(self, task: dict[str, Any], number: int, allowed: Iterable[int], ctx: Ctx) -> Reply:

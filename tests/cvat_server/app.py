@@ -17,6 +17,7 @@ from .api import JSON_TYPE, Api, Ctx, Reply
 from .auth import authenticate, require_user
 from .errors import ApiError
 from .faults import MUTATING, Fault, FaultInjector
+from .latency import Latency
 from .schema import answer_problem
 from .state import State
 
@@ -37,11 +38,19 @@ class App:
     """Everything behind the socket: API, request log, write counter, faults and the
     check of every JSON answer against CVAT's schema (when `check_answers`)."""
 
-    def __init__(self, state: State, faults: FaultInjector, *, check_answers: bool = True) -> None:
+    def __init__(
+        self,
+        state: State,
+        faults: FaultInjector,
+        latency: Latency | None = None,
+        *,
+        check_answers: bool = True,
+    ) -> None:
         self.state = state
         self.faults = faults
         self.check_answers = check_answers
         self.api: Api | None = None
+        self.latency = latency or Latency()
         self.log: list[LoggedRequest] = []
         self.write_count = 0
         self.answer_violations: list[dict[str, Any]] = []
@@ -136,7 +145,8 @@ class Handler(BaseHTTPRequestHandler):
             self._fail(before, path)
             return
 
-        reply, username = app.dispatch(method, path, query, self.headers, body)
+        with app.latency.request(method, path, query, self.headers):  # off unless a profile is set
+            reply, username = app.dispatch(method, path, query, self.headers, body)
         write = method in MUTATING and not path.startswith("/api/auth/")
         after = next((f for f in fired if f.kind.endswith("_after_write")), None)
         if after is not None and write:

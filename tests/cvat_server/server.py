@@ -14,6 +14,7 @@ from . import media
 from .api import Api
 from .app import App, CvatHTTPServer, LoggedRequest
 from .faults import Fault, FaultInjector, FaultKind
+from .latency import Latency, LatencyProfile
 from .schema import SchemaViolation
 from .state import State
 from .webhooks import Webhooks
@@ -42,13 +43,21 @@ class CvatTestServer:
         seed: int = 0,
         tls: tuple[str, str] | None = None,
         check_answers: bool = True,
+        latency: LatencyProfile | str = "none",
+        chunk_builders: int = 2,
     ) -> None:
         """`tls` is (certificate file, key file): serve HTTPS with that certificate.
-        `check_answers=False` skips the schema check (benchmarks)."""
+
+        `check_answers=False` skips the schema check of every JSON answer (benchmarks).
+        `latency` makes the server as slow as a real CVAT: a profile, or its name, optionally
+        scaled (``"cvat-2.73-2core*0.1"``); see `latency.py`. At most `chunk_builders`
+        chunks are built at once. The default, ``"none"``, adds no delay.
+        """
         self._tls = tls
         self.state = State()
         self.faults = FaultInjector(seed)
-        self._app = App(self.state, self.faults, check_answers=check_answers)
+        self.latency = Latency(latency, chunk_builders=chunk_builders)
+        self._app = App(self.state, self.faults, self.latency, check_answers=check_answers)
         self._host, self._port = host, port
         self._httpd: CvatHTTPServer | None = None
         self.webhooks: Webhooks | None = None
@@ -64,7 +73,7 @@ class CvatTestServer:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*self._tls)
             self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
-        self._app.api = Api(self.state, self.url)
+        self._app.api = Api(self.state, self.url, self.latency)
         self.webhooks = Webhooks(self._app.api)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
