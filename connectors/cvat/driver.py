@@ -8,7 +8,7 @@ again after a crash, or on different machines, without writing anything twice.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cvat_sdk import Client
 
@@ -16,6 +16,7 @@ from connectors.cvat.assign import Reviewer, route_job
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import JobPlan, Work
 from connectors.cvat.labels import CvatLabel, check_schema
+from connectors.cvat.overlap import RememberingSink, SharedFrames, count, decided_elsewhere
 from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
 from prelabel.errors import ConfigError
@@ -67,12 +68,16 @@ def label_job(
     config: Config,
     options: JobOptions,
     state: RunState | None = None,
+    shared: SharedFrames | None = None,
 ) -> JobOutcome:
     """Label the planned frames of one job, then route the job (assignee, stage, state).
 
     Accepted frames get tags; the others get a review issue (and a suggestion tag, if
-    configured). Only what the job does not hold yet is written.
+    configured). Only what the job does not hold yet is written. A frame the job shares
+    with another job of the task gets the decision already made there (`overlap`); the
+    predictions made here are added to `shared` for the jobs labeled after this one.
     """
+    shared = shared if shared is not None else SharedFrames()
     settings = SinkSettings(
         model_identity=pipeline.loaded.identity,
         fingerprint=pipeline.fingerprint,
@@ -83,16 +88,25 @@ def label_job(
         upload_queue=config.cvat.upload_queue,
     )
     timer = StageTimer()
+    copied = decided_elsewhere(plan, shared, pipeline.policy, pipeline.fingerprint, state)
     source = JobFrameSource(
         client,
-        plan,
+        replace(plan, frames=tuple(frame for frame in plan.frames if frame not in copied)),
         quality=options.quality,
         io_threads=config.cvat.download_threads,
         prefetch_chunks=config.cvat.prefetch_chunks,
         timer=timer,
     )
     sink = CvatSink(client, plan, labels, settings, state, timer)
-    stats = run(source, sink, pipeline, progress=options.progress, timer=timer)
+    remembering = RememberingSink(sink, shared, plan.task_id)
+    try:
+        for decision in copied.values():
+            remembering.write(decision)
+    except BaseException:
+        sink.close()
+        raise
+    stats = run(source, remembering, pipeline, progress=options.progress, timer=timer)
+    count(stats, list(copied.values()))
     changes = _route(
         client,
         plan,
@@ -142,9 +156,10 @@ def label_jobs(
 ) -> list[JobOutcome]:
     """Label every planned job in turn; `on_job` hears about each as it finishes."""
     labels = {label.name: label for label in work.labels}
+    shared = SharedFrames()  # this run's predictions, for the frames overlapping jobs share
     outcomes = []
     for plan in work.jobs:
-        outcome = label_job(client, plan, labels, pipeline, config, options, state)
+        outcome = label_job(client, plan, labels, pipeline, config, options, state, shared)
         outcomes.append(outcome)
         if on_job:
             on_job(outcome)

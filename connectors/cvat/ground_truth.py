@@ -26,7 +26,7 @@ from cvat_sdk import Client
 from connectors.cvat import retry
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.frames import CvatFrameRef, JobFrameSource
-from connectors.cvat.jobs import JobPlan, _read_target, _step, plan_for
+from connectors.cvat.jobs import JobPlan, _read_target, plan_for
 from connectors.cvat.labels import CvatLabel
 from prelabel.interface import Example, Frame
 from prelabel.state import RunState
@@ -89,8 +89,7 @@ def _job_truth(
         f"reading job {job.id}", lambda: client.api_client.jobs_api.retrieve_data_meta(job.id)
     )
     existing = read_job(client, job.id, labels)
-    step = _step(meta.frame_filter)
-    job_frames = range(job.start_frame, job.stop_frame + 1, step)
+    job_frames = range(job.start_frame, job.stop_frame + 1)  # relative: the step never enters
     deleted = set(meta.deleted_frames or ())
     accepted_job = job.stage == "acceptance" or job.state == "completed"
     truths = {}
