@@ -15,11 +15,12 @@ import pytest
 from cvat_sdk import make_client
 from PIL import Image
 
-from connectors.cvat.frames import JobFrameSource
+from connectors.cvat.frames import CvatFrameRef, JobFrameSource
 from connectors.cvat.jobs import find_work
 from connectors.cvat.numbering import chunk_position, frame_step, media_frame
+from connectors.cvat.sink import CvatSink, SinkSettings
 from prelabel.config import load_config
-from prelabel.interface import Frame
+from prelabel.interface import Decision, Frame, Prediction
 from prelabel.runner import build_pipeline
 from prelabel.state import RunState
 from prelabel.worker import predict
@@ -185,3 +186,49 @@ def test_job_frame_source_yields_the_single_frame_endpoint_image_of_each_frame(s
             errors = {number: np.abs(image - other).mean() for number, other in expected.items()}
             assert min(errors, key=errors.__getitem__) == frame.ref.frame, (plan.job_id, frame.ref, errors)
             assert errors[frame.ref.frame] < 8, errors
+
+
+def test_the_sink_refuses_a_frame_outside_the_jobs_relative_range(stepped):
+    server, project_id, _, env = stepped
+    assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+    client = make_client(server.url, credentials=("annotator", PASSWORD))
+    work = find_work(client, project_id=project_id)
+    plan = work.jobs[1]  # relative frames 2-5 of the video: media frames 5-11
+    labels = {label.name: label for label in work.labels}
+    server.reset_counters()
+    for frame in (plan.start_frame - 1, plan.stop_frame + 1, media_frame(plan.stop_frame, 1, 2)):
+        sink = CvatSink(client, plan, labels, SinkSettings(model_identity="m", fingerprint="f"))
+        prediction = Prediction(CvatFrameRef(plan.job_id, frame), "outside", (("cat", 0.9),))
+        with pytest.raises(ValueError, match="not in job"):
+            sink.write(Decision(prediction, tags=(("cat", 0.9),)))
+        sink.close()
+    assert server.write_count == 0
+
+
+def test_a_shared_frame_gets_the_decision_the_other_job_holds_on_the_server(stepped, tmp_path: Path):
+    """Job by job, each with its own state file (as queue workers on two machines): the
+    second job's shared frames take the first job's decision (all to review here), while its
+    own frames follow this run's thresholds (all accepted)."""
+    server, project_id, tasks, env = stepped
+    assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+    video = next(iter(tasks))
+    first, second = server.jobs(video)[:2]
+    for job, threshold, cwd in ((first, "1", tmp_path / "a"), (second, "0", tmp_path / "b")):
+        cwd.mkdir()
+        args = tiny_args("--accept-threshold", threshold, "--min-margin", "0")
+        result = run_cli("run", "--job-id", str(job["id"]), *args, env=env, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+    shared = set(range(second["start_frame"], first["stop_frame"] + 1))
+    assert shared
+    jobs = (first, second)
+    tags = {job["id"]: {tag["frame"]: tag for tag in server.annotations(job["id"])["tags"]} for job in jobs}
+    issues = {job["id"]: {issue["frame"] for issue in server.issues(job["id"])} for job in jobs}
+    assert issues[first["id"]] == set(range(first["start_frame"], first["stop_frame"] + 1))
+    assert issues[second["id"]] == shared
+    for frame in range(second["start_frame"], second["stop_frame"] + 1):
+        tag = tags[second["id"]][frame]
+        review = {a["value"] for a in tag["attributes"]} & {"true"} == {"true"}
+        assert review == (frame in shared)
+        if frame in shared:
+            assert tag["label_id"] == tags[first["id"]][frame]["label_id"]
+    assert server.violations == []
