@@ -544,7 +544,7 @@ def test_task_chunks_and_sdk_task_dataset(seeded: Seeded, client: Client, tmp_pa
 
 def test_video_chunk_decodes_to_the_jobs_frames(seeded: Seeded, client: Client) -> None:
     frames = sample_frames(12, (160, 120))
-    task_id = seeded.server.add_video_task(seeded.project_id, frames, name="clip", segment_size=8)
+    task_id = seeded.server.add_video_task(seeded.project_id, frames, name="clip", segment_size=8, overlap=0)
     from_mp4 = seeded.server.add_video_task(
         seeded.project_id, video_chunk([pil_frame("v.mp4", f) for f in frames]), name="mp4"
     )
@@ -984,3 +984,82 @@ def test_webhooks_endpoints_answer_by_the_schema(seeded: Seeded, client: Client)
     assert status == 204
     status, body, _ = raw(api.retrieve, hook_id)
     assert status == 404
+
+
+def test_stepped_offset_overlapping_video_numbers_frames_as_captured(seeded: Seeded, client: Client) -> None:
+    """The capture `video_step_overlap.json`, replayed: 12 video frames, start 1, step 2,
+    segment size 4, chunk size 3: relative frames in jobs, absolute ones in data meta,
+    filtered chunks from the job's start, overlapping jobs, merged tags in the task view."""
+    captured = capture("video_step_overlap")
+    video = sample_frames(12, (160, 120))
+    task_id = seeded.server.add_video_task(
+        seeded.project_id, video, name="stepped", segment_size=4, chunk_size=3, start_frame=1, frame_step=2
+    )
+    task = ok("tasks_retrieve", client.api_client.tasks_api.retrieve, task_id)
+    for key, value in captured["task"].items():
+        if key != "id":
+            assert task[key] == value, key
+    task_meta = ok("tasks_retrieve_data_meta", client.api_client.tasks_api.retrieve_data_meta, task_id)
+    for key, value in captured["task_data_meta"].items():
+        assert (len(task_meta["frames"]) if key == "n_frames_entries" else task_meta[key]) == value, key
+
+    jobs = seeded.server.jobs(task_id)
+    assert len(jobs) == len(captured["jobs"])
+    label = seeded.server.label(task_id, "cat")["id"]
+    for job, theirs in zip(jobs, captured["jobs"], strict=True):
+        ours = ok("jobs_retrieve", client.api_client.jobs_api.retrieve, job["id"])
+        assert [ours[k] for k in ("start_frame", "stop_frame", "frame_count")] == [
+            theirs[k] for k in ("start_frame", "stop_frame", "frame_count")
+        ]
+        meta = ok("jobs_retrieve_data_meta", client.api_client.jobs_api.retrieve_data_meta, job["id"])
+        for key, value in theirs["data_meta"].items():
+            assert (len(meta["frames"]) if key == "n_frames_entries" else meta[key]) == value, key
+        for quality, chunks in theirs["chunks"].items():
+            for chunk in chunks:
+                status, data, _ = raw(
+                    client.api_client.jobs_api.retrieve_data,
+                    job["id"],
+                    type="chunk",
+                    index=chunk["index"],
+                    quality=quality,
+                )
+                assert status == chunk["status"]
+                if status != 200:
+                    assert data == json.loads(chunk["body"])
+                    continue
+                with av.open(io.BytesIO(data)) as container:
+                    decoded = [f.to_image() for f in container.decode(video=0)]
+                shown = [_nearest(image, video) for image in decoded]
+                assert shown == chunk["video_frames_shown"]
+        for number, video_frame in theirs["frame_endpoint"].items():
+            status, data, _ = raw(
+                client.api_client.jobs_api.retrieve_data, job["id"], type="frame", number=int(number)
+            )
+            assert status == 200
+            assert _nearest(Image.open(io.BytesIO(data)).convert("RGB"), video) == video_frame
+
+    # The captured tag writes (frames outside the job and the task included), then the views.
+    by_id = {theirs["id"]: job["id"] for job, theirs in zip(jobs, captured["jobs"], strict=True)}
+    for write in captured["tag_writes"]:
+        request = models.PatchedLabeledDataRequest(
+            tags=[models.LabeledImageRequest(frame=write["frame"], label_id=label)]
+        )
+        status, _, _ = raw(
+            client.api_client.jobs_api.partial_update_annotations,
+            "create",
+            by_id[write["job"]],
+            patched_labeled_data_request=request,
+        )
+        assert status == write["status"]
+    for theirs_id, frames in captured["job_annotations_tag_frames"].items():
+        tags = seeded.server.annotations(by_id[int(theirs_id)])["tags"]
+        assert sorted(tag["frame"] for tag in tags) == frames
+    view = ok("tasks_retrieve_annotations", client.api_client.tasks_api.retrieve_annotations, task_id)
+    assert sorted(tag["frame"] for tag in view["tags"]) == captured["task_annotations_tag_frames"]
+
+
+def _nearest(image: Image.Image, frames: list[Image.Image]) -> int:
+    """The index of the frame `image` shows (least mean absolute difference)."""
+    ours = np.asarray(image.convert("RGB").resize(frames[0].size), np.int16)
+    errors = [np.abs(ours - np.asarray(f.convert("RGB"), np.int16)).mean() for f in frames]
+    return int(np.argmin(errors))

@@ -64,7 +64,12 @@ def many_jobs_project(
         project_id, sample_jpegs(image_frames, (64, 48)), name="images", segment_size=segment, chunk_size=1
     )
     video = server.add_video_task(
-        project_id, sample_frames(video_frames, (64, 48)), name="clip", segment_size=2, chunk_size=2
+        project_id,
+        sample_frames(video_frames, (64, 48)),
+        name="clip",
+        segment_size=2,
+        chunk_size=2,
+        overlap=0,
     )
     return Project(server, project_id, [images], video, set())
 

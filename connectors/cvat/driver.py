@@ -14,12 +14,13 @@ again after a crash, or on different machines, without writing anything twice.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from connectors.cvat.assign import Reviewer, resolve_reviewers, route_job
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import JobPlan, Work, find_work
 from connectors.cvat.labels import CvatLabel, check_schema
+from connectors.cvat.overlap import RememberingSink, SharedFrames, count, decided_elsewhere
 from connectors.cvat.session import CvatSession
 from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
@@ -169,9 +170,10 @@ def label_target(
         reviewers = resolve_reviewers(session, config.review.reviewers)
     labeling = Labeling(session, pipeline_for(planned.names), config, request, reviewers, state)
     labels = {label.name: label for label in work.labels}
+    shared = SharedFrames()  # this run's predictions, for the frames overlapping jobs share
     outcomes = []
     for plan in work.jobs:
-        outcome = label_job(labeling, plan, labels)
+        outcome = label_job(labeling, plan, labels, shared)
         outcomes.append(outcome)
         if on_job:
             on_job(outcome)
@@ -182,16 +184,21 @@ def label_target(
     return TargetOutcome(planned, outcomes)
 
 
-def label_job(labeling: Labeling, plan: JobPlan, labels: dict[str, CvatLabel]) -> JobOutcome:
+def label_job(
+    labeling: Labeling, plan: JobPlan, labels: dict[str, CvatLabel], shared: SharedFrames | None = None
+) -> JobOutcome:
     """Label the planned frames of one job, then route the job (assignee, stage, state).
 
     Accepted frames get tags; the others get a review issue (and a suggestion tag, if
-    configured). Only what the job does not hold yet is written.
+    configured). Only what the job does not hold yet is written. A frame the job shares
+    with another job of the task gets the decision already made there (`overlap`); the
+    predictions made here are added to `shared` for the jobs labeled after this one.
     """
-    config, request = labeling.config, labeling.request
+    config, request, pipeline = labeling.config, labeling.request, labeling.pipeline
+    shared = shared if shared is not None else SharedFrames()
     settings = SinkSettings(
-        model_identity=labeling.pipeline.loaded.identity,
-        fingerprint=labeling.pipeline.fingerprint,
+        model_identity=pipeline.loaded.identity,
+        fingerprint=pipeline.fingerprint,
         suggestions=config.review.upload_suggestion,
         message_length=config.review.message_length,
         batch_size=config.cvat.upload_batch_size,
@@ -199,16 +206,25 @@ def label_job(labeling: Labeling, plan: JobPlan, labels: dict[str, CvatLabel]) -
         upload_queue=config.cvat.upload_queue,
     )
     timer = StageTimer()
+    copied = decided_elsewhere(plan, shared, pipeline.policy, pipeline.fingerprint, labeling.state)
     source = JobFrameSource(
         labeling.session,
-        plan,
+        replace(plan, frames=tuple(frame for frame in plan.frames if frame not in copied)),
         quality=request.quality,
         io_threads=config.cvat.download_threads,
         prefetch_chunks=config.cvat.prefetch_chunks,
         timer=timer,
     )
     sink = CvatSink(labeling.session, plan, labels, settings, labeling.state, timer)
-    stats = run(source, sink, labeling.pipeline, progress=request.progress, timer=timer)
+    remembering = RememberingSink(sink, shared, plan.task_id)
+    try:
+        for decision in copied.values():
+            remembering.write(decision)
+    except BaseException:
+        sink.close()
+        raise
+    stats = run(source, remembering, pipeline, progress=request.progress, timer=timer)
+    count(stats, list(copied.values()))
     changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
     return JobOutcome(plan, stats, sink.result, changes)
 

@@ -16,7 +16,7 @@ from cvat_sdk.core.helpers import get_paginated_collection
 
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, text_value
 from connectors.cvat.session import CvatSession
-from connectors.cvat_xml import MODEL_ATTRIBUTE
+from connectors.cvat_xml import CONFIDENCE_ATTRIBUTE, MODEL_ATTRIBUTE
 from prelabel.review import MESSAGE_PREFIX
 
 
@@ -27,6 +27,8 @@ class OurTag:
     label: str
     label_id: int
     needs_review: bool
+    confidence: float = 0.0
+    """Its `confidence` attribute as a probability (0 when missing)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,10 @@ def read_job(session: CvatSession, job_id: int, labels: dict[int, CvatLabel]) ->
         model = values.get(label.attributes.get(MODEL_ATTRIBUTE)) if label else None
         if label is not None and text_value(tag.source) == "auto" and model:
             needs_review = values.get(label.attributes.get(NEEDS_REVIEW_ATTRIBUTE)) == "true"
-            state.tags[tag.frame].append(OurTag(tag.id, tag.frame, label.name, label.id, needs_review))
+            confidence = _probability(values.get(label.attributes.get(CONFIDENCE_ATTRIBUTE)))
+            state.tags[tag.frame].append(
+                OurTag(tag.id, tag.frame, label.name, label.id, needs_review, confidence)
+            )
         else:
             state.human_frames.add(tag.frame)
             state.human_labels[tag.frame].append(label.name if label else f"label {tag.label_id}")
@@ -119,3 +124,10 @@ def read_job(session: CvatSession, job_id: int, labels: dict[int, CvatLabel]) ->
             if message.startswith(f"{MESSAGE_PREFIX} unreadable"):
                 state.unreadable_frames.add(issue.frame)
     return state
+
+
+def _probability(value: str | None) -> float:
+    try:
+        return max(0.0, min(1.0, int(value or 0) / 100))
+    except ValueError:
+        return 0.0

@@ -1,9 +1,10 @@
 """Streaming a job's frames from CVAT, chunk by chunk.
 
 `GET /api/jobs/{id}/data?type=chunk&index=N` returns the job's frames
-``[N * chunk_size, (N + 1) * chunk_size)`` counted from the job's first frame: a zip of
-images named ``000000.jpeg``, ``000001.jpeg``, ... for image tasks, an mp4 segment for video
-tasks. Only chunks that hold wanted frames are downloaded, by a few I/O threads a bounded
+``[N * chunk_size, (N + 1) * chunk_size)`` counted from the job's first frame, after the
+frame filter (`numbering.chunk_position`): a zip of images named ``000000.jpeg``,
+``000001.jpeg``, ... for image tasks, an mp4 segment for video tasks. Only chunks that hold
+wanted frames are downloaded, by a few I/O threads a bounded
 number of chunks ahead of the consumer, so downloads overlap the model and memory stays
 bounded whatever the task size. A chunk that fails to decode turns each of its wanted
 frames into an unreadable frame; the rest of the job goes on.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import av
 
 from connectors.cvat.jobs import JobPlan
+from connectors.cvat.numbering import chunk_position
 from connectors.cvat.session import CvatSession
 from prelabel.interface import Frame
 from prelabel.pipeline.stream import ordered_map
@@ -27,7 +29,7 @@ from prelabel.pipeline.timing import StageTimer
 
 @dataclass(frozen=True)
 class CvatFrameRef:
-    """Where a CVAT frame came from: the job and the task frame number."""
+    """Where a CVAT frame came from: the job and the task's relative frame number."""
 
     job_id: int
     frame: int
@@ -71,8 +73,8 @@ class JobFrameSource:
         """(chunk index, wanted task frames in it) for every chunk holding a wanted frame."""
         by_chunk: dict[int, list[int]] = {}
         for frame in self.plan.frames:
-            position = (frame - self.plan.start_frame) // self.plan.step
-            by_chunk.setdefault(position // self.plan.chunk_size, []).append(frame)
+            index, _ = chunk_position(self.plan.start_frame, frame, self.plan.chunk_size)
+            by_chunk.setdefault(index, []).append(frame)
         yield from sorted(by_chunk.items())
 
     def _chunk_frames(self, index: int, wanted: list[int]) -> Iterator[Frame]:
@@ -86,7 +88,6 @@ class JobFrameSource:
 
         with self.timer.stage("download"):
             payload = self.session.call(f"downloading chunk {index} of job {plan.job_id}", download)
-        first = plan.start_frame + index * plan.chunk_size * plan.step
         try:
             with self.timer.stage("unpack"):
                 decoded = _decode_chunk(payload, plan.chunk_type)
@@ -96,7 +97,7 @@ class JobFrameSource:
                 yield self._frame(frame, None, reason)
             return
         for frame in wanted:
-            offset = (frame - first) // plan.step
+            _, offset = chunk_position(plan.start_frame, frame, plan.chunk_size)
             if offset >= len(decoded):
                 yield self._frame(frame, None, f"frame missing from chunk {index}")
             else:

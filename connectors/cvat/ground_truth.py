@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.frames import CvatFrameRef, JobFrameSource
-from connectors.cvat.jobs import JobPlan, _read_target, _step, plan_for
+from connectors.cvat.jobs import JobPlan, _read_target, plan_for
 from connectors.cvat.labels import CvatLabel
 from connectors.cvat.session import CvatSession
 from prelabel.interface import Example, Frame
@@ -88,8 +88,7 @@ def _job_truth(
         f"reading job {job.id}", lambda: session.client.api_client.jobs_api.retrieve_data_meta(job.id)
     )
     existing = read_job(session, job.id, labels)
-    step = _step(meta.frame_filter)
-    job_frames = range(job.start_frame, job.stop_frame + 1, step)
+    job_frames = range(job.start_frame, job.stop_frame + 1)  # relative: the step never enters
     deleted = set(meta.deleted_frames or ())
     accepted_job = job.stage == "acceptance" or job.state == "completed"
     truths = {}

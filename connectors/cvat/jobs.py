@@ -3,24 +3,37 @@
 A job needs pre-labels when it is an annotation job (not ground truth, not a consensus
 replica) and some of its frames are neither deleted nor tagged. A frame that carries any
 tag, manual or auto, is skipped unless `include_tagged` is set; a human's tag is never
-touched either way.
+touched either way. Frame numbers are CVAT's relative ones (`numbering`): a job covers
+every frame from its `start_frame` to its `stop_frame`, whatever the task's frame step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cvat_sdk.core.helpers import get_paginated_collection
 
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.labels import CvatLabel, candidate_labels
+from connectors.cvat.numbering import frame_step
 from connectors.cvat.session import CvatSession
 
 
 @dataclass(frozen=True)
+class Neighbour:
+    """Another annotation job of the same task that shares frames with a job (overlapping jobs)."""
+
+    job_id: int
+    frames: range
+    """Its relative task frames."""
+    existing: JobOnServer = field(repr=False)
+    """What it held when the work was planned."""
+
+
+@dataclass(frozen=True)
 class JobPlan:
-    """One job's work: the task frame numbers to label, and how to fetch them."""
+    """One job's work: the (relative) task frame numbers to label, and how to fetch them."""
 
     job_id: int
     task_id: int
@@ -28,6 +41,7 @@ class JobPlan:
     start_frame: int
     stop_frame: int
     step: int
+    """The task's frame step: media frames between two task frames (never needed to find a frame)."""
     chunk_size: int
     chunk_type: str
     """``imageset`` (zip chunks of images) or ``video`` (mp4 chunks)."""
@@ -42,11 +56,13 @@ class JobPlan:
     """Frames skipped because a person tagged them."""
     already_done: int = 0
     """Frames skipped because prelabel already tagged them or queued them for review."""
+    neighbours: tuple[Neighbour, ...] = field(default=(), repr=False)
+    """The task's other annotation jobs that share frames with this one."""
 
     @property
     def job_frames(self) -> range:
-        """Every task frame number this job covers (deleted ones included)."""
-        return range(self.start_frame, self.stop_frame + 1, self.step)
+        """Every relative task frame this job covers (deleted ones included)."""
+        return range(self.start_frame, self.stop_frame + 1)
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,9 @@ def find_work(
     (jobs are taken in id order).
     """
     where, labels, jobs = _read_target(session, project_id, task_id, job_id, with_jobs=True)
+    siblings = jobs
+    if job_id is not None and jobs:
+        siblings = _task_jobs(session, jobs[0].task_id)
     plans: list[JobPlan] = []
     finished: list[JobPlan] = []
     skipped: dict[int, str] = {}
@@ -114,7 +133,33 @@ def find_work(
         plans.append(plan)
         if budget is not None:
             budget -= len(plan.frames)
+    known = {plan.job_id: plan.existing for plan in [*plans, *finished]}
+    plans = [_with_neighbours(session, plan, siblings, known, labels) for plan in plans]
     return Work(where=where, labels=labels, jobs=plans, skipped_jobs=skipped, finished_jobs=finished)
+
+
+def _task_jobs(session: CvatSession, task_id: int) -> list:
+    return session.call(
+        f"listing the jobs of task {task_id}",
+        lambda: get_paginated_collection(session.client.api_client.jobs_api.list_endpoint, task_id=task_id),
+    )
+
+
+def _with_neighbours(
+    session: CvatSession, plan: JobPlan, jobs: list, known: dict[int, JobOnServer], labels: list[CvatLabel]
+) -> JobPlan:
+    """The plan with the task's other annotation jobs that share its frames (read if not yet)."""
+    found = []
+    for job in sorted(jobs, key=lambda job: job.id):
+        if job.id == plan.job_id or job.type != "annotation" or job.task_id != plan.task_id:
+            continue
+        if job.stop_frame < plan.start_frame or job.start_frame > plan.stop_frame:
+            continue
+        existing = known.get(job.id)
+        if existing is None:
+            existing = read_job(session, job.id, {label.id: label for label in labels})
+        found.append(Neighbour(job.id, range(job.start_frame, job.stop_frame + 1), existing))
+    return replace(plan, neighbours=tuple(found)) if found else plan
 
 
 def find_labels(
@@ -174,8 +219,7 @@ def _plan_job(
         f"reading job {job.id}", lambda: session.client.api_client.jobs_api.retrieve_data_meta(job.id)
     )
     existing = read_job(session, job.id, {label.id: label for label in labels})
-    step = _step(meta.frame_filter)
-    job_frames = range(job.start_frame, job.stop_frame + 1, step)
+    job_frames = range(job.start_frame, job.stop_frame + 1)
     deleted = set(meta.deleted_frames or ())
     live = [frame for frame in job_frames if frame not in deleted and not existing.reviewed(frame)]
     human = [frame for frame in live if frame in existing.human_frames]
@@ -197,9 +241,14 @@ def _plan_job(
 
 
 def plan_for(job, meta, frames: Sequence[int], existing: JobOnServer, **counts: int) -> JobPlan:
-    """A `JobPlan` for these task frames of `job`, from the job and its data meta."""
+    """A `JobPlan` for these task frames of `job`, from the job and its data meta.
+
+    The job gives relative frame numbers, its data meta absolute media frames: only the
+    former are used for numbering (the meta's `frames` lists one entry per job frame, or
+    one for a whole video).
+    """
     step = _step(meta.frame_filter)
-    job_frames = range(job.start_frame, job.stop_frame + 1, step)
+    job_frames = range(job.start_frame, job.stop_frame + 1)
     names, sizes = _frame_info(meta, job_frames, job.data_compressed_chunk_type)
     return JobPlan(
         job_id=job.id,
@@ -238,6 +287,4 @@ def _frame_info(
 
 def _step(frame_filter: str | None) -> int:
     """CVAT's frame filter is ``step=N`` or empty."""
-    if frame_filter and frame_filter.startswith("step="):
-        return max(1, int(frame_filter.removeprefix("step=")))
-    return 1
+    return frame_step(frame_filter)

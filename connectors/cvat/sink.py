@@ -10,7 +10,8 @@ again, so a run that follows a crash completes half-done frames instead of dupli
 them. Tags are created in bounded batches with ``PATCH .../annotations?action=create``.
 The sink never updates or deletes a human's annotation; with `relabel` it deletes only
 prelabel's own tags and open issues on the frames it labels again. It refuses to write
-outside the job's frames, which real CVAT would silently accept.
+outside the job's relative frame range (from its `start_frame` to its `stop_frame`), which
+real CVAT would silently accept, even beyond the task's size.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ class Serializer:
             "bug_tracker": "",
             "created_date": t["created_date"],
             "updated_date": t["updated_date"],
-            "overlap": 0,
+            "overlap": t["overlap"],
             "segment_size": t["segment_size"],
             "status": self.task_status(t["id"]),
             "data_chunk_size": t["chunk_size"],
@@ -208,9 +208,9 @@ class Serializer:
             "chunk_size": t["chunk_size"],
             "size": len(t["frames"]),
             "image_quality": t["image_quality"],
-            "start_frame": 0,
-            "stop_frame": len(t["frames"]) - 1,
-            "frame_filter": "",
+            "start_frame": t["data_start_frame"],
+            "stop_frame": t["data_stop_frame"],
+            "frame_filter": self._frame_filter(t),
             "frames": [self._frame_meta(f) for f in frames],
             "deleted_frames": list(t["deleted_frames"]),
             "included_frames": None,
@@ -218,13 +218,19 @@ class Serializer:
             "cloud_storage_id": None,
         }
 
+    @staticmethod
+    def _frame_filter(t: dict[str, Any]) -> str:
+        return f"step={t['frame_step']}" if t["frame_step"] > 1 else ""
+
     def job_meta(self, j: dict[str, Any]) -> dict[str, Any]:
         """DataMetaRead of a job, following JobViewSet.metadata in cvat/apps/engine/views.py.
 
         Image jobs list every frame of [start, stop] (frames outside a ground-truth
         job's frame set as `placeholder.jpg`); `size` counts the job's frames,
-        `deleted_frames` keeps only the job's, `included_frames` is the frame set of a
-        ground-truth job and null otherwise.
+        `deleted_frames` keeps only the job's (relative numbers), `included_frames` is
+        the frame set of a ground-truth job and null otherwise. `start_frame` and
+        `stop_frame` are absolute media frames (the job's relative range through the
+        task's start frame and step), unlike those of the job itself.
         """
         task = self.state.tasks[j["task_id"]]
         job_frames = self.state.job_frames(j)
@@ -243,9 +249,11 @@ class Serializer:
             "chunk_size": task["chunk_size"],
             "size": len(job_frames),
             "image_quality": task["image_quality"],
-            "start_frame": j["start_frame"],
-            "stop_frame": j["stop_frame"],
-            "frame_filter": "",
+            "start_frame": task["data_start_frame"] + j["start_frame"] * task["frame_step"],
+            "stop_frame": min(
+                task["data_stop_frame"], task["data_start_frame"] + j["stop_frame"] * task["frame_step"]
+            ),
+            "frame_filter": self._frame_filter(task),
             "frames": frames,
             "deleted_frames": [f for f in task["deleted_frames"] if f in job_frames],
             "included_frames": list(j["frames"]) if j["frames"] is not None else None,

@@ -160,8 +160,18 @@ class CvatTestServer:
         deleted_frames: Iterable[int] = (),
         owner: str | None = None,
         image_quality: int = 70,
+        start_frame: int = 0,
+        stop_frame: int | None = None,
+        frame_step: int = 1,
+        overlap: int | None = None,
     ) -> int:
-        """An image task from (filename, image bytes) pairs; jobs split by segment_size."""
+        """An image task from (filename, image bytes) pairs; jobs split by segment_size.
+
+        `start_frame`, `stop_frame` and `frame_step` filter the upload as CVAT's data
+        options do (the task keeps images start, start + step, ... up to stop); `overlap`
+        as CVAT's task option (default 0 for images).
+        """
+        images = list(images)[start_frame : None if stop_frame is None else stop_frame + 1 : frame_step]
         frames = [media.image_frame(n, data) for n, data in images]
         return self.state.add_task(
             project_id,
@@ -173,6 +183,9 @@ class CvatTestServer:
             media_type="image",
             image_quality=image_quality,
             deleted_frames=deleted_frames,
+            data_start=start_frame,
+            frame_step=frame_step,
+            overlap=overlap,
         )
 
     def add_video_task(
@@ -188,16 +201,23 @@ class CvatTestServer:
         deleted_frames: Iterable[int] = (),
         owner: str | None = None,
         image_quality: int = 90,
+        start_frame: int = 0,
+        stop_frame: int | None = None,
+        frame_step: int = 1,
+        overlap: int | None = None,
     ) -> int:
         """A video task from mp4 bytes or a list of frames (PIL images or JPEG bytes).
 
         Chunks are H.264 mp4 segments (`data_compressed_chunk_type` "video").
-        segment_size 0 means one job for the whole video.
+        segment_size 0 means one job for the whole video. `start_frame`, `stop_frame`
+        and `frame_step` filter the video as CVAT's data options do; jobs overlap by
+        `overlap` frames, 5 by default as in CVAT (at most half the segment size).
         """
         if isinstance(video, bytes | bytearray):
             images = media.decode_video(bytes(video))
         else:
             images = [media.image_frame(filename, f).image if isinstance(f, bytes) else f for f in video]
+        images = images[start_frame : None if stop_frame is None else stop_frame + 1 : frame_step]
         frames = [media.pil_frame(filename, im) for im in images]
         return self.state.add_task(
             project_id,
@@ -210,6 +230,9 @@ class CvatTestServer:
             image_quality=image_quality,
             deleted_frames=deleted_frames,
             fps=fps,
+            data_start=start_frame,
+            frame_step=frame_step,
+            overlap=overlap,
         )
 
     def add_ground_truth_job(self, task_id: int, frames: Sequence[int]) -> int:

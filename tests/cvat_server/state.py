@@ -248,15 +248,27 @@ class State:
         image_quality: int,
         deleted_frames: Iterable[int] = (),
         fps: int = 25,
+        data_start: int = 0,
+        frame_step: int = 1,
+        overlap: int | None = None,
     ) -> int:
-        """Create a task with data and its annotation jobs split by segment_size."""
+        """Create a task with data and its annotation jobs split by segment_size.
+
+        `frames` are the frames kept by the upload's filter, in order: relative frame r
+        shows media frame ``data_start + r * frame_step``. Jobs follow
+        _generate_segment_params in cvat/apps/engine/task.py: `overlap` defaults to 5
+        for video tasks and 0 for image tasks, and is at most half the segment size.
+        """
         with self.lock:
             project = self.projects[project_id]
             owner_id = self.user_by_name(owner)["id"] if owner else project["owner_id"]
             tid = self.next_id("task")
             ts = now()
             size = len(frames)
-            segment_size = segment_size or size
+            if segment_size == 0 or segment_size > size:
+                segment_size = size
+            default_overlap = 5 if media_type == "video" else 0
+            overlap = min(default_overlap if overlap is None else overlap, segment_size // 2)
             self.tasks[tid] = {
                 "id": tid,
                 "name": name,
@@ -271,12 +283,16 @@ class State:
                 "frames": list(frames),
                 "deleted_frames": sorted(set(deleted_frames)),
                 "fps": fps,
+                "data_start_frame": data_start,
+                "data_stop_frame": data_start + (size - 1) * frame_step,
+                "frame_step": frame_step,
+                "overlap": overlap,
                 "subset": "",
                 "created_date": ts,
                 "updated_date": ts,
                 "chunks_updated_date": ts,
             }
-            for start in range(0, size, segment_size):
+            for start in range(0, size - overlap, segment_size - overlap):
                 self.add_job(tid, start, min(start + segment_size, size) - 1)
             self.touch_project(project_id)
             # As CVAT: create:task when the task is made, then the data request completes.
@@ -566,12 +582,28 @@ class State:
             )
 
     def task_annotations(self, task_id: int) -> dict[str, Any]:
-        """Task annotations: those of its `annotation` jobs (GT and replicas excluded)."""
+        """Task annotations: those of its `annotation` jobs (GT and replicas excluded).
+
+        In the overlap of two jobs, a tag of the later job with the label of an earlier
+        job's tag on the same frame is merged into it (TagManager in
+        cvat/apps/engine/annotation.py matches tags by label, frame by frame, over the
+        first `overlap` frames of each job), as the capture `video_step_overlap.json` shows.
+        """
         with self.lock:
+            overlap = self.tasks[task_id]["overlap"]
             merged: dict[str, Any] = {"version": 0, "tags": [], "shapes": [], "tracks": []}
             for job in self.task_jobs(task_id):
-                for kind in ANNOTATION_KINDS:
+                for kind in ("shapes", "tracks"):
                     merged[kind].extend(copy.deepcopy(self.annotations[job["id"]][kind]))
+                shared = range(job["start_frame"], job["start_frame"] + overlap)
+                unmatched = [t for t in merged["tags"] if t["frame"] in shared]
+                for tag in self.annotations[job["id"]]["tags"]:
+                    key = (tag["frame"], tag["label_id"])
+                    match = next((t for t in unmatched if (t["frame"], t["label_id"]) == key), None)
+                    if tag["frame"] in shared and match is not None:
+                        unmatched.remove(match)
+                        continue
+                    merged["tags"].append(copy.deepcopy(tag))
             return merged
 
     def task_patch(self, task_id: int, action: str, data: dict[str, Any]) -> dict[str, Any]:
