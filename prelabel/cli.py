@@ -233,6 +233,15 @@ def _connect(config, server_host, auth, profile, organization, insecure, ca_bund
     )
 
 
+def _check_access(client, target: dict | None = None, *, writes: str | None = None) -> None:
+    """Before any model is loaded: a command that `writes` needs a token with write access, and
+    the target is worked on in its organization (connectors/cvat/access.py)."""
+    from connectors.cvat.access import check_access
+
+    for notice in check_access(client, target, writes=writes):
+        click.echo(notice, err=True)
+
+
 def _setup_hint(target: dict) -> str:
     key, value = next(iter(target.items()))
     if key == "job_id":
@@ -260,6 +269,7 @@ def setup(project_id, task_id, job_id, config_path, **server):
         raise click.UsageError("setup works on a project or a task: give --project-id or --task-id")
     config = load_config(config_path)
     client = _connect(config, **server)
+    _check_access(client, target, writes="setup")
     where, labels = find_labels(client, **target)
     added = add_missing_attributes(client, labels)
     for name, attributes in added.items():
@@ -325,6 +335,7 @@ def run_command(
         return run_on_queue(queue_url, target, config, server, relabel=relabel, include_tagged=include_tagged,
                             quality=quality, limit=limit, dry_run=dry_run, progress=progress)  # fmt: skip
     client = _connect(config, server_host, auth, profile, organization, insecure, ca_bundle)
+    _check_access(client, target, writes=None if dry_run else "run")
     work = find_work(
         client,
         **target,

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli import _connect, _one_target, _overrides, cli, model_options, server_options, target_options
+from prelabel.cli import (
+    _check_access,
+    _connect,
+    _one_target,
+    _overrides,
+    cli,
+    model_options,
+    server_options,
+    target_options,
+)
 from prelabel.errors import InputError
 
 
@@ -53,6 +62,7 @@ def _load(config, ground_truth, labels, target_values, server, state):
 
     target = _one_target(*target_values)
     client = _connect(config, **server)
+    _check_access(client, target)
     source = CvatGroundTruth(client, **target, state=state)
     check_schema(source.labels, source.where, "prelabel setup")
     return source, [label.name for label in source.labels]

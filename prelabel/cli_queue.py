@@ -12,7 +12,15 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli import _connect, _one_target, _overrides, _setup_hint, model_options, target_options
+from prelabel.cli import (
+    _check_access,
+    _connect,
+    _one_target,
+    _overrides,
+    _setup_hint,
+    model_options,
+    target_options,
+)
 from prelabel.errors import PrelabelError
 
 log = logging.getLogger(__name__)
@@ -123,6 +131,7 @@ def enqueue(
     config = load_config(config_path, _overrides(**flags))
     connection = connect_queue(queue_url)
     client = _connect(config, server_host, auth, profile, organization, insecure, ca_bundle)
+    _check_access(client, target)
     enqueue_target(
         connection,
         client,
@@ -266,6 +275,7 @@ def run_on_queue(
         raise click.UsageError("--dry-run does not apply with --queue; run it without --queue")
     connection = connect_queue(queue_url)
     client = _connect(config, **server)
+    _check_access(client, target)
     done = enqueue_target(
         connection,
         client,

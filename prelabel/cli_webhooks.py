@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from prelabel.cli import _connect, server_options
+from prelabel.cli import _check_access, _connect, server_options
 from prelabel.errors import ConfigError, PrelabelError
 
 SECRET_ENV = "PRELABEL_WEBHOOK_SECRET"
@@ -81,6 +81,7 @@ def serve(listen, config_path, state_path, project_ids, queue_url, **server):
 
         connection = connect_queue(queue_url)
     client = _connect(config, **server)
+    _check_access(client, writes="serve")
     state = Path(state_path or config.state.path)
     with DeliveryLog(state.with_name("deliveries.db")) as deliveries:
         perform = CvatWork(client, config, state, connection)
@@ -141,6 +142,7 @@ def webhook_install(project_id, url, config_path, **server):
     config = load_config(config_path)
     secret = _secret(config)
     client = _connect(config, **server)
+    _check_access(client, {"project_id": project_id}, writes="webhook install")
     installed = install_webhook(client, project_id, url, secret)
     verb = "created" if installed.created else "updated in place"
     click.echo(f"project {project_id}: webhook {installed.webhook_id} {verb}: {url} ({', '.join(EVENTS)})")
@@ -156,6 +158,7 @@ def webhook_remove(project_id, config_path, **server):
     from prelabel.config import load_config
 
     client = _connect(load_config(config_path), **server)
+    _check_access(client, {"project_id": project_id}, writes="webhook remove")
     removed = remove_webhook(client, project_id)
     if removed:
         click.echo(f"project {project_id}: removed webhook {', '.join(map(str, removed))}")

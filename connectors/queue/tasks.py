@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from redis import Redis
 
 from connectors.cvat import retry
+from connectors.cvat.access import require_write_access
 from connectors.cvat.assign import Reviewer, resolve_reviewers
 from connectors.cvat.connect import ServerOptions, connect
 from connectors.cvat.driver import JobOptions, candidate_names, label_jobs
@@ -140,7 +141,7 @@ def _client(entry: Entry, config: Config) -> Client:
     retry.configure(config.retry)
     key = (entry.host, entry.organization)
     if key not in _clients:
-        _clients[key] = connect(
+        client = connect(
             ServerOptions(
                 host=entry.host,
                 auth=_settings.auth,
@@ -151,6 +152,8 @@ def _client(entry: Entry, config: Config) -> Client:
                 timeout=config.retry.timeout,
             )
         )
+        require_write_access(client, "worker")  # before the entry's model is built
+        _clients[key] = client
     return _clients[key]
 
 
