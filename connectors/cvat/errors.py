@@ -39,7 +39,8 @@ def server_error(exc: BaseException, doing: str) -> PrelabelError:
         if status == 403:
             return CvatError(
                 f"{doing}: permission denied ({detail})",
-                hint="the user must own or be assigned to the project, task or job",
+                hint="the user must own or be assigned to the project, task or job (in an organization: "
+                "be a member whose role allows it), and an access token must not be read-only",
             )
         if status == 404:
             return CvatError(f"{doing}: not found ({detail})")

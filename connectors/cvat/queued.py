@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis import Redis
 
+from connectors.cvat.access import require_write_access
 from connectors.cvat.assign import Reviewer, resolve_reviewers
 from connectors.cvat.connect import ServerOptions, connect
 from connectors.cvat.driver import LabelRequest, Target, TargetPlan, label_target, plan_target
@@ -176,6 +177,7 @@ class EntryWorker:
                 ),
                 config.retry,
             )
+            require_write_access(self._sessions[key], "worker")  # before the entry's model is built
         return self._sessions[key]
 
     def reviewers(self, session: CvatSession, config: Config) -> list[Reviewer]:

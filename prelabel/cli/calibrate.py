@@ -59,7 +59,7 @@ def _load(config, ground_truth, labels, target, server, state):
     from connectors.cvat.labels import check_schema
 
     target = one_target(target)
-    session = connect_to(config, server)
+    session = connect_to(config, server, target)
     source = CvatGroundTruth(session, **target, state=state)
     check_schema(source.labels, source.where, setup_hint(target))
     return source, [label.name for label in source.labels]

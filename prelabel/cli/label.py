@@ -87,7 +87,7 @@ def setup(target, config_path, server):
     if "job_id" in target:
         raise click.UsageError("setup works on a project or a task: give --project-id or --task-id")
     config = load_config(config_path)
-    session = connect_to(config, server)
+    session = connect_to(config, server, target, writes="setup")
     where, labels = find_labels(session, **target)
     added = add_missing_attributes(session, labels)
     for name, attributes in added.items():
@@ -157,7 +157,7 @@ def run_command(
         if dry_run:
             raise click.UsageError("--dry-run does not apply with --queue; run it without --queue")
         return run_on_queue(queue_url, target, config, server, request)
-    session = connect_to(config, server)
+    session = connect_to(config, server, target, writes=None if dry_run else "run")
     planned = plan_target(session, target, config, request)
     reviewers = resolve_reviewers(session, config.review.reviewers)
     print_plan(planned.work, planned.names, dry_run)

@@ -173,13 +173,18 @@ def login_options(func: Callable) -> Callable:
     return _stack(options, _bundle("server", SERVER_KEYS, _server)(func))
 
 
-def connect_to(config: Config, server: dict[str, Any]) -> CvatSession:
+def connect_to(
+    config: Config, server: dict[str, Any], target: dict[str, int] | None = None, *, writes: str | None = None
+) -> CvatSession:
     """Log in with the `server` options (else CVAT_HOST, else the config's host) under the
-    config's retry policy and timeout."""
+    config's retry policy and timeout, then, before any model is loaded, check what the
+    credentials can do: a command that `writes` (its name) needs a token with write access,
+    and the `target` is worked on in its organization (connectors/cvat/access.py)."""
+    from connectors.cvat.access import check_access
     from connectors.cvat.connect import ServerOptions, connect
 
     organization = server.get("organization")
-    return connect(
+    session = connect(
         ServerOptions(
             host=server.get("server_host") or os.environ.get("CVAT_HOST") or config.cvat.host,
             auth=server.get("auth"),
@@ -190,6 +195,9 @@ def connect_to(config: Config, server: dict[str, Any]) -> CvatSession:
         ),
         config.retry,
     )
+    for notice in check_access(session, target, writes=writes):
+        click.echo(notice, err=True)
+    return session
 
 
 def labels_option(help_text: str) -> Callable[[Callable], Callable]:

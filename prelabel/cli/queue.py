@@ -101,7 +101,7 @@ def enqueue(
     target = one_target(target)
     config = load_config(config_path, overrides)
     connection = connect_queue(queue_url)
-    session = connect_to(config, server)
+    session = connect_to(config, server, target)
     request = LabelRequest(include_tagged=include_tagged, relabel=relabel, quality=quality)
     enqueue_target(
         connection, session, target, config, request, QueueOptions(job_timeout=job_timeout, attempts=attempts)
@@ -227,7 +227,7 @@ def run_on_queue(queue_url, target, config, server, request):
     from connectors.queue.status import read_status, wait_for
 
     connection = connect_queue(queue_url)
-    session = connect_to(config, server)
+    session = connect_to(config, server, target)
     done = enqueue_target(connection, session, target, config, request, QueueOptions())
     ids = [done.ids[job] for job in done.added + done.pending]
     if ids and Worker.count(queue=open_queue(connection)) == 0:

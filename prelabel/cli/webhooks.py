@@ -80,7 +80,7 @@ def serve(listen, config_path, state_path, project_ids, queue_url, server):
         from connectors.queue.redis_url import connect_queue
 
         connection = connect_queue(queue_url)
-    session = connect_to(config, server)
+    session = connect_to(config, server, writes="serve")
     state = Path(state_path or config.state.path)
     with DeliveryLog(state.with_name("deliveries.db")) as deliveries:
         perform = CvatWork(session, config, state, connection)
@@ -140,7 +140,7 @@ def webhook_install(project_id, url, config_path, server):
         raise PrelabelError(f"--url {url!r} is not an http(s) URL", hint="e.g. --url http://10.0.0.5:8765/")
     config = load_config(config_path)
     secret = _secret(config)
-    session = connect_to(config, server)
+    session = connect_to(config, server, {"project_id": project_id}, writes="webhook install")
     installed = install_webhook(session, project_id, url, secret)
     verb = "created" if installed.created else "updated in place"
     click.echo(f"project {project_id}: webhook {installed.webhook_id} {verb}: {url} ({', '.join(EVENTS)})")
@@ -155,7 +155,9 @@ def webhook_remove(project_id, config_path, server):
     from connectors.cvat.webhooks import remove_webhook
     from prelabel.config import load_config
 
-    session = connect_to(load_config(config_path), server)
+    session = connect_to(
+        load_config(config_path), server, {"project_id": project_id}, writes="webhook remove"
+    )
     removed = remove_webhook(session, project_id)
     if removed:
         click.echo(f"project {project_id}: removed webhook {', '.join(map(str, removed))}")

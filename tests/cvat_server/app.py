@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from .access import request_org
 from .api import JSON_TYPE, Api, Ctx, Reply
-from .auth import authenticate, require_user
-from .errors import ApiError
+from .auth import SAFE_METHODS, authenticate, require_user
+from .errors import PERMISSION_DENIED, ApiError
 from .faults import MUTATING, Fault, FaultInjector
 from .latency import Latency
 from .schema import answer_problem
@@ -96,11 +97,14 @@ class App:
             identity = authenticate(self.state, method, headers)
             user = identity.user if route.public else require_user(identity)
             username = user["username"] if user else None
+            org = request_org(self.state, query, headers)
+            if identity.read_only and method not in SAFE_METHODS and not path.startswith("/api/auth/"):
+                raise ApiError(403, {"detail": PERMISSION_DENIED})
             try:
                 payload = json.loads(body) if body else None
             except ValueError as exc:
                 raise ApiError(400, {"detail": f"JSON parse error - {exc}"}) from exc
-            ctx = Ctx(method, path, query, payload, user, identity.sessionid)
+            ctx = Ctx(method, path, query, payload, user, identity.sessionid, identity.token, org)
             return route.handler(ctx, **params), username
         except ApiError as err:
             return Reply(status=err.status, body=err.body, headers=err.headers), username

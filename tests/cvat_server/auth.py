@@ -27,6 +27,14 @@ class Identity:
     user: dict[str, Any] | None
     via: str | None = None
     sessionid: str | None = None
+    token: dict[str, Any] | None = None
+    """The personal access token's record when `via` is bearer (its `read_only` flag)."""
+
+    @property
+    def read_only(self) -> bool:
+        """A read-only access token: CVAT refuses its unsafe methods with a plain 403
+        (AccessTokenReadOnlyDefaultPermission in cvat/apps/access_tokens/permissions.py)."""
+        return bool(self.token and self.token["read_only"])
 
 
 def authenticate(state: State, method: str, headers: Any) -> Identity:
@@ -39,7 +47,9 @@ def authenticate(state: State, method: str, headers: Any) -> Identity:
         if scheme == "token":
             return Identity(_by_key(state.keys, value, state), "token")
         if scheme == "bearer":
-            return Identity(_by_key(state.tokens, value, state), "bearer")
+            user = _by_key(state.tokens, value, state)
+            with state.lock:
+                return Identity(user, "bearer", token=state.token_records.get(value))
         if scheme == "basic":
             return Identity(_basic(state, value), "basic")
     cookies = SimpleCookie(headers.get("Cookie") or "")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from . import media
+from .access import Access
 from .api import Api
 from .app import App, CvatHTTPServer, LoggedRequest
 from .faults import Fault, FaultInjector, FaultKind
@@ -75,6 +76,7 @@ class CvatTestServer:
             self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self._app.api = Api(self.state, self.url, self.latency)
         self.webhooks = Webhooks(self._app.api)
+        Access(self._app.api)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -122,17 +124,36 @@ class CvatTestServer:
         """Create a user; returns its id."""
         return self.state.add_user(username, password, is_superuser=is_superuser)
 
-    def add_token(self, username: str, token: str) -> None:
-        """Give a user a personal access token (sent as `Authorization: Bearer`)."""
-        self.state.add_token(username, token)
+    def add_token(self, username: str, token: str, *, read_only: bool = False) -> None:
+        """Give a user a personal access token (sent as `Authorization: Bearer`); a
+        `read_only` one (CVAT's default when the write box is not ticked) may only read."""
+        self.state.add_token(username, token, read_only=read_only)
 
     def revoke_token(self, token: str) -> None:
         """Revoke a personal access token or a legacy login key."""
         self.state.revoke_token(token)
 
-    def add_project(self, name: str, *, owner: str, labels: Sequence[Mapping[str, Any]] = ()) -> int:
-        """Create a project with labels like {"name", "type", "attributes": [...]}."""
-        return self.state.add_project(name, owner=owner, labels=[dict(lb) for lb in labels])
+    def add_project(
+        self,
+        name: str,
+        *,
+        owner: str,
+        labels: Sequence[Mapping[str, Any]] = (),
+        organization: str | None = None,
+    ) -> int:
+        """Create a project with labels like {"name", "type", "attributes": [...]}, in the
+        organization with this slug (its tasks and jobs too) or the personal workspace."""
+        return self.state.add_project(
+            name, owner=owner, labels=[dict(lb) for lb in labels], organization=organization
+        )
+
+    def add_organization(self, slug: str, *, owner: str, name: str = "") -> int:
+        """Create an organization owned by `owner` (an active member with role owner)."""
+        return self.state.add_organization(slug, owner=owner, name=name)
+
+    def add_member(self, slug: str, username: str, role: str = "worker", *, is_active: bool = True) -> int:
+        """Add a user to an organization: owner, maintainer, supervisor or worker."""
+        return self.state.add_member(slug, username, role, is_active=is_active)
 
     def add_label(self, project_id: int, label: Mapping[str, Any]) -> int:
         """Add one label to a project; returns its id."""

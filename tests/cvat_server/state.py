@@ -22,6 +22,7 @@ LABEL_COLORS = ("#6080c0", "#406040", "#2080c0", "#c06060", "#c0a020", "#8040c0"
 JOB_STAGES = ("annotation", "validation", "acceptance")
 JOB_STATES = ("new", "in progress", "rejected", "completed")
 ANNOTATION_KINDS = ("tags", "shapes", "tracks")
+ORG_ROLES = ("owner", "maintainer", "supervisor", "worker")
 
 
 def now() -> str:
@@ -36,6 +37,9 @@ class State:
         self.lock = threading.RLock()
         self.users: dict[int, dict[str, Any]] = {}
         self.tokens: dict[str, int] = {}  # personal access tokens (Bearer)
+        self.token_records: dict[str, dict[str, Any]] = {}  # token -> AccessToken (read_only, ...)
+        self.organizations: dict[int, dict[str, Any]] = {}
+        self.memberships: dict[int, dict[str, Any]] = {}
         self.keys: dict[str, int] = {}  # legacy login keys ("Token <key>")
         self.sessions: dict[str, tuple[int, str]] = {}  # sessionid -> (user id, csrftoken)
         self.projects: dict[int, dict[str, Any]] = {}
@@ -97,15 +101,32 @@ class State:
             }
             return uid
 
-    def add_token(self, username: str, token: str) -> None:
-        """Register a personal access token for a user."""
+    def add_token(self, username: str, token: str, *, read_only: bool = False, name: str = "") -> None:
+        """Register a personal access token for a user; a `read_only` one may only read.
+
+        CVAT's API creates tokens read-only by default (AccessToken.read_only); writes with
+        one are refused by AccessTokenReadOnlyDefaultPermission (see auth.py).
+        """
         with self.lock:
-            self.tokens[token] = self.user_by_name(username)["id"]
+            uid = self.user_by_name(username)["id"]
+            self.tokens[token] = uid
+            ts = now()
+            self.token_records[token] = {
+                "id": self.next_id("access_token"),
+                "name": name or f"token of {username}",
+                "created_date": ts,
+                "updated_date": ts,
+                "expiry_date": None,
+                "last_used_date": None,
+                "read_only": read_only,
+                "owner_id": uid,
+            }
 
     def revoke_token(self, token: str) -> None:
         """Revoke a personal access token (or a legacy login key)."""
         with self.lock:
             self.tokens.pop(token, None)
+            self.token_records.pop(token, None)
             self.keys.pop(token, None)
 
     def check_password(self, username: str, password: str) -> dict[str, Any] | None:
@@ -137,14 +158,23 @@ class State:
                 del self.keys[key]
 
     # -------------------------------------------------------------- projects
-    def add_project(self, name: str, *, owner: str, labels: Sequence[dict[str, Any]] = ()) -> int:
-        """Create a project with labels ({name, type, color?, attributes?})."""
+    def add_project(
+        self,
+        name: str,
+        *,
+        owner: str,
+        labels: Sequence[dict[str, Any]] = (),
+        organization: str | None = None,
+    ) -> int:
+        """Create a project with labels ({name, type, color?, attributes?}), in an
+        organization (by slug; its tasks and jobs belong to it too) or the personal workspace."""
         with self.lock:
             pid = self.next_id("project")
             ts = now()
             self.projects[pid] = {
                 "id": pid,
                 "name": name,
+                "organization_id": self.organization_by_slug(organization)["id"] if organization else None,
                 "owner_id": self.user_by_name(owner)["id"],
                 "assignee_id": None,
                 "assignee_updated_date": None,
@@ -233,6 +263,77 @@ class State:
                 (lb for lb in self.labels.values() if lb["project_id"] == pid),
                 key=lambda lb: lb["id"],
             )
+
+    # --------------------------------------------------------- organizations
+    def add_organization(self, slug: str, *, owner: str, name: str = "") -> int:
+        """Create an organization; its owner becomes an active member with role `owner`."""
+        with self.lock:
+            if any(org["slug"] == slug for org in self.organizations.values()):
+                raise ValueError(f"organization {slug!r} exists")
+            oid = self.next_id("organization")
+            ts = now()
+            self.organizations[oid] = {
+                "id": oid,
+                "slug": slug,
+                "name": name or slug,
+                "owner_id": self.user_by_name(owner)["id"],
+                "created_date": ts,
+                "updated_date": ts,
+            }
+            self.add_member(slug, owner, "owner")
+            return oid
+
+    def add_member(self, slug: str, username: str, role: str, *, is_active: bool = True) -> int:
+        """A membership: role owner, maintainer, supervisor or worker; inactive = invited only."""
+        if role not in ORG_ROLES:
+            raise ValueError(f"role {role!r}")
+        with self.lock:
+            mid = self.next_id("membership")
+            self.memberships[mid] = {
+                "id": mid,
+                "user_id": self.user_by_name(username)["id"],
+                "organization_id": self.organization_by_slug(slug)["id"],
+                "role": role,
+                "is_active": is_active,
+                "joined_date": now() if is_active else None,
+            }
+            return mid
+
+    def organization_by_slug(self, slug: str) -> dict[str, Any]:
+        """The organization with this slug (KeyError if none)."""
+        with self.lock:
+            for org in self.organizations.values():
+                if org["slug"] == slug:
+                    return org
+        raise KeyError(slug)
+
+    def member_role(self, user: dict[str, Any], org_id: int) -> str | None:
+        """The user's role in the organization if an active member, else None."""
+        with self.lock:
+            for membership in self.memberships.values():
+                if (
+                    membership["user_id"] == user["id"]
+                    and membership["organization_id"] == org_id
+                    and membership["is_active"]
+                ):
+                    return membership["role"]
+        return None
+
+    def object_org(self, kind: str, obj: dict[str, Any]) -> int | None:
+        """The organization id a project, task, job, label, issue or comment belongs to."""
+        with self.lock:
+            if kind == "project":
+                return obj.get("organization_id")
+            if kind in ("task", "label"):
+                project = self.projects.get(obj["project_id"])
+                return project.get("organization_id") if project else None
+            if kind == "job":
+                return self.object_org("task", self.tasks[obj["task_id"]])
+            if kind == "issue":
+                return self.object_org("job", self.jobs[obj["job_id"]])
+            if kind == "comment":
+                return self.object_org("issue", self.issues[obj["issue_id"]])
+        raise ValueError(kind)
 
     # ----------------------------------------------------------------- tasks
     def add_task(
@@ -407,7 +508,19 @@ class State:
             return obj
 
     def visible(self, user: dict[str, Any], kind: str, obj: dict[str, Any]) -> bool:
-        """Whether `user` may see this object."""
+        """Whether `user` may see this object.
+
+        An organization's object: admins, and the organization's owners and maintainers,
+        see it; its supervisors and workers as in the personal workspace (owner or
+        assignee); anyone else does not (jobs.rego, projects.rego: organizations.has_perm).
+        """
+        org_id = self.object_org(kind, obj)
+        if org_id is not None and not self.is_admin(user):
+            role = self.member_role(user, org_id)
+            if role is None:
+                return False
+            if role in ("owner", "maintainer"):
+                return True
         if kind == "project":
             return self.can_see_project(user, obj)
         if kind == "task":
