@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
 from prelabel.errors import PrelabelError
-
-_state = {"debug": False}
 
 
 def _split_labels(value: str | None) -> list[str] | None:
@@ -90,7 +89,8 @@ def _overrides(**values) -> dict:
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.version_option(package_name="prelabel")
-def cli(debug: bool, quiet: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Zero-shot pre-labeling for CVAT with OpenCLIP.
 
     Each image gets a tag with a confidence score from the label names (and optional
@@ -101,7 +101,8 @@ def cli(debug: bool, quiet: bool) -> None:
     Start here:
       prelabel folder samples/images --labels cat,coffee,rocket --out out/demo
     """
-    _state["debug"] = debug
+    if isinstance(ctx.obj, dict):  # run_command_line's settings: --debug lets errors propagate
+        ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
     for noisy in ("root", "urllib3", "PIL", "huggingface_hub"):
@@ -479,34 +480,47 @@ import prelabel.cli_calibrate  # noqa: E402, F401  (its `eval` and `calibrate` r
 
 
 def main() -> None:
-    """Console entry point: runs the CLI and turns user errors into one-line messages."""
+    """Console entry point: runs the CLI on `sys.argv` and exits with its code."""
     from prelabel.memory import tune_allocator
 
     tune_allocator()
+    sys.exit(run_command_line(sys.argv[1:]))
+
+
+def run_command_line(args: Sequence[str], prog_name: str | None = None) -> int:
+    """Run the CLI on `args` in this process and return the exit code.
+
+    User errors end as one line on stderr (`error: ...`) and their exit code, usage errors as
+    click shows them, anything else as one `internal error:` line and 1; with --debug the
+    exception propagates (the traceback). Nothing carries over from one call to the next.
+    `prog_name` is the name usage messages show (default: as click detects it).
+    """
+    settings = {"debug": False}
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=list(args), prog_name=prog_name, standalone_mode=False, obj=settings)
     except PrelabelError as exc:
-        if _state["debug"]:
+        if settings["debug"]:
             raise
         click.echo(f"error: {exc.one_line()}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
     except Exception as exc:
-        if _state["debug"]:
+        if settings["debug"]:
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
         click.echo(
             f"internal error: {type(exc).__name__}: {message} (run with --debug for the traceback)",
             err=True,
         )
-        sys.exit(1)
+        return 1
+    return 0
