@@ -195,16 +195,3 @@ def project():
 
     with CvatTestServer() as server:
         yield build_project(server)
-
-
-_SPAWNING_MODULES = {"test_queue.py", "test_hands_free.py"}
-"""Tests that start several `prelabel` processes (queue workers, `serve`) with timeouts."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `pytest -n N --dist loadgroup` (make test), the tests that start several processes
-    of their own (or kill them at chosen moments) run one after another on one worker, so that
-    they never compete with each other for the CPU; the rest spread over the other workers."""
-    for item in items:
-        if item.path.name in _SPAWNING_MODULES or "sigkill" in item.name:
-            item.add_marker(pytest.mark.xdist_group("processes"))
