@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+# Every test, two at a time (pytest-xdist; the CLI tests run in-process, see tests/conftest.py),
+# and the 15 slowest at the end. TEST_WORKERS=0 runs them one by one in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 # Pre-label the bundled photographs. Without internet the default weights cannot be
 # downloaded (exit code 3): the demo then says so loudly and runs with random weights,

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,11 +89,86 @@ def photo_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    """Run `python -m prelabel ARGS` as a user would; returns the CompletedProcess.
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `prelabel ARGS` as a user would, in this process; returns what a process would.
 
-    It runs in a fresh temporary folder unless `cwd` is given, so that the default state
-    file (.prelabel/state.db) never lands in the checkout.
+    It goes through `run_command_line`, the console entry point's own error handling, in a
+    fresh temporary folder unless `cwd` is given (so that the default state file
+    .prelabel/state.db never lands in the checkout), with `env` over the environment, and
+    with logging and warnings as a new process has them; all of it is put back afterwards.
+    An exception that escapes (--debug) prints its
+    traceback and gives exit code 1, as the interpreter does. `run_cli_process` runs a
+    real process, for what needs one.
+    """
+    from click.testing import CliRunner
+
+    from prelabel.cli import run_command_line
+
+    folder = cwd or tempfile.mkdtemp(prefix="prelabel-cli-")
+    with _as_a_new_process(folder), CliRunner().isolation(env=env) as (stdout, stderr, _):
+        try:
+            code = run_command_line(list(args), prog_name="prelabel")
+        except SystemExit as exc:  # as the interpreter ends on sys.exit(code)
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            if not isinstance(exc.code, int | None):
+                print(exc.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        out, err = stdout.getvalue().decode(), stderr.getvalue().decode()
+    return subprocess.CompletedProcess(["prelabel", *args], code, out, err)
+
+
+@contextmanager
+def _as_a_new_process(cwd: str | Path) -> Iterator[None]:
+    """Working directory, environment, logging and warnings as a fresh `prelabel` process would
+    find them, restored on the way out."""
+    root = logging.getLogger()
+    for name in _LOGGERS_THE_CLI_SETS:  # exist from here on, so that their levels are restored
+        logging.getLogger(name)
+    loggers = [root, *(lg for lg in root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    saved_loggers = [(lg, lg.level, list(lg.handlers), lg.disabled, lg.propagate) for lg in loggers]
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    for handler in list(root.handlers):  # pytest's log capture: a new process has none
+        root.removeHandler(handler)
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()  # Python's defaults, printed to (the captured) stderr
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = _warning_to_stderr
+            yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for handler in list(root.handlers):  # basicConfig's handler on the captured stderr
+            root.removeHandler(handler)
+            handler.close()
+        for lg, level, handlers, disabled, propagate in saved_loggers:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.disabled, lg.propagate = disabled, propagate
+
+
+_LOGGERS_THE_CLI_SETS = (
+    "urllib3", "PIL", "huggingface_hub", "connectors.queue", "connectors.cvat.queued", "prelabel.serve"
+)
+
+
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """Run `python -m prelabel ARGS` as a real process; returns the CompletedProcess.
+
+    Slower than `run_cli` (a new interpreter imports torch and open_clip): for the tests
+    that are about the process itself. Its working directory is as `run_cli`'s.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(

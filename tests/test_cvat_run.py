@@ -1,6 +1,7 @@
 """`prelabel setup` and `prelabel run` against the CVAT test server, through the real cvat-sdk.
 
-The CLI runs as a subprocess, as a user runs it; the test reads the results back through
+The CLI runs as a user runs it (in-process, through the console entry point's error handling:
+see `run_cli`); the test reads the results back through
 cvat-sdk over HTTP and checks them against the server's own records.
 """
 

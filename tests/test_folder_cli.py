@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLES, TINY_MODEL, run_cli
+from tests.conftest import SAMPLES, TINY_MODEL, run_cli, run_cli_process
 
 
 def assert_one_line_error(result, fragment: str) -> None:
@@ -138,6 +138,27 @@ def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "folder", str(tmp_path / "nope"), "--labels", "cat", "--out", str(tmp_path))
     assert result.returncode != 0
     assert "Traceback" in result.stderr
+
+
+def test_the_console_entry_point_as_a_real_process(tmp_path, photo_dir):
+    """`python -m prelabel` itself: a user error is one line and its exit code (3 for the
+    model), as the in-process runner the other tests use reports it; --debug a traceback."""
+    args = ["folder", str(photo_dir), "--labels", "cat,dog", "--out", str(tmp_path / "o"),
+            "--model", f"local-dir:{tmp_path}", "--pretrained", "unused", "--no-progress"]  # fmt: skip
+    real = run_cli_process(*args)
+    assert_one_line_error(real, "no weights file in")
+    assert real.returncode == 3
+    here = run_cli(*args)
+    assert (here.returncode, here.stdout) == (real.returncode, real.stdout)
+    assert [line for line in here.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in real.stderr.splitlines() if line.startswith("error:")
+    ]
+    assert not (tmp_path / "o").exists()
+
+    missing = str(tmp_path / "nope")
+    debug = run_cli_process("--debug", "folder", missing, "--labels", "cat", "--out", str(tmp_path))
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and "InputError: folder not found" in debug.stderr
 
 
 def test_help_is_useful():

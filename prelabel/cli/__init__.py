@@ -5,6 +5,6 @@ run), `review.py`, `calibrate.py` (eval, calibrate), `queue.py` (enqueue, worker
 requeue-failed) and `webhooks.py` (serve, webhook); `options.py` the options they share.
 """
 
-from prelabel.cli.group import cli, main
+from prelabel.cli.group import cli, main, run_command_line
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "run_command_line"]

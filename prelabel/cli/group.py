@@ -57,33 +57,43 @@ for _command in COMMANDS:
 
 
 def main(args: Sequence[str] | None = None, obj: Any = None) -> None:
-    """Console entry point: runs the CLI and turns user errors into one-line messages.
+    """Console entry point: runs the CLI on `args` (default `sys.argv`) and exits with its code.
 
     `obj` becomes the click context's ``obj`` (benchmarks pass a pipeline builder there).
     """
     from prelabel.pipeline.memory import tune_allocator
 
     tune_allocator()
-    argv = list(sys.argv[1:] if args is None else args)
+    sys.exit(run_command_line(sys.argv[1:] if args is None else args, obj=obj))
+
+
+def run_command_line(args: Sequence[str], prog_name: str = "prelabel", obj: Any = None) -> int:
+    """Run the CLI on `args` in this process and return the exit code.
+
+    User errors end as one line on stderr (`error: ...`) and their exit code, usage errors as
+    click shows them, anything else as one `internal error:` line and 1; with --debug the
+    exception propagates (the traceback). Nothing carries over from one call to the next.
+    """
+    argv = list(args)
     debug = "--debug" in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
     try:
-        cli.main(argv, prog_name="prelabel", standalone_mode=False, obj=obj)
+        cli.main(argv, prog_name=prog_name, standalone_mode=False, obj=obj)
     except PrelabelError as exc:
         if debug:
             raise
         click.echo(f"error: {exc.one_line()}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
     except Exception as exc:
         if debug:
             raise
@@ -92,4 +102,5 @@ def main(args: Sequence[str] | None = None, obj: Any = None) -> None:
             f"internal error: {type(exc).__name__}: {message} (run with --debug for the traceback)",
             err=True,
         )
-        sys.exit(1)
+        return 1
+    return 0
