@@ -60,7 +60,7 @@ def test_a_read_only_token_stops_every_writing_command_at_once(project: Project,
     }[command]
     before = project.snapshot()
     server.reset_counters()
-    result = run_cli(*args, env=env, timeout=120)
+    result = run_cli(*args, env=env)
     assert result.returncode != 0
     errors = _errors(result)
     assert len(errors) == 1, result.stderr
