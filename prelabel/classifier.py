@@ -43,6 +43,12 @@ class TextClassifier:
     """Calibrated temperature the logits are divided by (1: as the model says)."""
     cache: FewShotCache | None = None
     """Few-shot cache of confirmed frames blended into the logits (None: zero-shot only)."""
+    background: torch.Tensor | None = None
+    """[embed_dim, n_prompts] unit columns of the background prompts (a pseudo-label never tagged)."""
+    prior_shift: torch.Tensor | None = None
+    fit_offset: torch.Tensor | None = None
+    """[n_labels] each label's typical cosine with the project's frames, subtracted in `fit_scores`."""
+    """[n_labels] per-label shift subtracted from the scaled logits (prior correction; softmax only)."""
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """[N, embed_dim] unit image embeddings -> [N, n_labels] logits, before temperature.
@@ -66,7 +72,25 @@ class TextClassifier:
         logits = self.logits(image_features) / self.temperature
         if self.logit_bias is not None:
             return torch.sigmoid(logits)
+        if self.prior_shift is not None:
+            logits = logits - self.prior_shift.to(logits.device)
         return logits.softmax(dim=-1)
+
+    def fit_scores(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The open-set scores of [N, embed_dim] unit image embeddings.
+
+        [N] fit: the best cosine with any label's text embedding, each label's cosine less its
+        `fit_offset` (its typical cosine with the project's frames) when set; and [N] the lead
+        of the best background prompt's cosine over the best label's (None without background
+        prompts; above 0: the background wins).
+        """
+        cosine = image_features.float() @ self.weights
+        offset = self.fit_offset.to(cosine.device) if self.fit_offset is not None else 0.0
+        fit = (cosine - offset).max(dim=-1).values
+        if self.background is None or self.background.shape[1] == 0:
+            return fit, None
+        background = (image_features.float() @ self.background.to(cosine.device)).max(dim=-1).values
+        return fit, background - cosine.max(dim=-1).values
 
 
 def label_prompts(labels: Sequence[str], config: Config) -> dict[str, list[str]]:

@@ -154,7 +154,7 @@ def folder(
     )
     stats = run(source, sink, pipeline, progress=progress)
     _write_profile(flags.get("profile_path"), stats)
-    click.echo(format_summary(stats, title=f"{images_dir}"))
+    click.echo(format_summary(stats, title=f"{images_dir}", labels=names, expected=pipeline.label_shares))
     if source.skipped:
         click.echo(f"  skipped {source.skipped} files that are not images")
     click.echo(f"  tags:   {sink.annotations_path}\n  review: {sink.review_path}")
@@ -365,7 +365,7 @@ def run_command(
 
         options = JobOptions(quality=quality, relabel=relabel, progress=progress, reviewers=reviewers)
         label_jobs(client, work, pipeline, config, options, state, on_job=report)
-        click.echo(format_summary(total, title=f"{work.where}"))
+        click.echo(format_summary(total, title=f"{work.where}", labels=names, expected=pipeline.label_shares))
         _write_profile(flags.get("profile_path"), total, per_job)
         click.echo("  review queue: prelabel review list")
 

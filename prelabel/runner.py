@@ -24,6 +24,7 @@ from prelabel.errors import ConfigError
 from prelabel.fewshot import load_cache
 from prelabel.interface import DecisionSink, FrameSource
 from prelabel.model import LoadedModel, load_model
+from prelabel.priors import hub_warnings, predicted_shares
 from prelabel.router import RoutingPolicy, route
 from prelabel.timing import StageTimer
 from prelabel.worker import WorkerOptions, predict
@@ -43,6 +44,8 @@ class Pipeline:
     options: WorkerOptions
     calibrated: str | None = None
     """The calibration file applied, if any."""
+    label_shares: dict[str, float] | None = None
+    """Each label's expected share (from the calibration's ground truth; None: uniform)."""
 
     @property
     def fingerprint(self) -> str:
@@ -54,10 +57,17 @@ class Pipeline:
                 repr(self.policy),
                 self.classifier.temperature,
                 len(cache) if cache is not None else 0,
+                _floats(self.classifier.background),
+                _floats(self.classifier.prior_shift),
+                _floats(self.classifier.fit_offset),
             ],
             ensure_ascii=False,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _floats(tensor) -> list[float] | None:
+    return None if tensor is None else [round(float(v), 6) for v in tensor.flatten()[:4096].tolist()]
 
 
 def build_pipeline(
@@ -76,6 +86,9 @@ def build_pipeline(
     loaded = loaded or load_model(config.model)
     cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else DEFAULT_CACHE_DIR
     classifier = build_classifier(loaded, label_prompts(labels, config), cache_dir)
+    if config.prompts.background:  # one column per prompt, built (and cached) like a classifier
+        background = build_classifier(loaded, {text: [text] for text in config.prompts.background}, cache_dir)
+        classifier = replace(classifier, background=background.weights)
     default_batch = 128 if loaded.device.type == "cuda" else 32
     options = WorkerOptions(
         batch_size=config.model.batch_size or default_batch,
@@ -92,6 +105,12 @@ def build_pipeline(
         calibration, origin = read_calibration(path), str(path)
     if calibration is None:
         return Pipeline(loaded, classifier, policy, options)
+    if calibration.prior_correction != config.routing.prior_correction:
+        raise ConfigError(
+            f"{origin} was made {'with' if calibration.prior_correction else 'without'} the prior"
+            " correction, and routing.prior_correction says otherwise",
+            hint="run `prelabel calibrate` again with the current config",
+        )
     if calibration.fewshot != (classifier.cache is not None):
         raise ConfigError(
             f"{origin} was made {'with' if calibration.fewshot else 'without'} the few-shot cache,"
@@ -101,7 +120,7 @@ def build_pipeline(
     classifier, policy = apply_calibration(
         calibration, classifier, policy, model_identity=loaded.identity, path=origin
     )
-    return Pipeline(loaded, classifier, policy, options, origin)
+    return Pipeline(loaded, classifier, policy, options, origin, calibration.label_shares or None)
 
 
 def _with_fewshot(config: Config, classifier: TextClassifier, identity: str) -> TextClassifier:
@@ -130,7 +149,11 @@ class RunStats:
     accepted: int = 0
     review: int = 0
     unreadable: int = 0
+    no_fit: int = 0
+    """Review frames that no label fits."""
     per_label: Counter[str] = field(default_factory=Counter)
+    predicted: Counter[str] = field(default_factory=Counter)
+    """Top-1 label of every scored frame, accepted or not."""
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
 
@@ -144,7 +167,9 @@ class RunStats:
         self.accepted += other.accepted
         self.review += other.review
         self.unreadable += other.unreadable
+        self.no_fit += other.no_fit
         self.per_label.update(other.per_label)
+        self.predicted.update(other.predicted)
         self.seconds += other.seconds
         for name, seconds in other.stages.items():
             self.stages[name] = self.stages.get(name, 0.0) + seconds
@@ -175,12 +200,15 @@ def run(
             with timer.stage("sink"):
                 sink.write(decision)
             stats.frames += 1
+            if prediction.top_label is not None:
+                stats.predicted[prediction.top_label] += 1
             if decision.accepted:
                 stats.accepted += 1
                 stats.per_label.update(label for label, _ in decision.tags)
             else:
                 stats.review += 1
                 stats.unreadable += prediction.error is not None
+                stats.no_fit += decision.code == "no_fit"
             bar.update()
     finally:
         bar.close()
@@ -191,16 +219,35 @@ def run(
     return stats
 
 
-def format_summary(stats: RunStats, *, title: str = "done") -> str:
-    """A few human-readable lines: counts, per-label counts, speed and stage times."""
+def format_summary(
+    stats: RunStats,
+    *,
+    title: str = "done",
+    labels: Sequence[str] = (),
+    expected: dict[str, float] | None = None,
+) -> str:
+    """A few human-readable lines: counts, per-label counts, each label's predicted share
+    beside its expected share (`expected`, else uniform over `labels`) with a warning for a
+    label that takes more than twice its share, speed and stage times."""
+    detail = ", ".join(
+        f"{name}: {count}"
+        for name, count in (("unreadable", stats.unreadable), ("no label fits", stats.no_fit))
+        if count
+    )
     lines = [
         f"{title}: {stats.frames} images in {stats.seconds:.1f}s ({stats.images_per_second:.1f} images/s)",
-        f"  accepted: {stats.accepted}   for review: {stats.review}"
-        + (f" (unreadable: {stats.unreadable})" if stats.unreadable else ""),
+        f"  accepted: {stats.accepted}   for review: {stats.review}" + (f" ({detail})" if detail else ""),
     ]
     if stats.per_label:
         per_label = ", ".join(f"{label} {count}" for label, count in stats.per_label.most_common())
         lines.append(f"  per label: {per_label}")
+    names = list(labels) or sorted(stats.predicted)
+    if stats.predicted and names:
+        shares = predicted_shares(stats.predicted, names)
+        want = expected or {name: 1.0 / len(names) for name in names}
+        listed = ", ".join(f"{name} {shares[name]:.0%} ({want.get(name, 0.0):.0%})" for name in names)
+        lines.append(f"  predicted share (expected): {listed}")
+        lines += [f"  warning: {text}" for text in hub_warnings(stats.predicted, want, names)]
     if stats.stages:
         stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in sorted(stats.stages.items()))
         lines.append(f"  time per stage: {stages}")

@@ -81,23 +81,33 @@ def _flush(
     batch.clear()
     good = [item for item in items if item.tensor is not None]
     scores: dict[int, tuple[tuple[str, float], ...]] = {}
+    fits: dict[int, tuple[float, float | None]] = {}
     if good:
         with timer.stage("model"):
-            probabilities = score_batch(torch.stack([item.tensor for item in good]), loaded, classifier)
+            probabilities, fit, background = score_and_fit_batch(
+                torch.stack([item.tensor for item in good]), loaded, classifier
+            )
         k = min(options.top_k, len(classifier.labels))
         values, indices = probabilities.topk(k, dim=-1)
-        for item, row_values, row_indices in zip(good, values.tolist(), indices.tolist(), strict=True):
+        backgrounds = background.tolist() if background is not None else [None] * len(good)
+        for item, row_values, row_indices, row_fit, row_background in zip(
+            good, values.tolist(), indices.tolist(), fit.tolist(), backgrounds, strict=True
+        ):
             scores[id(item)] = tuple(
                 (classifier.labels[index], value)
                 for value, index in zip(row_values, row_indices, strict=True)
             )
+            fits[id(item)] = (row_fit, row_background)
     for item in items:
+        fit_value, background_value = fits.get(id(item), (None, None))
         yield Prediction(
             ref=item.frame.ref,
             name=item.frame.name,
             scores=scores.get(id(item), ()),
             error=item.error,
             size=item.size,
+            fit=fit_value,
+            background=background_value,
         )
 
 
@@ -149,6 +159,19 @@ def score_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClass
     with inference(loaded):
         features = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
         return classifier.probabilities(features).float().cpu()
+
+
+def score_and_fit_batch(
+    pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Like `score_batch`, plus each frame's fit and background scores (`TextClassifier.fit_scores`)."""
+    if loaded.device.type == "cuda":
+        pixels = pixels.pin_memory()
+    with inference(loaded):
+        features = loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
+        probabilities = classifier.probabilities(features).float().cpu()
+        fit, background = classifier.fit_scores(features)
+    return probabilities, fit.float().cpu(), None if background is None else background.float().cpu()
 
 
 def _decode_ahead(
