@@ -29,7 +29,7 @@ from prelabel.classifier import TextClassifier
 from prelabel.errors import ConfigError, PrelabelError
 from prelabel.fewshot import FewShotCache
 from prelabel.ground_truth import LabeledSet
-from prelabel.openset import choose_floor, label_baselines, no_fit
+from prelabel.openset import choose_floor, no_fit
 from prelabel.priors import expected_shares, fit_prior_shift
 from prelabel.router import RoutingPolicy
 
@@ -54,8 +54,6 @@ class Calibration:
     created: str = ""
     fit_floor: float | None = None
     """Learned open-set floor on the fit score (None: no floor)."""
-    fit_offsets: dict[str, float] = field(default_factory=dict)
-    """Each label's typical cosine with the frames (`openset.label_baselines`), subtracted in the fit."""
     none_examples: int = 0
     """Frames of the ground truth whose truth is "none of these"."""
     prior_correction: bool = False
@@ -200,10 +198,6 @@ def fit_calibration(
         classifier = replace(classifier, prior_shift=torch.tensor(shift, dtype=torch.float32))
     after = score_examples(labeled, classifier, temperature, leave_one_out=fewshot)
     confidence_, correct, predicted, margin = _ranked(after, labels)
-    with torch.no_grad():
-        cosine = (labeled.features.to(classifier.weights.device).float() @ classifier.weights).cpu()
-    offsets = label_baselines(cosine.double().numpy())
-    classifier = replace(classifier, fit_offset=torch.tensor(offsets, dtype=torch.float32))
     fit, background = fit_scores_of(labeled, classifier)
     eligible = margin + 1e-9 >= np.array([policy.margin(label) for label in predicted])
     eligible &= ~no_fit(fit, background, None)
@@ -247,7 +241,6 @@ def fit_calibration(
         fewshot=fewshot,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         fit_floor=None if floor is None else round(floor, 6),
-        fit_offsets={label: round(float(v), 6) for label, v in zip(labels, offsets, strict=True)},
         none_examples=sum(not truth for truth in after.truth),
         prior_correction=prior_correction and not sigmoid,
         prior_shift={}
@@ -378,9 +371,6 @@ def apply_calibration(
         fit_floor=calibration.fit_floor,
     )
     classifier = replace(classifier, temperature=calibration.temperature)
-    if calibration.fit_offsets:
-        offset = torch.tensor([calibration.fit_offsets.get(label, 0.0) for label in classifier.labels])
-        classifier = replace(classifier, fit_offset=offset.float())
     if calibration.prior_correction and calibration.prior_shift:
         shift = torch.tensor([calibration.prior_shift.get(label, 0.0) for label in classifier.labels])
         classifier = replace(classifier, prior_shift=shift.float())

@@ -46,8 +46,6 @@ class TextClassifier:
     background: torch.Tensor | None = None
     """[embed_dim, n_prompts] unit columns of the background prompts (a pseudo-label never tagged)."""
     prior_shift: torch.Tensor | None = None
-    fit_offset: torch.Tensor | None = None
-    """[n_labels] each label's typical cosine with the project's frames, subtracted in `fit_scores`."""
     """[n_labels] per-label shift subtracted from the scaled logits (prior correction; softmax only)."""
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -79,18 +77,16 @@ class TextClassifier:
     def fit_scores(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The open-set scores of [N, embed_dim] unit image embeddings.
 
-        [N] fit: the best cosine with any label's text embedding, each label's cosine less its
-        `fit_offset` (its typical cosine with the project's frames) when set; and [N] the lead
-        of the best background prompt's cosine over the best label's (None without background
-        prompts; above 0: the background wins).
+        [N] fit: the best raw cosine with any label's text embedding; and [N] the lead of the
+        best background prompt's cosine over the best label's (None without background prompts;
+        above 0: the background wins).
         """
         cosine = image_features.float() @ self.weights
-        offset = self.fit_offset.to(cosine.device) if self.fit_offset is not None else 0.0
-        fit = (cosine - offset).max(dim=-1).values
+        fit = cosine.max(dim=-1).values
         if self.background is None or self.background.shape[1] == 0:
             return fit, None
         background = (image_features.float() @ self.background.to(cosine.device)).max(dim=-1).values
-        return fit, background - cosine.max(dim=-1).values
+        return fit, background - fit
 
 
 def label_prompts(labels: Sequence[str], config: Config) -> dict[str, list[str]]:

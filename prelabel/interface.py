@@ -51,8 +51,7 @@ class Prediction:
     size: tuple[int, int] | None = None
     """(width, height) of the decoded frame, when it could be decoded."""
     fit: float | None = None
-    """How well any label fits: the best image-text cosine over the labels (each less its
-    typical cosine once calibrated), see `TextClassifier.fit_scores`."""
+    """How well any label fits: the best raw image-text cosine over the labels."""
     background: float | None = None
     """Lead of the best background prompt's cosine over the best label's (above 0: the
     background wins); None when no background prompt is configured."""

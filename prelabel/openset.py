@@ -5,9 +5,7 @@ none of them (an empty frame, background, a class nobody configured); with few l
 winner is often confident. The fit score looks at the raw image-text cosine instead, which
 does not renormalise over the labels:
 
-- `fit` is the best cosine between the frame and any label's (ensembled) text embedding, each
-  label's cosine less its typical cosine with the project's frames (`label_baselines`, learned
-  by `calibrate`; raw cosine until then);
+- `fit` is the best raw cosine between the frame and any label's (ensembled) text embedding;
 - `background` is the lead of the best background prompt (optional, a pseudo-label that is
   never written as a tag) over the best label: a frame it wins goes to review.
 
@@ -26,41 +24,20 @@ from scipy import stats
 
 from prelabel.calibration import ThresholdChoice, adjusted_level, choose_threshold
 
-FLOOR_QUANTILES = (0.02, 0.05, 0.1, 0.2, 0.3)
+FLOOR_QUANTILES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 """Floors tried by `choose_floor`: the fits below which these fractions of frames fall (and none)."""
 
 MIN_NONE_FRAMES = 10
 """Fewer "none of these" frames than this: the reports say nothing can be concluded."""
 
 
-def label_baselines(cosine: np.ndarray) -> np.ndarray:
-    """[N, C] image-text cosines -> [C] each label's typical cosine with a frame that is not it:
-    its median over the frames whose best label is another (over all frames if there are none).
-
-    A hub label's is high. Subtracting it before taking the best label (as CSLS does against
-    hubs in cross-lingual retrieval, Conneau et al. 2018) makes the fit comparable across labels.
-    """
-    cosine = np.asarray(cosine, dtype=np.float64)
-    if len(cosine) == 0:
-        return np.zeros(cosine.shape[1])
-    best = cosine.argmax(axis=1)
-    return np.array(
-        [
-            np.median(cosine[best != k, k] if (best != k).any() else cosine[:, k])
-            for k in range(cosine.shape[1])
-        ]
-    )
-
-
-def best_cosine(features: np.ndarray, weights: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-    """[N, D] unit image embeddings, [D, C] unit text columns -> [N] best cosine over the labels,
-    each label's less its `offset` when given (-inf if C = 0)."""
+def best_cosine(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[N, D] unit image embeddings, [D, C] unit text columns -> [N] best cosine (-inf if C = 0)."""
     features = np.asarray(features, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 2 or weights.shape[1] == 0:
         return np.full(len(features), -np.inf)
-    cosine = features @ weights
-    return (cosine - (0.0 if offset is None else np.asarray(offset))).max(axis=1)
+    return (features @ weights).max(axis=1)
 
 
 def no_fit(fit: np.ndarray, background: np.ndarray | None, floor: float | None) -> np.ndarray:

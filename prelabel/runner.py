@@ -59,7 +59,6 @@ class Pipeline:
                 len(cache) if cache is not None else 0,
                 _floats(self.classifier.background),
                 _floats(self.classifier.prior_shift),
-                _floats(self.classifier.fit_offset),
             ],
             ensure_ascii=False,
         )
