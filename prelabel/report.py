@@ -171,8 +171,8 @@ def _priors_markdown(p: PriorComparison | None) -> str:
         "Predicted share: of the top-1 predictions. EM estimate: the label distribution the scores imply"
         " (Saerens et al. 2002). Ground truth: among frames with a label.",
         "",
-        "| label | predicted share | after correction | EM estimate | ground truth | shift | recall"
-        " | recall after |",
+        "| label | predicted share | after correction | EM estimate | ground truth | shift (subtracted)"
+        " | recall | recall after |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label in p.labels:
