@@ -309,3 +309,16 @@ def test_run_summary_shows_shares_and_warns_on_a_hub():
         stats, labels=["cat", "dog", "fox"], expected={"cat": 0.6, "dog": 0.25, "fox": 0.15}
     )
     assert "warning" not in calm
+
+
+def test_report_says_plainly_when_there_are_too_few_none_frames():
+    from prelabel.report import _openset_markdown
+
+    few = summarize(
+        np.ones(5, bool), np.ones(5, bool), np.array([1, 0, 0, 0, 0], bool), np.ones(5), None, None
+    )
+    assert "too few to say how well the open-set route separates them" in _openset_markdown(few)
+    fit = np.linspace(0, 1, 40)
+    many = summarize(np.ones(40, bool), fit > 0.3, fit < 0.3, fit, None, 0.3)
+    text = _openset_markdown(many)
+    assert "| AUROC of the fit score" in text and "| with it | 70.0% | 100.0% | 28 |" in text
