@@ -29,7 +29,7 @@ from prelabel.classifier import TextClassifier
 from prelabel.errors import ConfigError, PrelabelError
 from prelabel.fewshot import FewShotCache
 from prelabel.ground_truth import LabeledSet
-from prelabel.openset import choose_floor, no_fit
+from prelabel.openset import FLOOR_QUANTILES, MIN_NONE_FRAMES, choose_floor, no_fit
 from prelabel.priors import expected_shares, fit_prior_shift
 from prelabel.router import RoutingPolicy
 
@@ -171,7 +171,8 @@ def fit_calibration(
 
     A frame whose truth is "none of these" counts as an error whenever a tag would be
     accepted on it, so the precision bound covers the open-set route too. The fit floor and
-    the accept threshold are chosen together (`openset.choose_floor`); frames a background
+    the accept threshold are chosen together (`openset.choose_floor`), when there are at least
+    `MIN_NONE_FRAMES` "none" frames to learn the floor from; frames a background
     prompt wins are never accepted. With `prior_correction`, the per-label prior shift is
     estimated from the frames' scores alone and the thresholds are chosen with it applied.
     """
@@ -201,8 +202,17 @@ def fit_calibration(
     fit, background = fit_scores_of(labeled, classifier)
     eligible = margin + 1e-9 >= np.array([policy.margin(label) for label in predicted])
     eligible &= ~no_fit(fit, background, None)
+    # The floor is learned from "none of these" frames; with too few of them only "no floor"
+    # is tried, so the threshold keeps the whole confidence (as before there was a floor).
+    none_count = sum(not truth for truth in after.truth)
     floor_choice = choose_floor(
-        confidence_, correct, fit, target, confidence_level=confidence, eligible=eligible
+        confidence_,
+        correct,
+        fit,
+        target,
+        confidence_level=confidence,
+        eligible=eligible,
+        quantiles=FLOOR_QUANTILES if none_count >= MIN_NONE_FRAMES else (),
     )
     if floor_choice is None:
         raise NotEnoughData(
@@ -241,7 +251,7 @@ def fit_calibration(
         fewshot=fewshot,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         fit_floor=None if floor is None else round(floor, 6),
-        none_examples=sum(not truth for truth in after.truth),
+        none_examples=none_count,
         prior_correction=prior_correction and not sigmoid,
         prior_shift={}
         if sigmoid
