@@ -48,6 +48,9 @@ def build_pipeline(
     loaded = loaded or load_model(config.model)
     cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else DEFAULT_CACHE_DIR
     classifier = build_classifier(loaded, label_prompts(labels, config), cache_dir)
+    if config.prompts.background:  # one column per prompt, built (and cached) like a classifier
+        background = build_classifier(loaded, {text: [text] for text in config.prompts.background}, cache_dir)
+        classifier = replace(classifier, background=background.weights)
     default_batch = 128 if loaded.device.type == "cuda" else 32
     options = WorkerOptions(
         batch_size=config.model.batch_size or default_batch,
@@ -64,6 +67,12 @@ def build_pipeline(
         calibration, origin = read_calibration(path), str(path)
     if calibration is None:
         return Pipeline(loaded, classifier, policy, options)
+    if calibration.prior_correction != config.routing.prior_correction:
+        raise ConfigError(
+            f"{origin} was made {'with' if calibration.prior_correction else 'without'} the prior"
+            " correction, and routing.prior_correction says otherwise",
+            hint="run `prelabel calibrate` again with the current config",
+        )
     if calibration.fewshot != (classifier.cache is not None):
         raise ConfigError(
             f"{origin} was made {'with' if calibration.fewshot else 'without'} the few-shot cache,"
@@ -73,7 +82,7 @@ def build_pipeline(
     classifier, policy = apply_calibration(
         calibration, classifier, policy, model_identity=loaded.identity, path=origin
     )
-    return Pipeline(loaded, classifier, policy, options, origin)
+    return Pipeline(loaded, classifier, policy, options, origin, calibration.label_shares or None)
 
 
 PipelineBuilder = Callable[..., Pipeline]

@@ -74,6 +74,9 @@ class PromptConfig(_Strict):
     """How label names become text prompts."""
 
     templates: list[str] = list(SIMPLE_TEMPLATES)
+    background: list[Annotated[str, Field(min_length=1)]] = []
+    """Prompts of "something else" (e.g. "a photo of an empty street"): a frame whose best match is
+    one of them goes to review as "no label fits"; never written as a tag."""
 
     @field_validator("templates")
     @classmethod
@@ -97,6 +100,12 @@ class RoutingConfig(_Strict):
     """Tag every label whose probability reaches its threshold, instead of the top-1 only."""
     top_k: Annotated[int, Field(gt=0, le=50)] = 5
     """How many candidates are kept with each prediction (review lists, state)."""
+    fit_floor: Annotated[float, Field(ge=-1.0, le=1.0)] | None = None
+    """Review a frame whose best raw image-text cosine with any label is below this ("no label
+    fits"); null: no floor. `prelabel calibrate` learns it from "none of these" frames."""
+    prior_correction: bool = False
+    """Shift each label's score by the bias `calibrate` estimated from the project's frames
+    (against hub labels); softmax models only."""
 
 
 class DecodeConfig(_Strict):

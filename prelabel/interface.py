@@ -50,6 +50,11 @@ class Prediction:
     error: str | None = None
     size: tuple[int, int] | None = None
     """(width, height) of the decoded frame, when it could be decoded."""
+    fit: float | None = None
+    """How well any label fits: the best raw image-text cosine over the labels."""
+    background: float | None = None
+    """Lead of the best background prompt's cosine over the best label's (above 0: the
+    background wins); None when no background prompt is configured."""
 
     @property
     def top_label(self) -> str | None:
@@ -79,7 +84,7 @@ class Decision:
     reason: str | None = None
     """Why a human must look; None when the frame is accepted."""
     code: str | None = None
-    """The reason as a word: low_confidence, small_margin, no_label or unreadable."""
+    """The reason as a word: low_confidence, small_margin, no_label, no_fit or unreadable."""
 
     @property
     def accepted(self) -> bool:

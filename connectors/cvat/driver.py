@@ -73,6 +73,8 @@ class TargetOutcome:
 
     plan: TargetPlan
     jobs: list[JobOutcome]
+    pipeline: Pipeline | None = None
+    """The pipeline the jobs were labeled with (None: nothing needed one)."""
 
     @property
     def stats(self) -> RunStats:
@@ -181,7 +183,7 @@ def label_target(
         for plan in work.finished_jobs:
             if not state.job_routed(plan.job_id):
                 _route(labeling, plan, review_items=plan.existing.open_issue_count(), wrote=False)
-    return TargetOutcome(planned, outcomes)
+    return TargetOutcome(planned, outcomes, labeling.pipeline)
 
 
 def label_job(

@@ -3,7 +3,7 @@
 - An accepted frame gets its tag(s): ``source`` "auto", `confidence`, `model`.
 - A frame routed to review gets an issue at that frame (the whole frame box) whose
   message lists the candidates, and, when configured, its top-1 tag as a suggestion
-  marked `needs_review`.
+  marked `needs_review` (not when no label fits the frame).
 
 What the job already holds (`JobPlan.existing`, read from the server) is never written
 again, so a run that follows a crash completes half-done frames instead of duplicating
@@ -145,7 +145,9 @@ class CvatSink:
         if existing.open_issue(frame) is None:
             message = review_message(decision, max_length=self.settings.message_length)
             self._writer.submit(lambda: self._create_issue(frame, message))
-        if self.settings.suggestions and prediction.scores and not existing.suggestions(frame):
+        # A frame no label fits gets no suggestion: the top-1 would be a guess among wrong labels.
+        fits = decision.code != "no_fit"
+        if self.settings.suggestions and fits and prediction.scores and not existing.suggestions(frame):
             label, probability = prediction.scores[0]
             self._queue_tag(frame, label, probability, needs_review=True)
 

@@ -27,8 +27,10 @@ from prelabel.calibration.maths import (
     fit_temperature,
     samples_needed,
 )
+from prelabel.calibration.openset import FLOOR_QUANTILES, MIN_NONE_FRAMES, choose_floor, no_fit
 from prelabel.errors import ConfigError, PrelabelError
 from prelabel.pipeline.classifier import TextClassifier
+from prelabel.pipeline.priors import expected_shares, fit_prior_shift
 from prelabel.pipeline.router import RoutingPolicy
 
 
@@ -50,6 +52,16 @@ class Calibration:
     precision_lower_bound: float
     fewshot: bool = False
     created: str = ""
+    fit_floor: float | None = None
+    """Learned open-set floor on the fit score (None: no floor)."""
+    none_examples: int = 0
+    """Frames of the ground truth whose truth is "none of these"."""
+    prior_correction: bool = False
+    """Whether the thresholds were chosen with `prior_shift` applied (then `run` applies it)."""
+    prior_shift: dict[str, float] = field(default_factory=dict)
+    """Per-label logit shift that makes the frames' mean posterior match `label_shares`."""
+    label_shares: dict[str, float] = field(default_factory=dict)
+    """Each label's share in the ground truth (add-one smoothed): the expected shares."""
 
 
 class NotEnoughData(PrelabelError):
@@ -90,6 +102,8 @@ def score_examples(
         else:
             logits = classifier.logits(features)
         scaled = logits / temperature
+        if classifier.prior_shift is not None and classifier.logit_bias is None:
+            scaled = scaled - classifier.prior_shift.to(scaled.device)
         probabilities = torch.sigmoid(scaled) if classifier.logit_bias is not None else scaled.softmax(-1)
     truth = [example.labels for example in labeled.examples]
     return Scores(logits.double().numpy(), probabilities.double().numpy(), truth)
@@ -151,8 +165,17 @@ def fit_calibration(
     min_examples: int = 50,
     per_label_min: int = 100,
     fewshot: bool = False,
+    prior_correction: bool = False,
 ) -> FitResult:
-    """Fit temperature and thresholds, or raise `NotEnoughData` saying how much more is needed."""
+    """Fit temperature, fit floor and thresholds, or raise `NotEnoughData` saying how much more is needed.
+
+    A frame whose truth is "none of these" counts as an error whenever a tag would be
+    accepted on it, so the precision bound covers the open-set route too. The fit floor and
+    the accept threshold are chosen together (`openset.choose_floor`), when there are at least
+    `MIN_NONE_FRAMES` "none" frames to learn the floor from; frames a background
+    prompt wins are never accepted. With `prior_correction`, the per-label prior shift is
+    estimated from the frames' scores alone and the thresholds are chosen with it applied.
+    """
     if policy.multi_label:
         raise ConfigError("calibrate supports single-label routing only (routing.multi_label is set)")
     labels = classifier.labels
@@ -165,14 +188,39 @@ def fit_calibration(
         )
     before = score_examples(labeled, classifier, leave_one_out=fewshot)
     temperature = _fit(before, labels, sigmoid=classifier.logit_bias is not None)
+    sigmoid = classifier.logit_bias is not None
+    shares = expected_shares(before.truth, labels)
+    shift = (
+        np.zeros(len(labels))
+        if sigmoid
+        else fit_prior_shift(before.logits / temperature, _vector(shares, labels))
+    )
+    if prior_correction and not sigmoid:
+        classifier = replace(classifier, prior_shift=torch.tensor(shift, dtype=torch.float32))
     after = score_examples(labeled, classifier, temperature, leave_one_out=fewshot)
     confidence_, correct, predicted, margin = _ranked(after, labels)
+    fit, background = fit_scores_of(labeled, classifier)
     eligible = margin + 1e-9 >= np.array([policy.margin(label) for label in predicted])
-    choice = choose_threshold(confidence_, correct, target, confidence_level=confidence, eligible=eligible)
-    if choice is None:
+    eligible &= ~no_fit(fit, background, None)
+    # The floor is learned from "none of these" frames; with too few of them only "no floor"
+    # is tried, so the threshold keeps the whole confidence (as before there was a floor).
+    none_count = sum(not truth for truth in after.truth)
+    floor_choice = choose_floor(
+        confidence_,
+        correct,
+        fit,
+        target,
+        confidence_level=confidence,
+        eligible=eligible,
+        quantiles=FLOOR_QUANTILES if none_count >= MIN_NONE_FRAMES else (),
+    )
+    if floor_choice is None:
         raise NotEnoughData(
             _shortfall(confidence_, correct, eligible, target, confidence), hint="nothing was changed"
         )
+    choice, floor = floor_choice.threshold, floor_choice.floor
+    if floor is not None:
+        eligible &= fit + 1e-9 >= floor
     label_thresholds, skipped = {}, {}
     for label in labels:
         mine = np.array([p == label for p in predicted])
@@ -202,8 +250,26 @@ def fit_calibration(
         precision_lower_bound=round(choice.lower_bound, 4),
         fewshot=fewshot,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        fit_floor=None if floor is None else round(floor, 6),
+        none_examples=none_count,
+        prior_correction=prior_correction and not sigmoid,
+        prior_shift={}
+        if sigmoid
+        else {label: round(float(v), 6) for label, v in zip(labels, shift, strict=True)},
+        label_shares={label: round(share, 6) for label, share in shares.items()},
     )
     return FitResult(calibration, before, after, skipped)
+
+
+def _vector(values: dict[str, float], labels: tuple[str, ...]) -> np.ndarray:
+    return np.array([values.get(label, 0.0) for label in labels], dtype=np.float64)
+
+
+def fit_scores_of(labeled: LabeledSet, classifier: TextClassifier) -> tuple[np.ndarray, np.ndarray | None]:
+    """The open-set fit and background scores of labeled frames (see `TextClassifier.fit_scores`)."""
+    with torch.no_grad():
+        fit, background = classifier.fit_scores(labeled.features.to(classifier.weights.device))
+    return fit.double().cpu().numpy(), None if background is None else background.double().cpu().numpy()
 
 
 def _fit(scores: Scores, labels: tuple[str, ...], *, sigmoid: bool) -> float:
@@ -312,5 +378,10 @@ def apply_calibration(
         accept_threshold=calibration.accept_threshold,
         min_margin=calibration.min_margin,
         label_thresholds={**policy.label_thresholds, **calibration.label_thresholds},
+        fit_floor=calibration.fit_floor,
     )
-    return replace(classifier, temperature=calibration.temperature), policy
+    classifier = replace(classifier, temperature=calibration.temperature)
+    if calibration.prior_correction and calibration.prior_shift:
+        shift = torch.tensor([calibration.prior_shift.get(label, 0.0) for label in classifier.labels])
+        classifier = replace(classifier, prior_shift=shift.float())
+    return classifier, policy

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from prelabel.calibration.evaluation import NONE_LABEL, Evaluation
+from prelabel.calibration.openset import MIN_NONE_FRAMES, OpenSetSummary
+from prelabel.pipeline.priors import PriorComparison
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,22 @@ def write_report(
     evaluation: Evaluation,
     context: ReportContext,
     comparison: list[tuple[str, Evaluation]] | None = None,
+    *,
+    openset: OpenSetSummary | None = None,
+    priors: PriorComparison | None = None,
 ) -> Path:
-    """Write ``report.md`` and its PNG plots into `out_dir`; returns the report's path."""
+    """Write ``report.md`` and its PNG plots into `out_dir`; returns the report's path.
+
+    With `openset`, a section on "none of these" frames; with `priors`, one on label shares
+    and the prior correction."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _reliability_plot(evaluation, out_dir / "reliability.png")
     _risk_coverage_plot(evaluation, context, out_dir / "risk_coverage.png")
     _confidence_plot(evaluation, out_dir / "confidence.png")
     path = out_dir / "report.md"
-    path.write_text(_markdown(evaluation, context, comparison), encoding="utf-8")
+    text = _markdown(evaluation, context, comparison)
+    text += _openset_markdown(openset) + _priors_markdown(priors)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -120,6 +130,63 @@ def _markdown(e: Evaluation, c: ReportContext, comparison: list[tuple[str, Evalu
         "",
     ]
     return "\n".join(lines)
+
+
+def _openset_markdown(o: OpenSetSummary | None) -> str:
+    if o is None:
+        return ""
+    lines = ["", "## Frames that fit no label (open set)", ""]
+    if not o.enough:
+        lines.append(
+            f'The ground truth has {o.none_frames} "none of these" frames (fewer than {MIN_NONE_FRAMES}):'
+            " too few to say how well the open-set route separates them. Resolve review issues on frames"
+            " that show none of the labels, removing every tag, to collect them."
+        )
+        return "\n".join(lines) + "\n"
+    auroc = f"{o.auroc:.3f}" if o.auroc is not None else "n/a"
+    lines += [
+        f'{o.none_frames} "none of these" frames, {o.in_set_frames} frames with a label.',
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f'| AUROC of the fit score (labeled frames above "none" frames) | {auroc} |',
+        f'| "none" frames sent to review by the open-set route | {o.caught:.1%} |',
+        f"| labeled frames sent to review by it | {o.in_set_sent:.1%} |",
+        "",
+        "| accepted tags | coverage | precision | accepted |",
+        "|---|---|---|---|",
+        f"| without the open-set route | {o.without[0]:.1%} | {o.without[1]:.1%} | {o.without[2]} |",
+        f"| with it | {o.with_route[0]:.1%} | {o.with_route[1]:.1%} | {o.with_route[2]} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _priors_markdown(p: PriorComparison | None) -> str:
+    if p is None:
+        return ""
+    lines = [
+        "",
+        "## Label shares and the prior correction",
+        "",
+        "Predicted share: of the top-1 predictions. EM estimate: the label distribution the scores imply"
+        " (Saerens et al. 2002). Ground truth: among frames with a label.",
+        "",
+        "| label | predicted share | after correction | EM estimate | ground truth | shift (subtracted)"
+        " | recall | recall after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label in p.labels:
+        lines.append(
+            f"| {label} | {p.predicted_before[label]:.1%} | {p.predicted_after[label]:.1%}"
+            f" | {p.estimated[label]:.1%} | {p.truth[label]:.1%} | {p.shift[label]:+.3f}"
+            f" | {p.recall_before[label]:.1%} | {p.recall_after[label]:.1%} |"
+        )
+    lines += ["", f"Top-1 accuracy: {p.top1_before:.1%} without the correction, {p.top1_after:.1%} with it."]
+    lines.append("")
+    lines += [f"- **warning:** {text}" for text in p.warnings] or [
+        "No label takes more than twice its share."
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _reliability_plot(e: Evaluation, path: Path) -> None:

@@ -149,7 +149,8 @@ def eval_command(
         temperature=classifier.temperature,
         sources=dict(Counter(example.source for example in labeled.examples)),
     )
-    path = write_report(out_dir, evaluation, context, comparison)
+    openset, priors = _openset_and_priors(labeled, classifier, scores, evaluation, pipeline)
+    path = write_report(out_dir, evaluation, context, comparison, openset=openset, priors=priors)
     coverage, precision, _ = evaluation.at_threshold(context.threshold, context.min_margin)
     click.echo(
         f"{evaluation.count} frames: top-1 {evaluation.top1:.1%}, top-5 {evaluation.top5:.1%},"
@@ -160,9 +161,52 @@ def eval_command(
         click.echo(
             "  held-out top-1: " + ", ".join(f"{name} {result.top1:.1%}" for name, result in comparison)
         )
+    if openset.enough:
+        with_cov, with_prec, _ = openset.with_route
+        click.echo(
+            f"  {openset.none_frames} 'none of these' frames: fit-score AUROC {openset.auroc:.3f};"
+            f" the open-set route reviews {openset.caught:.0%} of them and {openset.in_set_sent:.0%} of the"
+            f" others; accepted tags: precision {openset.without[1]:.1%} -> {with_prec:.1%},"
+            f" coverage {openset.without[0]:.1%} -> {with_cov:.1%}"
+        )
+    else:
+        click.echo(
+            f"  only {openset.none_frames} 'none of these' frames in the ground truth: too few to measure"
+            " the open-set route"
+        )
+    if priors is not None:
+        click.echo(f"  prior correction: top-1 {priors.top1_before:.1%} -> {priors.top1_after:.1%}")
+        for warning in priors.warnings:
+            click.echo(f"  warning: {warning}")
     if pipeline.calibrated:
         click.echo(f"  calibration applied: {pipeline.calibrated}")
     click.echo(f"  report: {path}")
+
+
+def _openset_and_priors(labeled, classifier, scores, evaluation, pipeline):
+    """The open-set figures at the routing policy, and what the prior shift does (softmax models):
+    the calibration's shift when it is applied, else one estimated on these frames' scores alone."""
+    import numpy as np
+
+    from prelabel.calibration.fitting import fit_scores_of
+    from prelabel.calibration.openset import summarize
+    from prelabel.pipeline.priors import compare, expected_shares, fit_prior_shift
+
+    policy = pipeline.policy
+    fit, background = fit_scores_of(labeled, classifier)
+    none = np.array([not truth for truth in scores.truth], dtype=bool)
+    cut = np.array([policy.threshold(classifier.labels[i]) for i in scores.probabilities.argmax(axis=1)])
+    accepted = (evaluation.confidence + 1e-9 >= cut) & (evaluation.margin + 1e-9 >= policy.min_margin)
+    openset = summarize(accepted, evaluation.correct, none, fit, background, policy.fit_floor)
+    if classifier.logit_bias is not None or not len(scores.logits):
+        return openset, None
+    logits = scores.logits / classifier.temperature
+    if classifier.prior_shift is not None:
+        shift = classifier.prior_shift.double().cpu().numpy()
+    else:
+        shares = expected_shares(scores.truth, classifier.labels)
+        shift = fit_prior_shift(logits, np.array([shares[label] for label in classifier.labels]))
+    return openset, compare(logits, shift, scores.truth, classifier.labels)
 
 
 @click.command(name="calibrate")
@@ -194,6 +238,7 @@ def calibrate_command(
         pipeline, labeled = _labeled_set(config, source, names, state, fresh=True, progress=progress)
     from prelabel.calibration.fewshot import save_cache
     from prelabel.calibration.fitting import cache_from, fit_calibration, write_calibration
+    from prelabel.calibration.openset import MIN_NONE_FRAMES
     from prelabel.pipeline.router import RoutingPolicy
 
     classifier = pipeline.classifier
@@ -213,6 +258,7 @@ def calibrate_command(
         min_examples=settings.min_examples,
         per_label_min=settings.per_label_min,
         fewshot=cache is not None,
+        prior_correction=config.routing.prior_correction,
     )
     calibration = result.calibration
     path = Path(settings.path)
@@ -231,5 +277,13 @@ def calibrate_command(
         f" {calibration.precision_on_examples:.1%}, at least {calibration.precision_lower_bound:.1%}"
         f" with {calibration.confidence:.0%} confidence (target {target_precision:.1%})"
     )
+    floor = "none" if calibration.fit_floor is None else f"{calibration.fit_floor:.3f}"
+    click.echo(
+        f"  open set: fit floor {floor}, learned with {calibration.none_examples} 'none of these' frames"
+        + (" (too few to say much)" if calibration.none_examples < MIN_NONE_FRAMES else "")
+    )
+    if calibration.prior_shift:
+        shift = ", ".join(f"{k} {v:+.2f}" for k, v in calibration.prior_shift.items())
+        use = "applied" if calibration.prior_correction else "not applied: routing.prior_correction is off"
+        click.echo(f"  prior shift ({use}): {shift}")
     click.echo(f"  written to {path}; `prelabel run` applies it")
-

@@ -61,7 +61,7 @@ def folder(
     )
     stats = run(source, sink, pipeline, progress=progress)
     write_profile(profile_path, stats)
-    click.echo(format_summary(stats, title=f"{images_dir}"))
+    click.echo(format_summary(stats, title=f"{images_dir}", labels=names, expected=pipeline.label_shares))
     if source.skipped:
         click.echo(f"  skipped {source.skipped} files that are not images")
     click.echo(f"  tags:   {sink.annotations_path}\n  review: {sink.review_path}")
@@ -198,7 +198,10 @@ def run_command(
             on_job=report,
         )
         total = outcome.stats
-        click.echo(format_summary(total, title=f"{planned.work.where}"))
+        expected = outcome.pipeline.label_shares if outcome.pipeline is not None else None
+        click.echo(
+            format_summary(total, title=f"{planned.work.where}", labels=planned.names, expected=expected)
+        )
         write_profile(profile_path, total, per_job)
         click.echo("  review queue: prelabel review list")
 

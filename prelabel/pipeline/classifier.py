@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # the few-shot cache is built by prelabel.calibration and pas
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class TextClassifier:
     """Turns normalised image embeddings into per-label probabilities."""
@@ -45,6 +44,10 @@ class TextClassifier:
     """Calibrated temperature the logits are divided by (1: as the model says)."""
     cache: FewShotCache | None = None
     """Few-shot cache of confirmed frames blended into the logits (None: zero-shot only)."""
+    background: torch.Tensor | None = None
+    """[embed_dim, n_prompts] unit columns of the background prompts (a pseudo-label never tagged)."""
+    prior_shift: torch.Tensor | None = None
+    """[n_labels] per-label shift subtracted from the scaled logits (prior correction; softmax only)."""
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """[N, embed_dim] unit image embeddings -> [N, n_labels] logits, before temperature.
@@ -68,7 +71,23 @@ class TextClassifier:
         logits = self.logits(image_features) / self.temperature
         if self.logit_bias is not None:
             return torch.sigmoid(logits)
+        if self.prior_shift is not None:
+            logits = logits - self.prior_shift.to(logits.device)
         return logits.softmax(dim=-1)
+
+    def fit_scores(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The open-set scores of [N, embed_dim] unit image embeddings.
+
+        [N] fit: the best raw cosine with any label's text embedding; and [N] the lead of the
+        best background prompt's cosine over the best label's (None without background prompts;
+        above 0: the background wins).
+        """
+        cosine = image_features.float() @ self.weights
+        fit = cosine.max(dim=-1).values
+        if self.background is None or self.background.shape[1] == 0:
+            return fit, None
+        background = (image_features.float() @ self.background.to(cosine.device)).max(dim=-1).values
+        return fit, background - fit
 
 
 def label_prompts(labels: Sequence[str], config: Config) -> dict[str, list[str]]:

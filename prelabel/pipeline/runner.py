@@ -12,13 +12,16 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
 from tqdm import tqdm
 
 from prelabel.interface import DecisionSink, FrameSource
 from prelabel.pipeline.classifier import TextClassifier
 from prelabel.pipeline.model import LoadedModel
+from prelabel.pipeline.priors import hub_warnings, predicted_shares
 from prelabel.pipeline.router import RoutingPolicy, route
 from prelabel.pipeline.timing import StageTimer
 from prelabel.pipeline.worker import WorkerOptions, predict
@@ -36,6 +39,8 @@ class Pipeline:
     options: WorkerOptions
     calibrated: str | None = None
     """The calibration file applied, if any."""
+    label_shares: dict[str, float] | None = None
+    """Each label's expected share (from the calibration's ground truth; None: uniform)."""
 
     @property
     def fingerprint(self) -> str:
@@ -47,11 +52,18 @@ class Pipeline:
                 asdict(self.policy),
                 self.classifier.temperature,
                 len(cache) if cache is not None else 0,
+                _floats(self.classifier.background),
+                _floats(self.classifier.prior_shift),
             ],
             ensure_ascii=False,
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _floats(tensor: torch.Tensor | None) -> list[float] | None:
+    """A tensor's values for the fingerprint (rounded; the first 4096)."""
+    return None if tensor is None else [round(float(v), 6) for v in tensor.flatten()[:4096].tolist()]
 
 
 @dataclass
@@ -62,7 +74,11 @@ class RunStats:
     accepted: int = 0
     review: int = 0
     unreadable: int = 0
+    no_fit: int = 0
+    """Review frames that no label fits."""
     per_label: Counter[str] = field(default_factory=Counter)
+    predicted: Counter[str] = field(default_factory=Counter)
+    """Top-1 label of every scored frame, accepted or not."""
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
 
@@ -76,7 +92,9 @@ class RunStats:
         self.accepted += other.accepted
         self.review += other.review
         self.unreadable += other.unreadable
+        self.no_fit += other.no_fit
         self.per_label.update(other.per_label)
+        self.predicted.update(other.predicted)
         self.seconds += other.seconds
         for name, seconds in other.stages.items():
             self.stages[name] = self.stages.get(name, 0.0) + seconds
@@ -107,12 +125,15 @@ def run(
             with timer.stage("sink"):
                 sink.write(decision)
             stats.frames += 1
+            if prediction.top_label is not None:
+                stats.predicted[prediction.top_label] += 1
             if decision.accepted:
                 stats.accepted += 1
                 stats.per_label.update(label for label, _ in decision.tags)
             else:
                 stats.review += 1
                 stats.unreadable += prediction.error is not None
+                stats.no_fit += decision.code == "no_fit"
             bar.update()
     finally:
         bar.close()
@@ -123,16 +144,35 @@ def run(
     return stats
 
 
-def format_summary(stats: RunStats, *, title: str = "done") -> str:
-    """A few human-readable lines: counts, per-label counts, speed and stage times."""
+def format_summary(
+    stats: RunStats,
+    *,
+    title: str = "done",
+    labels: Sequence[str] = (),
+    expected: dict[str, float] | None = None,
+) -> str:
+    """A few human-readable lines: counts, per-label counts, each label's predicted share
+    beside its expected share (`expected`, else uniform over `labels`) with a warning for a
+    label that takes more than twice its share, speed and stage times."""
+    detail = ", ".join(
+        f"{name}: {count}"
+        for name, count in (("unreadable", stats.unreadable), ("no label fits", stats.no_fit))
+        if count
+    )
     lines = [
         f"{title}: {stats.frames} images in {stats.seconds:.1f}s ({stats.images_per_second:.1f} images/s)",
-        f"  accepted: {stats.accepted}   for review: {stats.review}"
-        + (f" (unreadable: {stats.unreadable})" if stats.unreadable else ""),
+        f"  accepted: {stats.accepted}   for review: {stats.review}" + (f" ({detail})" if detail else ""),
     ]
     if stats.per_label:
         per_label = ", ".join(f"{label} {count}" for label, count in stats.per_label.most_common())
         lines.append(f"  per label: {per_label}")
+    names = list(labels) or sorted(stats.predicted)
+    if stats.predicted and names:
+        shares = predicted_shares(stats.predicted, names)
+        want = expected or {name: 1.0 / len(names) for name in names}
+        listed = ", ".join(f"{name} {shares[name]:.0%} ({want.get(name, 0.0):.0%})" for name in names)
+        lines.append(f"  predicted share (expected): {listed}")
+        lines += [f"  warning: {text}" for text in hub_warnings(stats.predicted, want, names)]
     if stats.stages:
         stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in sorted(stats.stages.items()))
         lines.append(f"  time per stage: {stages}")

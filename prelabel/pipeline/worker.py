@@ -8,8 +8,9 @@ cannot be decoded come out as predictions with an `error` instead of scores.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -19,6 +20,8 @@ from prelabel.pipeline.decode import DecodeError, decode
 from prelabel.pipeline.model import LoadedModel, inference
 from prelabel.pipeline.stream import ordered_map
 from prelabel.pipeline.timing import StageTimer
+
+_Row = TypeVar("_Row")
 
 
 @dataclass(frozen=True)
@@ -56,17 +59,28 @@ def predict(
     timer = timer or StageTimer()
     k = min(options.top_k, len(classifier.labels))
     for batch in _batches(frames, loaded, options, timer):
-        probabilities = _through_model(batch, lambda pixels: score_batch(pixels, loaded, classifier), timer)
-        for item, row in zip(batch, probabilities, strict=True):
+        rows = _through_model(
+            batch, lambda pixels: score_and_fit_batch(pixels, loaded, classifier).rows(), timer
+        )
+        for item, row in zip(batch, rows, strict=True):
             scores: tuple[tuple[str, float], ...] = ()
+            fit: float | None = None
+            background: float | None = None
             if row is not None:
-                values, indices = row.topk(k)
+                probabilities, fit, background = row
+                values, indices = probabilities.topk(k)
                 scores = tuple(
                     (classifier.labels[index], value)
                     for value, index in zip(values.tolist(), indices.tolist(), strict=True)
                 )
             yield Prediction(
-                ref=item.frame.ref, name=item.frame.name, scores=scores, error=item.error, size=item.size
+                ref=item.frame.ref,
+                name=item.frame.name,
+                scores=scores,
+                error=item.error,
+                size=item.size,
+                fit=fit,
+                background=background,
             )
 
 
@@ -110,8 +124,8 @@ def _batches(
 
 
 def _through_model(
-    batch: list[_Decoded], model: Callable[[torch.Tensor], torch.Tensor], timer: StageTimer
-) -> list[torch.Tensor | None]:
+    batch: list[_Decoded], model: Callable[[torch.Tensor], Sequence[_Row]], timer: StageTimer
+) -> list[_Row | None]:
     """`model` applied to the batch's decoded frames at once: one row per frame, None where
     the frame could not be decoded."""
     good = [item.tensor for item in batch if item.tensor is not None]
@@ -135,10 +149,36 @@ def encode_batch(pixels: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
         return _encode(pixels, loaded).float().cpu()
 
 
+class ScoredBatch(NamedTuple):
+    """What the model says about a batch of frames, on the CPU, fp32."""
+
+    probabilities: torch.Tensor
+    """[N, n_labels]"""
+    fit: torch.Tensor
+    """[N] best raw cosine with any label (`TextClassifier.fit_scores`)."""
+    background: torch.Tensor | None
+    """[N] lead of the best background prompt over the best label; None without background prompts."""
+
+    def rows(self) -> list[tuple[torch.Tensor, float, float | None]]:
+        """One (probabilities, fit, background) per frame."""
+        fits = self.fit.tolist()
+        backgrounds = self.background.tolist() if self.background is not None else [None] * len(fits)
+        return list(zip(self.probabilities, fits, backgrounds, strict=True))
+
+
+def score_and_fit_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier) -> ScoredBatch:
+    """[N, 3, H, W] preprocessed images -> probabilities and open-set scores, from one encode."""
+    with inference(loaded):
+        features = _encode(pixels, loaded)
+        probabilities = classifier.probabilities(features).float().cpu()
+        fit, background = classifier.fit_scores(features)
+    background = None if background is None else background.float().cpu()
+    return ScoredBatch(probabilities, fit.float().cpu(), background)
+
+
 def score_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClassifier) -> torch.Tensor:
     """[N, 3, H, W] preprocessed images -> [N, n_labels] probabilities on the CPU, fp32."""
-    with inference(loaded):
-        return classifier.probabilities(_encode(pixels, loaded)).float().cpu()
+    return score_and_fit_batch(pixels, loaded, classifier).probabilities
 
 
 def _decode_ahead(
