@@ -64,6 +64,19 @@ def is_transient_at_login(exc: BaseException) -> bool:
     )
 
 
+def failure_kind(exc: BaseException) -> str:
+    """A short name for a transient failure, for metrics: the status, dropped, timeout or connection."""
+    if isinstance(exc, ApiException):
+        return str(exc.status)
+    if isinstance(exc, urllib3.exceptions.MaxRetryError):
+        exc = exc.reason or exc
+    if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, urllib3.exceptions.ProtocolError | ConnectionResetError | ConnectionAbortedError):
+        return "dropped"
+    return "connection"
+
+
 def _retry_after(exc: BaseException) -> float | None:
     headers = getattr(exc, "headers", None) or {}
     value = headers.get("Retry-After") if hasattr(headers, "get") else None
@@ -84,9 +97,13 @@ def _wait(policy: RetryConfig) -> Callable[[tenacity.RetryCallState], float]:
     return wait
 
 
-def _log_retry(doing: str, policy: RetryConfig) -> Callable[[tenacity.RetryCallState], None]:
+def _log_retry(
+    doing: str, policy: RetryConfig, on_retry: Callable[[str], None] | None
+) -> Callable[[tenacity.RetryCallState], None]:
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
+        if on_retry is not None and exc is not None:
+            on_retry(failure_kind(exc))
         log.warning(
             "%s: %s; retrying in %.1fs (attempt %d of %d)",
             doing,
@@ -100,22 +117,27 @@ def _log_retry(doing: str, policy: RetryConfig) -> Callable[[tenacity.RetryCallS
 
 
 def retrying(
-    doing: str, policy: RetryConfig, transient: Callable[[BaseException], bool] = is_transient
+    doing: str,
+    policy: RetryConfig,
+    transient: Callable[[BaseException], bool] = is_transient,
+    on_retry: Callable[[str], None] | None = None,
 ) -> tenacity.Retrying:
     """A tenacity loop for one operation under `policy` (re-raises the last error); `transient`
-    says which failures are retried."""
+    says which failures are retried, `on_retry` hears each retry's `failure_kind`."""
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(transient),
         wait=_wait(policy),
         stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.max_seconds),
-        before_sleep=_log_retry(doing, policy),
+        before_sleep=_log_retry(doing, policy, on_retry),
         reraise=True,
     )
 
 
-def call(doing: str, func: Callable[[], T], policy: RetryConfig) -> T:
+def call(
+    doing: str, func: Callable[[], T], policy: RetryConfig, on_retry: Callable[[str], None] | None = None
+) -> T:
     """Run an idempotent server call with retries; a failure becomes one line naming `doing`."""
     try:
-        return retrying(doing, policy)(func)
+        return retrying(doing, policy, on_retry=on_retry)(func)
     except Exception as exc:
         raise server_error(exc, doing) from None

@@ -7,6 +7,9 @@ redelivery of the same event is answered 200 and starts nothing) and hands the w
 a `Dispatcher`. The work itself happens elsewhere: `InProcessWorker` does it in a
 background thread, one item at a time; a queue-backed dispatcher can take its place.
 
+``GET /metrics`` answers in Prometheus' format (`prelabel.service.metrics`), ``/healthz``
+while the process serves, ``/readyz`` while CVAT (and Redis, with a queue) answer.
+
 Logs are JSON lines naming the event and the objects it concerns; the secret is never
 logged, and neither is a request body.
 """
@@ -26,6 +29,7 @@ from typing import Any, Protocol
 
 from prelabel.errors import PrelabelError
 from prelabel.service.deliveries import DeliveryLog
+from prelabel.service.metrics import Check, Metrics, Probes
 from prelabel.service.signature import verify
 
 log = logging.getLogger("prelabel.serve")
@@ -66,9 +70,14 @@ class InProcessWorker:
     """
 
     def __init__(
-        self, perform: Callable[[dict[str, Any]], str], deliveries: DeliveryLog, capacity: int = 100
+        self,
+        perform: Callable[[dict[str, Any]], str],
+        deliveries: DeliveryLog,
+        capacity: int = 100,
+        metrics: Metrics | None = None,
     ) -> None:
         self._perform = perform
+        self._metrics = metrics
         self._deliveries = deliveries
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=capacity)
         self._stopping = threading.Event()
@@ -100,18 +109,22 @@ class InProcessWorker:
         self._deliveries.mark(key, "running")
         emit(logging.INFO, "work started", delivery=key, **fields)
         start = time.perf_counter()
+        kind = str(item.get("kind", "work"))
         try:
             summary = self._perform(item)
         except PrelabelError as exc:
+            self._worked(kind, "failed")
             self._deliveries.mark(key, "failed", exc.one_line())
             emit(logging.ERROR, "work failed", delivery=key, error=exc.one_line(), **fields)
             return
         except Exception as exc:  # a bug must not kill the worker: record it and go on
             detail = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            self._worked(kind, "failed")
             self._deliveries.mark(key, "failed", detail)
             log.debug("work failed", exc_info=True)
             emit(logging.ERROR, "work failed", delivery=key, error=detail, **fields)
             return
+        self._worked(kind, "done")
         self._deliveries.mark(key, "done", summary)
         emit(
             logging.INFO,
@@ -123,6 +136,11 @@ class InProcessWorker:
         )
 
 
+    def _worked(self, kind: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.worked(kind, outcome)
+
+
 @dataclass
 class Service:
     """The HTTP side: verification, deduplication and hand-off (see the module docstring)."""
@@ -132,12 +150,21 @@ class Service:
     deliveries: DeliveryLog
     dispatcher: Dispatcher
     max_body: int = MAX_BODY
+    metrics: Metrics = field(default_factory=Metrics)
+    checks: dict[str, Check] = field(default_factory=dict)
+    """Readiness checks (CVAT, Redis) for ``/readyz``."""
     counts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    probes: Probes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch_queue(self.dispatcher.pending)
+        self.probes = Probes(self.metrics, self.checks, health=self.health)
 
     def count(self, outcome: str) -> None:
         with self._lock:
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        self.metrics.delivered(outcome)
 
     def accept(self, body: bytes, signature: str | None, content_type: str | None) -> tuple[int, dict]:
         """Answer one delivery: (HTTP status, JSON reply). Never raises on bad input."""
@@ -193,10 +220,16 @@ class _Handler(BaseHTTPRequestHandler):
         """Requests are logged by the service, as JSON lines."""
 
     def do_GET(self) -> None:
-        if self.path.split("?")[0] in ("/healthz", "/healthz/"):
-            self._reply(200, self.server.service.health())
-        else:
+        answer = self.server.service.probes.answer(self.path)
+        if answer is None:
             self._reply(404, {"detail": "not found"})
+            return
+        status, content_type, data = answer
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self) -> None:
         service = self.server.service
@@ -271,6 +304,7 @@ def serve(
         while not stop.wait(0.5):
             pass
     finally:
+        service.probes.draining.set()
         emit(logging.INFO, "draining", pending=service.dispatcher.pending())
         httpd.shutdown()
         httpd.server_close()
@@ -278,6 +312,61 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         emit(logging.INFO, "stopped", **{f"deliveries_{k}": v for k, v in service.counts.items()})
+
+
+class _ProbeHandler(BaseHTTPRequestHandler):
+    server: _ProbeServer
+    protocol_version = "HTTP/1.1"
+    timeout = 5
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes are not logged."""
+
+    def do_GET(self) -> None:
+        answer = self.server.probes.answer(self.path)
+        status, content_type, data = answer or (404, "application/json", b'{"detail": "not found"}')
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _ProbeServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], probes: Probes) -> None:
+        self.probes = probes
+        super().__init__(address, _ProbeHandler)
+
+
+@dataclass
+class ProbeServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on their own port, served in a background thread
+    (a `prelabel worker`'s ``--metrics-port``)."""
+
+    probes: Probes
+    address: tuple[str, int]
+    _httpd: _ProbeServer | None = field(default=None, init=False, repr=False)
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve; returns the bound address."""
+        try:
+            self._httpd = _ProbeServer(self.address, self.probes)
+        except OSError as exc:
+            where = f"{self.address[0]}:{self.address[1]}"
+            raise PrelabelError(f"cannot listen on {where} for metrics: {exc.strerror or exc}") from None
+        threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        ).start()
+        return self._httpd.server_address[:2]
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
 
 
 # ------------------------------------------------------------------------------ logs
