@@ -85,14 +85,12 @@ def service(tmp_path: Path) -> Iterator[tuple[str, Service, Recorder]]:
             dispatcher=recorder,
             max_body=64 * 1024,
         )
-        httpd = listen(svc, ("127.0.0.1", 0))
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
+        server = listen(svc, ("127.0.0.1", 0))
+        _, port = server.start()
         try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}/", svc, recorder
+            yield f"http://127.0.0.1:{port}/", svc, recorder
         finally:
-            httpd.shutdown()
-            httpd.server_close()
+            server.stop()
 
 
 def test_real_deliveries_with_their_signature_are_accepted(service):
@@ -313,9 +311,8 @@ def test_worker_records_outcomes_failed_work_may_be_redelivered_and_unfinished_w
     with DeliveryLog(path) as deliveries:
         worker = InProcessWorker(perform, deliveries, capacity=1)
         svc = Service(secret=SECRET, interpret=_cvat_intent, deliveries=deliveries, dispatcher=worker)
-        httpd = listen(svc, ("127.0.0.1", 0))
-        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        server = listen(svc, ("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{server.start()[1]}/"
         try:
             assert _post(url, delivery(1), signed(delivery(1)))[0] == 202  # taken by the worker
             deadline = time.monotonic() + 5
@@ -347,8 +344,7 @@ def test_worker_records_outcomes_failed_work_may_be_redelivered_and_unfinished_w
             assert _post(url, delivery(4), signed(delivery(4)))[0] == 202
             assert _post(url, delivery(5), signed(delivery(5)))[0] == 202
         finally:
-            httpd.shutdown()
-            httpd.server_close()
+            server.stop()
             stopping = threading.Thread(target=worker.stop)  # asks first, so task 5 is never taken
             stopping.start()
             time.sleep(0.3)

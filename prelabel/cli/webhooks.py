@@ -70,7 +70,15 @@ def serve(listen, config_path, state_path, project_ids, queue_url, server):
     from connectors.cvat.perform import CvatWork
     from prelabel.config import load_config
     from prelabel.service.deliveries import DeliveryLog
-    from prelabel.service.http import InProcessWorker, Service, emit, parse_listen, serve, use_json_logs
+    from prelabel.service.http import (
+        InProcessWorker,
+        Limits,
+        Service,
+        emit,
+        parse_listen,
+        serve,
+        use_json_logs,
+    )
     from prelabel.service.metrics import Metrics
 
     config = load_config(config_path)
@@ -108,7 +116,17 @@ def serve(listen, config_path, state_path, project_ids, queue_url, server):
             metrics=metrics,
             checks=checks,
         )
-        serve(service, address, on_ready=lambda bound: click.echo(f"listening on {bound[0]}:{bound[1]}"))
+        limits = Limits(
+            head_timeout=config.webhook.client_timeout,
+            body_timeout=config.webhook.client_timeout,
+            max_connections=config.webhook.max_connections,
+        )
+        serve(
+            service,
+            address,
+            limits=limits,
+            on_ready=lambda bound: click.echo(f"listening on {bound[0]}:{bound[1]}"),
+        )
 
 
 def _interpret(body, projects: set[int]):
