@@ -221,6 +221,10 @@ class WebhookConfig(_Strict):
     """Larger deliveries are refused (413)."""
     queue_size: Annotated[int, Field(gt=0, le=100000)] = 100
     """Work items that may wait; beyond it a delivery is answered 503 (CVAT may redeliver)."""
+    max_connections: Annotated[int, Field(ge=10, le=100000)] = 1000
+    """Open connections (idle ones included) and requests in progress; beyond it 503."""
+    client_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """Seconds a client may take to send a request's headers, and again its body."""
 
 
 class Config(_Strict):

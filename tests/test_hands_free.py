@@ -10,11 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from prelabel.state import RunState
 from tests.conftest import TINY_MODEL, run_cli, variants
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer
+from tests.test_webhooks import scrape
 
 LABELS = ["cat", "coffee", "rocket"]
 SECRET = "hands-free-secret-3c1f7e0a9b"
@@ -309,6 +312,65 @@ def test_a_job_moved_to_acceptance_is_synced_alone(hands_free: HandsFree):
     for outcome in outcomes:
         assert outcome.outcome == ("kept" if outcome.decision == "accept" else "pending")
     assert not [r for r in hands_free.records() if r["key"].startswith(f"update:job:job={second}:")]
+
+
+SUMMARY = re.compile(
+    r"(\d+) jobs labeled, (\d+) frames, (\d+) accepted, (\d+) for review; wrote (\d+) tags, (\d+) issues"
+)
+
+
+def _ready(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_metrics_match_the_work_done_and_readyz_follows_cvat(hands_free: HandsFree):
+    server, port = hands_free.server, hands_free.port
+    server.fail(r"^/api/jobs/\d+/annotations", 503, method="PATCH", times=2)  # two retried uploads
+    task_id = server.add_image_task(hands_free.project_id, hands_free.images, name="metrics", segment_size=3)
+    _wait("the task's work", lambda: hands_free.record(f"completed:request[create:task]:task={task_id}"))
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    records = hands_free.records()
+    labeled = [r for r in records if r["item"]["kind"] == "label_task" and r["status"] == "done"]
+    totals = [0] * 6  # jobs, frames, accepted, review, tags, issues: the service's own summaries
+    for record in labeled:
+        totals = [a + int(b) for a, b in zip(totals, SUMMARY.search(record["detail"]).groups(), strict=True)]
+    jobs, frames, accepted, review, tags, issues = totals
+    assert frames >= len(hands_free.images) and accepted and review
+    assert value("prelabel_frames_labeled_total", decision="accepted") == accepted
+    assert value("prelabel_frames_labeled_total", decision="review") == review
+    assert value("prelabel_frames_labeled_total", decision="unreadable") == frames - accepted - review == 0
+    assert value("prelabel_cvat_writes_total", kind="tags") == tags
+    assert value("prelabel_cvat_writes_total", kind="issues") == issues
+    assert value("prelabel_cvat_retries_total", kind="503") == 2
+    assert value("prelabel_work_items_total", kind="label_task", outcome="done") == len(labeled)
+    assert value("prelabel_webhook_deliveries_total", outcome="queued") == len(records)
+    assert value("prelabel_webhook_deliveries_total", outcome="duplicate") == sum(
+        r["duplicates"] for r in records
+    )
+    assert value("prelabel_task_created_to_labeled_seconds_count") == len(labeled)
+    assert 0 < value("prelabel_task_created_to_labeled_seconds_sum") < 600 * len(labeled)
+    assert value("prelabel_work_queue_depth") == 0
+    assert value("prelabel_images_per_second") > 0
+    stages = {dict(k[1])["stage"]: v for k, v in samples.items() if k[0] == "prelabel_stage_seconds_total"}
+    assert stages and all(v >= 0 for v in stages.values()) and sum(stages.values()) > 0
+    assert jobs >= 2
+
+    assert _ready(port) == (200, {"status": "ready", "checks": {"cvat": "ok"}})
+    server.fail("^/api/server/about", 503, times=None)
+    time.sleep(1.1)  # past the probe's cache
+    status, body = _ready(port)
+    assert status == 503 and "503" in body["checks"]["cvat"], body
+    server.clear_faults()
+    time.sleep(1.1)
+    assert _ready(port)[0] == 200
 
 
 def test_sigterm_drains_and_logs_never_hold_the_secret(hands_free: HandsFree):

@@ -437,3 +437,56 @@ def test_entries_under_the_current_and_the_old_function_path_run_with_the_worker
 
     results = [Job.fetch(job.id, connection=redis, serializer=SERIALIZER).return_value() for job in jobs]
     assert results == [{"cvat_job": 1}, {"cvat_job": 2}]
+
+
+def test_a_worker_s_metrics_match_its_completions_and_readyz_follows_cvat(queue: str, tmp_path: Path):
+    from tests.test_hands_free import _free_port, _ready
+    from tests.test_webhooks import scrape
+
+    config = write_config(tmp_path)
+    port = _free_port()
+    with CvatTestServer() as server:
+        project = many_jobs_project(server, image_frames=8, video_frames=2, segment=4)
+        enqueue_here(queue, project, config)
+        expected = len(status(queue)["pending"])
+        server.fail(r"^/api/jobs/\d+/annotations", 502, method="PATCH", times=1)
+        env = {**os.environ, **project.env(), "PYTHONUNBUFFERED": "1"}
+        argv = ["worker", "--queue", queue, "--lease", LEASE, "--state", str(tmp_path / "w.db"),
+                "--metrics-port", str(port)]  # fmt: skip
+        with open(tmp_path / "worker-0.log", "w") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "prelabel", *argv], cwd=tmp_path, env=env, stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while len(completions(queue)) < expected and time.monotonic() < deadline:
+                assert worker.poll() is None, _logs(tmp_path)
+                time.sleep(0.2)
+            done = completions(queue)
+            assert len(done) == expected, _logs(tmp_path)
+            samples = scrape(f"http://127.0.0.1:{port}/metrics")
+
+            def value(name: str, **labels: str) -> float:
+                return samples[(name, tuple(sorted(labels.items())))]
+
+            accepted, review = (sum(d[key] for d in done) for key in ("accepted", "review"))
+            assert value("prelabel_frames_labeled_total", decision="accepted") == accepted
+            assert value("prelabel_frames_labeled_total", decision="review") == review
+            assert value("prelabel_cvat_writes_total", kind="tags") == sum(d["tags"] for d in done)
+            assert value("prelabel_cvat_writes_total", kind="issues") == sum(d["issues"] for d in done)
+            assert value("prelabel_work_items_total", kind="label_job", outcome="done") == expected
+            assert value("prelabel_cvat_retries_total", kind="502") == 1
+            assert value("prelabel_task_created_to_labeled_seconds_count") == expected
+            assert value("prelabel_work_queue_depth") == 0
+            assert sum(d["frames"] for d in done) == 10
+
+            ready = _ready(port)
+            assert ready == (200, {"status": "ready", "checks": {"redis": "ok", "cvat": "ok"}}), ready
+            server.fail("^/api/server/about", 503, times=None)
+            time.sleep(1.1)
+            code, body = _ready(port)
+            assert code == 503 and body["checks"]["redis"] == "ok" and "503" in body["checks"]["cvat"]
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=60) == 0, _logs(tmp_path)

@@ -85,14 +85,12 @@ def service(tmp_path: Path) -> Iterator[tuple[str, Service, Recorder]]:
             dispatcher=recorder,
             max_body=64 * 1024,
         )
-        httpd = listen(svc, ("127.0.0.1", 0))
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
+        server = listen(svc, ("127.0.0.1", 0))
+        _, port = server.start()
         try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}/", svc, recorder
+            yield f"http://127.0.0.1:{port}/", svc, recorder
         finally:
-            httpd.shutdown()
-            httpd.server_close()
+            server.stop()
 
 
 def test_real_deliveries_with_their_signature_are_accepted(service):
@@ -313,9 +311,8 @@ def test_worker_records_outcomes_failed_work_may_be_redelivered_and_unfinished_w
     with DeliveryLog(path) as deliveries:
         worker = InProcessWorker(perform, deliveries, capacity=1)
         svc = Service(secret=SECRET, interpret=_cvat_intent, deliveries=deliveries, dispatcher=worker)
-        httpd = listen(svc, ("127.0.0.1", 0))
-        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        server = listen(svc, ("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{server.start()[1]}/"
         try:
             assert _post(url, delivery(1), signed(delivery(1)))[0] == 202  # taken by the worker
             deadline = time.monotonic() + 5
@@ -347,8 +344,7 @@ def test_worker_records_outcomes_failed_work_may_be_redelivered_and_unfinished_w
             assert _post(url, delivery(4), signed(delivery(4)))[0] == 202
             assert _post(url, delivery(5), signed(delivery(5)))[0] == 202
         finally:
-            httpd.shutdown()
-            httpd.server_close()
+            server.stop()
             stopping = threading.Thread(target=worker.stop)  # asks first, so task 5 is never taken
             stopping.start()
             time.sleep(0.3)
@@ -357,3 +353,58 @@ def test_worker_records_outcomes_failed_work_may_be_redelivered_and_unfinished_w
     with DeliveryLog(path) as reopened:
         left = [key for key, _ in reopened.unfinished()]
     assert left == ["completed:request[create:task]:task=5"]
+
+
+# ------------------------------------------------------------------- metrics and probes
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics answer: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_each_delivery_by_outcome_and_readyz_follows_its_checks(service):
+    url, svc, recorder = service
+    headers, body = _captured("completed_request_create_task")
+    assert _post(url, body, headers)[0] == 202
+    assert _post(url, body, headers)[0] == 200  # duplicate
+    assert _post(url, body, {**headers, "X-Signature-256": "sha256=00"})[0] == 401
+    assert _post(url, *reversed(_captured("create_task")))[0] == 200  # ignored
+    samples = scrape(url + "metrics")
+    delivered = {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in samples.items()
+        if name == "prelabel_webhook_deliveries_total"
+    }
+    assert {k: v for k, v in delivered.items() if v} == {k: float(v) for k, v in svc.counts.items()}
+    assert delivered == {**dict.fromkeys(delivered, 0.0), "queued": 1, "duplicate": 1, "unauthorized": 1,
+                         "ignored": 1}  # fmt: skip
+    assert samples[("prelabel_work_queue_depth", ())] == len(recorder.items) == 1
+    assert samples[("prelabel_frames_labeled_total", (("decision", "review"),))] == 0
+
+    with urllib.request.urlopen(url + "readyz", timeout=5) as answer:
+        assert answer.status == 200 and json.loads(answer.read())["status"] == "ready"
+    failing = {"down": False}
+
+    def cvat() -> None:
+        if failing["down"]:
+            raise PrelabelError("checking the CVAT server: cannot reach the server (refused)")
+
+    svc.probes.checks = {"cvat": cvat}
+    svc.probes.cache_seconds = 0.0
+    failing["down"] = True
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url + "readyz", timeout=5)
+    assert refused.value.code == 503
+    assert json.loads(refused.value.read())["checks"] == {
+        "cvat": "checking the CVAT server: cannot reach the server (refused)"
+    }
+    with urllib.request.urlopen(url + "healthz", timeout=5) as answer:  # alive all the same
+        assert answer.status == 200

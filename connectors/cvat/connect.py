@@ -12,7 +12,9 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import urllib3
 from cvat_sdk import Client
 from cvat_sdk.api_client import Configuration, rest
 from cvat_sdk.api_client.exceptions import ApiException
@@ -26,6 +28,7 @@ from cvat_sdk.core.auth import (
 from cvat_sdk.core.client import AccessTokenCredentials, Config, PasswordCredentials
 from cvat_sdk.core.exceptions import AuthStoreError
 
+from connectors.cvat import retry
 from connectors.cvat.errors import CvatError, credentials_error, server_error
 from connectors.cvat.session import CvatSession
 from prelabel.config import RetryConfig
@@ -55,9 +58,15 @@ class TimeoutRESTClient(rest.RESTClientObject):
     hung server would hang the run; with a timeout it is a transient failure, retried.
     """
 
-    def __init__(self, configuration: Configuration, seconds: float) -> None:
+    def __init__(self, configuration: Configuration, seconds: float, *, pool_retries: bool = True) -> None:
         super().__init__(configuration)
         self.timeout = (min(seconds, 30.0), seconds)
+        if not pool_retries:
+            # cvat-sdk's urllib3 pool retries refused connections and 502-504 on its own, with
+            # backoff and without a word; at login the caller decides what is retried.
+            self.pool_manager.connection_pool_kw["retries"] = urllib3.util.Retry(
+                total=None, connect=0, read=0, other=0, status=0, redirect=5
+            )
 
     def request(self, *args, _request_timeout=None, **kwargs):
         return super().request(*args, _request_timeout=_request_timeout or self.timeout, **kwargs)
@@ -65,6 +74,10 @@ class TimeoutRESTClient(rest.RESTClientObject):
 
 def connect(options: ServerOptions, policy: RetryConfig | None = None) -> CvatSession:
     """Log in to the server and return the session; a failure is one `CvatError` line.
+
+    A transient failure (a dropped or reset connection, a read timeout, 429/502/503/504) is
+    retried within `policy`; a refused connection, a DNS or TLS failure and any other status
+    fail at once (`retry.is_transient_at_login`).
 
     The TLS settings (`insecure`, `ca_bundle`) and the request timeout (`policy.timeout`)
     belong to this client only: nothing process-wide is changed.
@@ -90,8 +103,9 @@ def connect(options: ServerOptions, policy: RetryConfig | None = None) -> CvatSe
         )
     where = host or "the profile's server"
     try:
-        client = _open_client(options, host, auth, policy.timeout)
-        client.users.retrieve_current_user()  # a token is only checked on first use
+        client = retry.retrying(f"logging in to {where}", policy, retry.is_transient_at_login)(
+            _logged_in_client, options, host, auth, policy.timeout
+        )
     except AuthStoreError as exc:
         raise CvatError(str(exc)) from None
     except ApiException as exc:
@@ -103,9 +117,34 @@ def connect(options: ServerOptions, policy: RetryConfig | None = None) -> CvatSe
     return CvatSession(client, policy)
 
 
-def _open_client(options: ServerOptions, host: str | None, auth: Callable | None, timeout: float) -> Client:
-    """What cvat-sdk's `make_client_from_cli` does, with this client's TLS and timeout set
-    through cvat-sdk's `Configuration` before its first request."""
+def _logged_in_client(
+    options: ServerOptions, host: str | None, auth: Callable | None, timeout: float
+) -> Client:
+    """One login attempt: a new client, logged in, with the credentials checked.
+
+    Its requests are not retried by urllib3 (`connect` retries the whole attempt); the client
+    returned has cvat-sdk's usual pool and the request timeout."""
+    client, credentials = _open_client(options, host, auth, timeout)
+    configuration = client.api_client.configuration
+    try:
+        client.api_client.rest_client = TimeoutRESTClient(configuration, timeout, pool_retries=False)
+        client.check_server_version()
+        client.login(credentials)
+        if options.organization is not None:
+            client.organization_slug = options.organization
+        client.users.retrieve_current_user()  # a token is only checked on first use
+    except BaseException:
+        client.close()
+        raise
+    client.api_client.rest_client = TimeoutRESTClient(configuration, timeout)
+    return client
+
+
+def _open_client(
+    options: ServerOptions, host: str | None, auth: Callable | None, timeout: float
+) -> tuple[Client, Any]:
+    """What cvat-sdk's `make_client_from_cli` does up to its first request: the client, with
+    its TLS set through cvat-sdk's `Configuration`, and the credentials to log in with."""
     store = AuthStore()
     profile = None
     if options.profile is not None:
@@ -123,15 +162,9 @@ def _open_client(options: ServerOptions, host: str | None, auth: Callable | None
     )
     configuration = client.api_client.configuration
     configuration.ssl_ca_cert = options.ca_bundle
-    client.api_client.rest_client = TimeoutRESTClient(configuration, timeout)
-    client.check_server_version()
     if profile is not None:
-        client.login(AccessTokenCredentials(profile.token))
-    else:
-        client.login((auth or default_auth_factory())(configuration.host))
-    if options.organization is not None:
-        client.organization_slug = options.organization
-    return client
+        return client, AccessTokenCredentials(profile.token)
+    return client, (auth or default_auth_factory())(configuration.host)
 
 
 def _has_default_profile() -> bool:

@@ -6,6 +6,8 @@ same composition as `prelabel run` (`label_target`) and `review sync`
 nothing the second time. The model is loaded once, at the first task; the text classifier
 is built once per label set. With a queue, a task's jobs are put on it instead (one entry
 per job, as `prelabel enqueue --task-id` does) and `prelabel worker` processes label them.
+With `metrics`, each labeled job is counted as it finishes, and each labeled task's time
+from creation in CVAT to its pre-labels.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from redis import Redis
 
 from connectors.cvat.assign import Reviewer, resolve_reviewers
 from connectors.cvat.driver import LabelRequest, label_target
+from connectors.cvat.observe import observed, record_job, task_created_at
 from connectors.cvat.queued import plan_entries
 from connectors.cvat.session import CvatSession
 from connectors.cvat.sync import sync_reviews
@@ -25,6 +28,7 @@ from connectors.queue.enqueue import QueueOptions, enqueue_entries
 from prelabel.assemble import PipelineCache
 from prelabel.config import Config
 from prelabel.errors import PrelabelError
+from prelabel.service.metrics import Metrics
 from prelabel.state import RunState
 
 
@@ -32,9 +36,15 @@ class CvatWork:
     """Performs work items against one CVAT server with one config and state file."""
 
     def __init__(
-        self, session: CvatSession, config: Config, state_path: Path, queue: Redis | None = None
+        self,
+        session: CvatSession,
+        config: Config,
+        state_path: Path,
+        queue: Redis | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.session = session
+        self.metrics = metrics
+        self.session = observed(session, metrics) if metrics is not None else session
         self.queue = queue
         self.config = config
         self.state_path = Path(state_path)
@@ -66,8 +76,11 @@ class CvatWork:
                 request=LabelRequest(progress=False),
                 state=state,
                 reviewers=self._reviewers,
+                on_job=(lambda job: record_job(self.metrics, job)) if self.metrics is not None else None,
             )
         work = outcome.plan.work
+        if self.metrics is not None and work.jobs:
+            self.metrics.task_labeled(task_created_at(self.session, task_id))
         if not work.jobs and not work.finished_jobs:
             return f"task {task_id}: no annotation jobs to label"
         total = outcome.stats

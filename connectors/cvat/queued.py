@@ -25,6 +25,7 @@ from connectors.cvat.access import require_write_access
 from connectors.cvat.assign import Reviewer, resolve_reviewers
 from connectors.cvat.connect import ServerOptions, connect
 from connectors.cvat.driver import LabelRequest, Target, TargetPlan, label_target, plan_target
+from connectors.cvat.observe import check_server, observed, record_job, task_created_at
 from connectors.cvat.session import CvatSession
 from connectors.queue.entries import COMPLETIONS, STATS_INDEX, Entry, stats_key
 from prelabel.assemble import PipelineBuilder, PipelineCache, build_pipeline
@@ -32,6 +33,7 @@ from prelabel.calibration.fitting import Calibration, read_calibration
 from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.pipeline.runner import Pipeline
+from prelabel.service.metrics import Metrics
 from prelabel.state import RunState
 
 log = logging.getLogger(__name__)
@@ -91,9 +93,14 @@ class EntryWorker:
     """One worker process's context: its settings, its counters' Redis, and what it built."""
 
     def __init__(
-        self, settings: WorkerSettings, connection: Redis | None, builder: PipelineBuilder = build_pipeline
+        self,
+        settings: WorkerSettings,
+        connection: Redis | None,
+        builder: PipelineBuilder = build_pipeline,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.connection = connection
         self.pipelines = PipelineCache(builder)
         self._sessions: dict[tuple[str, str | None, str], CvatSession] = {}
@@ -105,20 +112,31 @@ class EntryWorker:
         config = self.config(entry)
         session = self.session(entry, config)
         start = time.perf_counter()
-        outcome = label_target(
-            session,
-            {"job_id": entry.job_id},
-            config,
-            lambda names: self.pipeline(entry, config, names),
-            request=LabelRequest(
-                include_tagged=entry.include_tagged,
-                relabel=entry.relabel,
-                quality=entry.quality,
-                progress=False,
-            ),
-            state=self.settings.state,
-            reviewers=self.reviewers(session, config),
-        )
+        metrics = self.metrics
+        try:
+            outcome = label_target(
+                session,
+                {"job_id": entry.job_id},
+                config,
+                lambda names: self.pipeline(entry, config, names),
+                request=LabelRequest(
+                    include_tagged=entry.include_tagged,
+                    relabel=entry.relabel,
+                    quality=entry.quality,
+                    progress=False,
+                ),
+                state=self.settings.state,
+                reviewers=self.reviewers(session, config),
+                on_job=(lambda job: record_job(metrics, job)) if metrics is not None else None,
+            )
+        except BaseException:
+            if metrics is not None:
+                metrics.worked("label_job", "failed")
+            raise
+        if metrics is not None:
+            metrics.worked("label_job", "done")
+            if outcome.jobs:
+                metrics.task_labeled(task_created_at(session, outcome.jobs[0].plan.task_id))
         seconds = time.perf_counter() - start
         stats = outcome.stats
         result = {
@@ -177,8 +195,15 @@ class EntryWorker:
                 ),
                 config.retry,
             )
+            if self.metrics is not None:
+                self._sessions[key] = observed(self._sessions[key], self.metrics)
             require_write_access(self._sessions[key], "worker")  # before the entry's model is built
         return self._sessions[key]
+
+    def check_servers(self) -> None:
+        """Return when every CVAT server this worker logged in to answers (readiness)."""
+        for session in list(self._sessions.values()):
+            check_server(session)
 
     def reviewers(self, session: CvatSession, config: Config) -> list[Reviewer]:
         key = (session.host, json.dumps(config.review.reviewers))

@@ -26,6 +26,8 @@ class CvatSession:
 
     client: Client
     retry: RetryConfig = field(default_factory=RetryConfig)
+    on_retry: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    """Hears each retried call's failure kind (`retry.failure_kind`), e.g. to count it."""
 
     @property
     def host(self) -> str:
@@ -38,8 +40,8 @@ class CvatSession:
 
     def call(self, doing: str, func: Callable[[], T]) -> T:
         """Run an idempotent server call with retries; a failure is one `CvatError` naming `doing`."""
-        return retry.call(doing, func, self.retry)
+        return retry.call(doing, func, self.retry, self.on_retry)
 
     def retrying(self, doing: str) -> tenacity.Retrying:
         """A retry loop for an operation that checks the server itself before repeating a write."""
-        return retry.retrying(doing, self.retry)
+        return retry.retrying(doing, self.retry, on_retry=self.on_retry)

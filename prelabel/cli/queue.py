@@ -127,8 +127,19 @@ def enqueue(
     help="Seconds a running entry is held without renewal; a dead worker's entry is retried "
     "after about 3 leases.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Serve /metrics (Prometheus), /healthz and /readyz on this port.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address for --metrics-port (0.0.0.0: every interface).",
+)
 @login_options
-def worker(queue_url, device, batch_size, burst, state_path, lease, server):
+def worker(queue_url, device, batch_size, burst, state_path, lease, metrics_port, metrics_host, server):
     """Take CVAT jobs off the queue and pre-label them, one at a time, until stopped.
 
     The model and text classifier are loaded once per process. Run one worker per GPU
@@ -139,8 +150,11 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, server):
     connection = connect_queue(queue_url)  # a bad URL fails before the slow imports
 
     from connectors.cvat.queued import EntryWorker, WorkerSettings
+    from connectors.queue.entries import open_queue
     from connectors.queue.worker import run_worker, worker_name
     from prelabel.assemble import build_pipeline
+    from prelabel.service.http import ProbeServer
+    from prelabel.service.metrics import Metrics, Probes
 
     root = click.get_current_context().find_root()
     quiet = root.params.get("quiet")
@@ -150,6 +164,7 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, server):
     logging.getLogger("connectors.cvat.queued").setLevel(level)
     name = worker_name(device)
     state = _worker_state(state_path)
+    server_ = None
     try:
         settings = WorkerSettings(
             name=name,
@@ -161,10 +176,19 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, server):
             insecure=server["insecure"],
             ca_bundle=server["ca_bundle"],
         )
-        context = EntryWorker(settings, connection, builder)
+        metrics = Metrics()
+        context = EntryWorker(settings, connection, builder, metrics)
+        if metrics_port is not None:
+            metrics.watch_queue(lambda: open_queue(connection).count)
+            probes = Probes(metrics, {"redis": connection.ping, "cvat": context.check_servers})
+            server_ = ProbeServer(probes, (metrics_host, metrics_port))
+            host, port = server_.start()
+            click.echo(f"worker {name}: metrics on http://{host}:{port}/metrics", err=True)
         click.echo(f"worker {name}: state {state.path}; waiting for entries", err=True)
         run_worker(connection, name, context, burst=burst, lease=lease, level=level)
     finally:
+        if server_ is not None:
+            server_.stop()
         state.close()
 
 

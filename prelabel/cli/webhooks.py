@@ -60,31 +60,46 @@ def serve(listen, config_path, state_path, project_ids, queue_url, server):
     Deliveries must carry CVAT's X-Signature-256 for the secret in PRELABEL_WEBHOOK_SECRET
     (or webhook.secret); others get 401. Each is answered at once and the work runs in a
     background worker, one item at a time. The same event delivered twice starts nothing
-    new. GET /healthz answers while it runs; SIGTERM finishes the work in progress and
+    new. GET /metrics answers in Prometheus' format, GET /healthz while it runs, GET /readyz
+    while CVAT (and Redis) can be reached; SIGTERM finishes the work in progress and
     stops (work still queued is resumed at the next start). With --queue (or
     PRELABEL_QUEUE), a new task's jobs go on the queue for `prelabel worker` processes;
     syncs still run here.
     """
+    from connectors.cvat.observe import check_server
     from connectors.cvat.perform import CvatWork
     from prelabel.config import load_config
     from prelabel.service.deliveries import DeliveryLog
-    from prelabel.service.http import InProcessWorker, Service, emit, parse_listen, serve, use_json_logs
+    from prelabel.service.http import (
+        InProcessWorker,
+        Limits,
+        Service,
+        emit,
+        parse_listen,
+        serve,
+        use_json_logs,
+    )
+    from prelabel.service.metrics import Metrics
 
     config = load_config(config_path)
     secret = _secret(config)
     address = parse_listen(listen)
     projects = set(project_ids or config.webhook.projects)
     use_json_logs()
+    metrics = Metrics()
     connection = None
     if queue_url or os.environ.get("PRELABEL_QUEUE"):
         from connectors.queue.redis_url import connect_queue
 
         connection = connect_queue(queue_url)
     session = connect_to(config, server, writes="serve")
+    checks = {"cvat": lambda: check_server(session)}
+    if connection is not None:
+        checks["redis"] = connection.ping
     state = Path(state_path or config.state.path)
     with DeliveryLog(state.with_name("deliveries.db")) as deliveries:
-        perform = CvatWork(session, config, state, connection)
-        worker = InProcessWorker(perform, deliveries, config.webhook.queue_size)
+        perform = CvatWork(session, config, state, connection, metrics)
+        worker = InProcessWorker(perform, deliveries, config.webhook.queue_size, metrics)
         for key, item in deliveries.unfinished():
             try:
                 worker.submit(key, item)
@@ -98,8 +113,20 @@ def serve(listen, config_path, state_path, project_ids, queue_url, server):
             deliveries=deliveries,
             dispatcher=worker,
             max_body=config.webhook.max_body_bytes,
+            metrics=metrics,
+            checks=checks,
         )
-        serve(service, address, on_ready=lambda bound: click.echo(f"listening on {bound[0]}:{bound[1]}"))
+        limits = Limits(
+            head_timeout=config.webhook.client_timeout,
+            body_timeout=config.webhook.client_timeout,
+            max_connections=config.webhook.max_connections,
+        )
+        serve(
+            service,
+            address,
+            limits=limits,
+            on_ready=lambda bound: click.echo(f"listening on {bound[0]}:{bound[1]}"),
+        )
 
 
 def _interpret(body, projects: set[int]):

@@ -1,5 +1,12 @@
 """`prelabel serve`: a small HTTP service that takes signed webhook deliveries and queues work.
 
+It is a Starlette app under uvicorn (one event loop; `Limits` bounds the connections, the
+time a client may take to send its headers and body, and the header size). One process is
+the supported shape, not uvicorn's ``--workers``: the work runs in this process's
+`InProcessWorker` (one model, one item at a time), and the delivery log is what makes a
+redelivery start nothing; several processes would each load a model and race on the log.
+To scale the labeling, give `serve` a queue and run `prelabel worker` processes.
+
 The request handler stays tiny so that every delivery is answered within a second: it
 reads at most `max_body` bytes, checks the signature over the raw body, accepts only
 JSON, asks `interpret` what the delivery means, records it in the `DeliveryLog` (a
@@ -7,25 +14,38 @@ redelivery of the same event is answered 200 and starts nothing) and hands the w
 a `Dispatcher`. The work itself happens elsewhere: `InProcessWorker` does it in a
 background thread, one item at a time; a queue-backed dispatcher can take its place.
 
+``GET /metrics`` answers in Prometheus' format (`prelabel.service.metrics`), ``/healthz``
+while the process serves, ``/readyz`` while CVAT (and Redis, with a queue) answer.
+
 Logs are JSON lines naming the event and the objects it concerns; the secret is never
 logged, and neither is a request body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from prelabel.errors import PrelabelError
 from prelabel.service.deliveries import DeliveryLog
+from prelabel.service.metrics import Check, Metrics, Probes
 from prelabel.service.signature import verify
 
 log = logging.getLogger("prelabel.serve")
@@ -66,9 +86,14 @@ class InProcessWorker:
     """
 
     def __init__(
-        self, perform: Callable[[dict[str, Any]], str], deliveries: DeliveryLog, capacity: int = 100
+        self,
+        perform: Callable[[dict[str, Any]], str],
+        deliveries: DeliveryLog,
+        capacity: int = 100,
+        metrics: Metrics | None = None,
     ) -> None:
         self._perform = perform
+        self._metrics = metrics
         self._deliveries = deliveries
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=capacity)
         self._stopping = threading.Event()
@@ -100,18 +125,22 @@ class InProcessWorker:
         self._deliveries.mark(key, "running")
         emit(logging.INFO, "work started", delivery=key, **fields)
         start = time.perf_counter()
+        kind = str(item.get("kind", "work"))
         try:
             summary = self._perform(item)
         except PrelabelError as exc:
+            self._worked(kind, "failed")
             self._deliveries.mark(key, "failed", exc.one_line())
             emit(logging.ERROR, "work failed", delivery=key, error=exc.one_line(), **fields)
             return
         except Exception as exc:  # a bug must not kill the worker: record it and go on
             detail = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            self._worked(kind, "failed")
             self._deliveries.mark(key, "failed", detail)
             log.debug("work failed", exc_info=True)
             emit(logging.ERROR, "work failed", delivery=key, error=detail, **fields)
             return
+        self._worked(kind, "done")
         self._deliveries.mark(key, "done", summary)
         emit(
             logging.INFO,
@@ -121,6 +150,10 @@ class InProcessWorker:
             seconds=round(time.perf_counter() - start, 2),
             **fields,
         )
+
+    def _worked(self, kind: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.worked(kind, outcome)
 
 
 @dataclass
@@ -132,12 +165,21 @@ class Service:
     deliveries: DeliveryLog
     dispatcher: Dispatcher
     max_body: int = MAX_BODY
+    metrics: Metrics = field(default_factory=Metrics)
+    checks: dict[str, Check] = field(default_factory=dict)
+    """Readiness checks (CVAT, Redis) for ``/readyz``."""
     counts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    probes: Probes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch_queue(self.dispatcher.pending)
+        self.probes = Probes(self.metrics, self.checks, health=self.health)
 
     def count(self, outcome: str) -> None:
         with self._lock:
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        self.metrics.delivered(outcome)
 
     def accept(self, body: bytes, signature: str | None, content_type: str | None) -> tuple[int, dict]:
         """Answer one delivery: (HTTP status, JSON reply). Never raises on bad input."""
@@ -184,57 +226,194 @@ class Service:
         return {"status": "ok", "pending": self.dispatcher.pending(), "deliveries": counts}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    protocol_version = "HTTP/1.1"
-    timeout = 5  # seconds a client may take to send its request
+# ---------------------------------------------------------------------------- the HTTP stack
+@dataclass(frozen=True)
+class Limits:
+    """How much a client may take of the server: time, connections and header bytes."""
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Requests are logged by the service, as JSON lines."""
+    head_timeout: float = 10.0
+    """Seconds a connection may take to send a request's line and headers (slow clients)."""
+    body_timeout: float = 10.0
+    """Seconds a request may take to send its body once the headers are in (408 after)."""
+    keep_alive: int = 5
+    """Seconds an idle kept-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
+    max_connections: int = 1000
+    """Open connections and requests in progress; beyond it new requests get 503 (uvicorn's
+    ``limit_concurrency``)."""
+    max_header_bytes: int = 16 * 1024
+    """The request line and headers (h11's ``max_incomplete_event_size``)."""
+    graceful_seconds: int = 10
+    """On shutdown, how long requests in progress may take to finish."""
 
-    def do_GET(self) -> None:
-        if self.path.split("?")[0] in ("/healthz", "/healthz/"):
-            self._reply(200, self.server.service.health())
-        else:
-            self._reply(404, {"detail": "not found"})
 
-    def do_POST(self) -> None:
-        service = self.server.service
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._reply(411, {"detail": "Content-Length is required"}, close=True)
-            return
-        if length < 0 or length > service.max_body:
-            self._reply(413, {"detail": f"the body is limited to {service.max_body} bytes"}, close=True)
-            return
-        body = self.rfile.read(length)
-        status, reply = service.accept(
-            body, self.headers.get("X-Signature-256"), self.headers.get("Content-Type")
+class _HeadTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's head.
+
+    uvicorn closes a kept-alive connection that stays idle, but not a new connection that
+    sends nothing or sends its headers a byte at a time; this closes such a connection
+    once `head_timeout` passes without a complete request head.
+    """
+
+    head_timeout = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+    _awaited: object = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None and self.cycle is not self._awaited:
+            self._cancel_head_timer()  # a request head arrived
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._awaited = self.cycle
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self.cycle is self._awaited and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _probe(probes: Probes, request: Request) -> Response:
+    answer = await run_in_threadpool(probes.answer, request.url.path)
+    if answer is None:
+        return _json(404, {"detail": "not found"})
+    status, content_type, data = answer
+    return Response(data, status_code=status, media_type=content_type)
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes | Response:
+    """The body, or the answer that refuses it (411, 413, 408) and closes the connection."""
+    close = {"Connection": "close"}
+    try:
+        length = int(request.headers.get("content-length", ""))
+    except ValueError:
+        return _json(411, {"detail": "Content-Length is required"}, close)
+    if length < 0 or length > limit:
+        return _json(413, {"detail": f"the body is limited to {limit} bytes"}, close)
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return _json(413, {"detail": f"the body is limited to {limit} bytes"}, close)
+                chunks.append(chunk)
+    except TimeoutError:
+        return _json(408, {"detail": f"the body did not arrive within {timeout:g} s"}, close)
+    return b"".join(chunks)
+
+
+def webhook_app(service: Service, limits: Limits = Limits()) -> Starlette:
+    """The ASGI app of `prelabel serve`: deliveries by POST to any path, and the probes."""
+
+    async def endpoint(request: Request) -> Response:
+        if request.method == "GET":
+            return await _probe(service.probes, request)
+        body = await _read_body(request, service.max_body, limits.body_timeout)
+        if isinstance(body, Response):
+            return body
+        status, reply = await run_in_threadpool(
+            service.accept,
+            body,
+            request.headers.get("x-signature-256"),
+            request.headers.get("content-type"),
         )
-        self._reply(status, reply)
+        return _json(status, reply, {"Retry-After": "30"} if status == 503 else None)
 
-    def _reply(self, status: int, body: dict, *, close: bool = False) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status == 503:
-            self.send_header("Retry-After", "30")
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=["GET", "POST"])])
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def probe_app(probes: Probes) -> Starlette:
+    """An ASGI app of ``/metrics``, ``/healthz`` and ``/readyz`` alone (a worker's metrics port)."""
 
-    def __init__(self, address: tuple[str, int], service: Service) -> None:
-        self.service = service
-        super().__init__(address, _Handler)
+    async def endpoint(request: Request) -> Response:
+        return await _probe(probes, request)
+
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=["GET"])])
+
+
+class HttpServer:
+    """An ASGI app under uvicorn, in a background thread, on a socket bound at construction.
+
+    One process, one event loop: connections cost a little memory each, not a thread, and
+    `Limits` bounds them. The socket is bound here so that a taken port is one line at once
+    and port 0 gives a known free port.
+    """
+
+    def __init__(
+        self, app: Starlette, address: tuple[str, int], limits: Limits = Limits(), what: str = ""
+    ) -> None:
+        try:
+            self._socket = socket.create_server(address, backlog=2048, reuse_port=False)
+        except OSError as exc:
+            where = f"{address[0]}:{address[1]}"
+            raise PrelabelError(f"cannot listen on {where}{what}: {exc.strerror or exc}") from None
+        protocol = type("HeadTimeoutH11", (_HeadTimeoutH11,), {"head_timeout": limits.head_timeout})
+        config = uvicorn.Config(
+            app,
+            http=protocol,
+            loop="asyncio",
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            timeout_keep_alive=limits.keep_alive,
+            limit_concurrency=limits.max_connections,
+            h11_max_incomplete_event_size=limits.max_header_bytes,
+            timeout_graceful_shutdown=limits.graceful_seconds,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._socket.getsockname()[:2]
+
+    def start(self) -> tuple[str, int]:
+        """Serve in a background thread; returns the bound address once it accepts."""
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="prelabel-http", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise PrelabelError(f"the HTTP server on {self.address[0]}:{self.address[1]} did not start")
+            time.sleep(0.01)
+        return self.address
+
+    def stop(self) -> None:
+        """Stop accepting, let requests in progress finish (`Limits.graceful_seconds`), close."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._socket.close()
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -245,39 +424,58 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def listen(service: Service, address: tuple[str, int]) -> ThreadingHTTPServer:
-    """Bind the service's HTTP server (port 0: any free port); call its `serve_forever`."""
-    try:
-        return _HTTPServer(address, service)
-    except OSError as exc:
-        raise PrelabelError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror or exc}") from None
+def listen(service: Service, address: tuple[str, int], limits: Limits = Limits()) -> HttpServer:
+    """Bind the service's HTTP server (port 0: any free port); `start` it to serve."""
+    return HttpServer(webhook_app(service, limits), address, limits)
 
 
 def serve(
-    service: Service, address: tuple[str, int], *, on_ready: Callable[[tuple[str, int]], None] | None = None
+    service: Service,
+    address: tuple[str, int],
+    *,
+    limits: Limits = Limits(),
+    on_ready: Callable[[tuple[str, int]], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain: stop taking deliveries, finish the work in
     progress, and leave queued work in the delivery log for the next start."""
-    httpd = listen(service, address)
+    server = listen(service, address, limits)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    thread.start()
-    bound = httpd.server_address[:2]
-    emit(logging.INFO, "listening", host=bound[0], port=bound[1])
-    if on_ready:
-        on_ready(bound)
     try:
+        bound = server.start()
+        emit(logging.INFO, "listening", host=bound[0], port=bound[1])
+        if on_ready:
+            on_ready(bound)
         while not stop.wait(0.5):
             pass
     finally:
+        service.probes.draining.set()
         emit(logging.INFO, "draining", pending=service.dispatcher.pending())
-        httpd.shutdown()
-        httpd.server_close()
+        server.stop()
         service.dispatcher.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         emit(logging.INFO, "stopped", **{f"deliveries_{k}": v for k, v in service.counts.items()})
+
+
+@dataclass
+class ProbeServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on their own port, served in a background thread
+    (a `prelabel worker`'s ``--metrics-port``)."""
+
+    probes: Probes
+    address: tuple[str, int]
+    _server: HttpServer | None = field(default=None, init=False, repr=False)
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve; returns the bound address."""
+        self._server = HttpServer(probe_app(self.probes), self.address, what=" for metrics")
+        return self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
 
 # ------------------------------------------------------------------------------ logs
