@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Imported once before forking; none of them imports a module of this repository.
 THIRD_PARTY = (
     "numpy", "PIL", "torch", "torchvision", "open_clip", "cvat_sdk", "scipy", "matplotlib.pyplot",
-    "pydantic", "click", "yaml", "tqdm", "av", "rq", "redis", "tenacity", "urllib3",
+    "pydantic", "click", "yaml", "tqdm", "av", "rq", "redis", "tenacity", "urllib3", "starlette", "uvicorn",
+    "prometheus_client",
 )  # fmt: skip
 
 _CHECKER = textwrap.dedent(
