@@ -204,6 +204,7 @@ def label_job(
         batch_size=config.cvat.upload_batch_size,
         relabel=request.relabel,
         upload_queue=config.cvat.upload_queue,
+        write_concurrency=config.cvat.write_concurrency,
     )
     timer = StageTimer()
     copied = decided_elsewhere(plan, shared, pipeline.policy, pipeline.fingerprint, labeling.state)

@@ -8,6 +8,9 @@
 What the job already holds (`JobPlan.existing`, read from the server) is never written
 again, so a run that follows a crash completes half-done frames instead of duplicating
 them. Tags are created in bounded batches with ``PATCH .../annotations?action=create``.
+Up to `write_concurrency` writes (tag batches, issues, --relabel removals) are in flight at
+once; the writes that touch one frame run in the order they were made (its old tags and issue
+removed, then its issue, then the batch with its suggestion tag).
 The sink never updates or deletes a human's annotation; with `relabel` it deletes only
 prelabel's own tags and open issues on the frames it labels again. It refuses to write
 outside the job's relative frame range (from its `start_frame` to its `stop_frame`), which
@@ -17,6 +20,7 @@ real CVAT would silently accept, even beyond the task's size.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 
 from cvat_sdk import models
@@ -28,7 +32,7 @@ from connectors.cvat.jobs import JobPlan
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, tag_payload
 from connectors.cvat.session import CvatSession
 from prelabel.interface import Decision
-from prelabel.pipeline.stream import BackgroundWriter
+from prelabel.pipeline.stream import ConcurrentWriter
 from prelabel.pipeline.timing import StageTimer
 from prelabel.review import review_message
 from prelabel.state import RunState
@@ -44,7 +48,9 @@ class SinkSettings:
     batch_size: int = 100
     relabel: bool = False
     upload_queue: int = 2
-    """Writes (tag batches, issues) that may wait for the upload thread before `write` blocks."""
+    """Writes (tag batches, issues) that may wait for an upload thread before `write` blocks."""
+    write_concurrency: int = 4
+    """Write requests in flight at once (CVAT has no bulk form of `POST /api/issues`)."""
 
 
 @dataclass
@@ -97,7 +103,10 @@ class CvatSink:
         self.timer = timer or StageTimer()
         self._pending: list[dict] = []
         self._job_frames = set(plan.job_frames)
-        self._writer = BackgroundWriter(depth=settings.upload_queue, name=f"upload-{plan.job_id}")
+        self._writer = ConcurrentWriter(
+            workers=settings.write_concurrency, depth=settings.upload_queue, name=f"upload-{plan.job_id}"
+        )
+        self._lock = threading.Lock()  # the upload threads add to `result`
         self._labels_by_id = {label.id: label for label in labels.values()}
         self._existing = plan.existing.copy()
         """What the job holds as this sink goes: --relabel removes prelabel's old tags and issues."""
@@ -112,7 +121,7 @@ class CvatSink:
             tags, issue = existing.tags.pop(frame, []), existing.open_issue(frame)
             if issue is not None:
                 existing.issues[frame] = [other for other in existing.issues[frame] if other.id != issue.id]
-            self._writer.submit(lambda: self._remove_ours(frame, tags, issue))
+            self._writer.submit(lambda: self._remove_ours(frame, tags, issue), keys=(frame,))
         # A half-done frame keeps the route its first pieces took; otherwise the decision's.
         review = existing.open_issue(frame) is not None or bool(existing.suggestions(frame))
         review = review or not decision.accepted
@@ -144,7 +153,7 @@ class CvatSink:
         )
         if existing.open_issue(frame) is None:
             message = review_message(decision, max_length=self.settings.message_length)
-            self._writer.submit(lambda: self._create_issue(frame, message))
+            self._writer.submit(lambda: self._create_issue(frame, message), keys=(frame,))
         if self.settings.suggestions and prediction.scores and not existing.suggestions(frame):
             label, probability = prediction.scores[0]
             self._queue_tag(frame, label, probability, needs_review=True)
@@ -168,7 +177,7 @@ class CvatSink:
     def _flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
-            self._writer.submit(lambda: self._upload(batch))
+            self._writer.submit(lambda: self._upload(batch), keys={tag["frame"] for tag in batch})
 
     def _upload(self, batch: list[dict]) -> None:
         """Create a batch of tags. If an attempt fails, the server is read again before the
@@ -215,8 +224,9 @@ class CvatSink:
     def _record_tags(self, created: list[dict]) -> None:
         by_frame: dict[int, list[int]] = {}
         for tag in created:
-            self.result.tags_created.append(tag["id"])
             by_frame.setdefault(tag["frame"], []).append(tag["id"])
+        with self._lock:
+            self.result.tags_created.extend(tag["id"] for tag in created)
         if self.state is not None:
             for frame, ids in by_frame.items():
                 self.state.record_upload(self.plan.job_id, frame, tag_ids=ids)
@@ -239,7 +249,8 @@ class CvatSink:
                     if issue_id is None:
                         issue, _ = self.session.client.api_client.issues_api.create(request)
                         issue_id = issue.id
-        self.result.issues_created.append(issue_id)
+        with self._lock:
+            self.result.issues_created.append(issue_id)
         if self.state is not None:
             self.state.record_upload(job_id, frame, issue_id=issue_id)
 
@@ -261,13 +272,15 @@ class CvatSink:
                     "delete", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
                 ),
             )
-            self.result.tags_deleted.extend(tag.id for tag in tags)
+            with self._lock:
+                self.result.tags_deleted.extend(tag.id for tag in tags)
         if issue is not None:
             self.session.call(
                 f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}",
                 lambda: self.session.client.api_client.issues_api.destroy(issue.id),
             )
-            self.result.issues_deleted.append(issue.id)
+            with self._lock:
+                self.result.issues_deleted.append(issue.id)
         if self.state is not None:
             self.state.forget_uploads(self.plan.job_id, frame)
 
