@@ -6,8 +6,11 @@
   marked `needs_review`.
 
 What the job already holds (`JobPlan.existing`, read from the server) is never written
-again, so a run that follows a crash completes half-done frames instead of duplicating
-them. Tags are created in bounded batches with ``PATCH .../annotations?action=create``.
+again, and a create whose answer was lost is retried only for what a re-read of the server
+does not show (a create that timed out may still be running there: it is given the client
+timeout once more to land before that re-read); so a run that follows a crash completes
+half-done frames instead of duplicating them. Tags are created in bounded batches with
+``PATCH .../annotations?action=create``.
 Up to `write_concurrency` writes (tag batches, issues, --relabel removals) are in flight at
 once; the writes that touch one frame run in the order they were made (its old tags and issue
 removed, then its issue, then the batch with its suggestion tag).
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 
+import urllib3
 from cvat_sdk import models
 
 from connectors.cvat.errors import failing_as
@@ -185,14 +190,17 @@ class CvatSink:
         may have been applied, and must not be applied twice."""
         job_id = self.plan.job_id
         doing = f"uploading {len(batch)} tags to job {job_id}"
-        remaining = batch
+        remaining, unknown = batch, Outcome()
         with self.timer.stage("upload"), failing_as(doing):
             for attempt in self.session.retrying(doing):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
+                        unknown.settle(self.session.retry.timeout)
                         remaining = self._not_stored(remaining)
                     if remaining:
-                        self._record_tags(self._create_tags(remaining))
+                        with unknown:
+                            created = self._create_tags(remaining)
+                        self._record_tags(created)
 
     def _create_tags(self, tags: list[dict]) -> list[dict]:
         request = models.PatchedLabeledDataRequest(
@@ -239,15 +247,18 @@ class CvatSink:
             frame=frame, position=[0.0, 0.0, float(width), float(height)], job=job_id, message=message
         )
         doing = f"creating the review issue for frame {frame} of job {job_id}"
+        unknown = Outcome()
         with self.timer.stage("upload"), failing_as(doing):
             for attempt in self.session.retrying(doing):
                 with attempt:
                     issue_id = None
                     if attempt.retry_state.attempt_number > 1:
+                        unknown.settle(self.session.retry.timeout)
                         found = read_job(self.session, job_id, self._labels_by_id).open_issue(frame)
                         issue_id = found.id if found else None
                     if issue_id is None:
-                        issue, _ = self.session.client.api_client.issues_api.create(request)
+                        with unknown:
+                            issue, _ = self.session.client.api_client.issues_api.create(request)
                         issue_id = issue.id
         with self._lock:
             self.result.issues_created.append(issue_id)
@@ -283,6 +294,29 @@ class CvatSink:
                 self.result.issues_deleted.append(issue.id)
         if self.state is not None:
             self.state.forget_uploads(self.plan.job_id, frame)
+
+
+class Outcome:
+    """Around a create request: notes when it timed out, i.e. may still be running on the server."""
+
+    def __init__(self) -> None:
+        self.timed_out = False
+
+    def __enter__(self) -> Outcome:
+        self.timed_out = False
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.timed_out = isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError) or (
+            isinstance(exc, urllib3.exceptions.MaxRetryError)
+            and isinstance(exc.reason, urllib3.exceptions.TimeoutError)
+        )
+
+    def settle(self, seconds: float) -> None:
+        """Before re-reading the server: give a create that timed out `seconds` more to land."""
+        if self.timed_out:
+            time.sleep(seconds)
+            self.timed_out = False
 
 
 def _tag_request(tag: dict) -> models.LabeledImageRequest:
