@@ -1,4 +1,4 @@
-"""Speed on a slow server: writes overlap.
+"""Speed on a slow server: writes overlap, and the next job's chunks come before the job starts.
 
 Both are read from the test server's request log (when each request arrived and was
 answered), with its latency model of a real CVAT 2.73 on, not from wall-clock times.
@@ -79,3 +79,26 @@ def test_review_issues_are_created_concurrently_and_before_their_suggestion_tags
         busy = sum(r.finished - r.started for r in issues)
         assert max(r.finished for r in issues) - min(r.started for r in issues) < 0.6 * busy
         assert server.violations == []
+
+
+def test_the_next_jobs_first_chunk_is_requested_before_the_current_job_is_written(tmp_path: Path) -> None:
+    order = {}
+    for prefetch_jobs in (1, 0):
+        with CvatTestServer(latency="cvat-2.73-2core*0.2") as server:
+            project_id, (first, second) = _project(server, 16, segment_size=8)
+            _run(
+                server, project_id, tmp_path, f"prefetch{prefetch_jobs}", accept_threshold=0.0,
+                prefetch_jobs=prefetch_jobs, upload_batch_size=2,
+            )  # fmt: skip
+            log = server.requests
+            at = {(r.method, r.path.rstrip("/")): [] for r in log}
+            for r in log:
+                at[r.method, r.path.rstrip("/")].append(r)
+            writes = at.get(("PATCH", f"/api/jobs/{first}/annotations"), [])
+            routed = at.get(("PATCH", f"/api/jobs/{first}"), [])
+            data = at.get(("GET", f"/api/jobs/{second}/data"), [])
+            chunks = [r for r in data if r.query.get("type") == "chunk"]
+            assert writes and routed and chunks
+            assert min(r.started for r in routed) >= max(r.finished for r in writes), "routing after writes"
+            order[prefetch_jobs] = min(r.started for r in chunks) < max(r.finished for r in writes)
+    assert order == {1: True, 0: False}
