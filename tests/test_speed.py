@@ -7,8 +7,14 @@ answered), with its latency model of a real CVAT 2.73 on, not from wall-clock ti
 from __future__ import annotations
 
 import io
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from prelabel.pipeline.stream import ConcurrentWriter
 from tests.conftest import TINY_MODEL, run_cli, variants
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer, LoggedRequest
@@ -102,3 +108,38 @@ def test_the_next_jobs_first_chunk_is_requested_before_the_current_job_is_writte
             assert min(r.started for r in routed) >= max(r.finished for r in writes), "routing after writes"
             order[prefetch_jobs] = min(r.started for r in chunks) < max(r.finished for r in writes)
     assert order == {1: True, 0: False}
+
+
+def test_concurrent_writer_keeps_each_keys_order_and_drops_what_follows_a_failure() -> None:
+    lock, running, most, done = threading.Lock(), [0], [0], []
+
+    def write(name: str, seconds: float = 0.1, fail: bool = False) -> Callable[[], None]:
+        def call() -> None:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(seconds)
+            with lock:
+                running[0] -= 1
+                done.append(name)
+            if fail:
+                raise RuntimeError(f"{name} failed")
+
+        return call
+
+    writer = ConcurrentWriter(workers=3, depth=1)
+    writer.submit(write("a1", 0.3), keys=[1])
+    for frame in (2, 3, 4, 5):
+        writer.submit(write(f"b{frame}"), keys=[frame])
+    writer.submit(write("a2"), keys=[1, 6])  # after a1, however long a1 takes
+    writer.close()
+    assert done.index("a1") < done.index("a2") and len(done) == 6
+    assert most[0] == 3
+
+    done.clear()
+    writer = ConcurrentWriter(workers=1, depth=4)
+    writer.submit(write("bad", fail=True), keys=[1])
+    writer.submit(write("after"), keys=[2])
+    with pytest.raises(RuntimeError, match="bad failed"):
+        writer.close()
+    assert done == ["bad"]
