@@ -166,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout=600 + 2 * spec.count * 4,
             )
             first = f"{run.first_write_seconds:.2f}s" if run.first_write_seconds is not None else "–"
+            if run.first_write_in_run_seconds is not None:
+                first += f" ({run.first_write_in_run_seconds:.2f}s after the first chunk request)"
             say(
                 f"  (b) {variant.name}, {case.name}: {run.frames} frames, {run.review} to review, "
                 f"process {run.process_seconds:.1f}s "
