@@ -202,7 +202,8 @@ class CvatConfig(_Strict):
     write_concurrency: Annotated[int, Field(gt=0, le=32)] = 4
     """Write requests (issues, tag batches) in flight at once; a frame's writes stay in order."""
     prefetch_jobs: Annotated[int, Field(ge=0, le=8)] = 1
-    """Jobs whose first chunks are requested while the current job finishes (0: none)."""
+    """Jobs whose first `prefetch_chunks` chunks are requested while the current job finishes
+    (0: none); each holds that many more chunks in memory."""
 
 
 class WebhookConfig(_Strict):
