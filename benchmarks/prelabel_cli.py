@@ -78,6 +78,8 @@ class PrelabelRun:
     """From the first chunk request to the first tag PATCH or issue POST."""
     model_idle_per_job: tuple[float, ...] = ()
     """Seconds the model waited for decoded frames in each job, in job order (``wait_decode``)."""
+    wait_job_per_job: tuple[float, ...] = ()
+    """Seconds from each job's start to its first frame, in job order (``wait_job``; 0 if unknown)."""
 
     @property
     def process_images_per_second(self) -> float:
@@ -220,6 +222,7 @@ def run_prelabel(
     stages = re.search(r"^\s*time per stage: (.*)$", out, re.MULTILINE)
     jobs = {int(job): figures for job, figures in profile.get("jobs", {}).items()}
     idle = tuple(jobs[job]["stages"].get("wait_decode", 0.0) for job in sorted(jobs))
+    wait_job = tuple(jobs[job]["stages"].get("wait_job", 0.0) for job in sorted(jobs))
     first_write = watch.first_write
     return PrelabelRun(
         task_id=task_id,
@@ -233,4 +236,5 @@ def run_prelabel(
         first_write_seconds=first_write - start if first_write is not None else None,
         first_write_in_run_seconds=first_write - watch.first_chunk if first_write is not None else None,
         model_idle_per_job=idle,
+        wait_job_per_job=wait_job,
     )

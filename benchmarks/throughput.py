@@ -69,7 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cases",
         default=",".join(case.name for case in CASES),
-        help=f"routing cases, comma-separated (default {','.join(case.name for case in CASES)})",
+        help="routing cases, comma-separated (default "
+        + ",".join(case.name for case in CASES).replace("%", "%%")  # argparse formats help with %
+        + ")",
     )
     parser.add_argument("--no-int8", action="store_true", help="leave out the int8 variant")
     parser.add_argument(
@@ -164,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout=600 + 2 * spec.count * 4,
             )
             first = f"{run.first_write_seconds:.2f}s" if run.first_write_seconds is not None else "–"
+            if run.first_write_in_run_seconds is not None:
+                first += f" ({run.first_write_in_run_seconds:.2f}s after the first chunk request)"
             say(
                 f"  (b) {variant.name}, {case.name}: {run.frames} frames, {run.review} to review, "
                 f"process {run.process_seconds:.1f}s "
@@ -171,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({run.in_run_images_per_second:.2f}/s), peak RSS {mib(run.peak_rss_bytes)}, "
                 f"other load {percent(meter.share())}\n"
                 f"      first write {first} after start; model idle per job "
-                f"{' / '.join(f'{s:.2f}' for s in run.model_idle_per_job)} s\n"
+                f"{' / '.join(f'{s:.2f}' for s in run.model_idle_per_job)} s; job start to first frame "
+                f"{' / '.join(f'{s:.2f}' for s in run.wait_job_per_job)} s\n"
                 f"      prelabel says: {run.cli_summary}\n"
                 f"      time per stage: {run.cli_stages}"
             )

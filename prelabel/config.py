@@ -207,7 +207,12 @@ class CvatConfig(_Strict):
     prefetch_chunks: Annotated[int, Field(gt=0, le=64)] = 2
     """Chunks fetched ahead of the model (bounds memory)."""
     upload_queue: Annotated[int, Field(gt=0, le=64)] = 2
-    """Uploads that may wait behind the one in progress before the pipeline blocks."""
+    """Uploads that may wait behind the ones in progress before the pipeline blocks."""
+    write_concurrency: Annotated[int, Field(gt=0, le=32)] = 4
+    """Write requests (issues, tag batches) in flight at once; a frame's writes stay in order."""
+    prefetch_jobs: Annotated[int, Field(ge=0, le=8)] = 1
+    """Jobs whose first `prefetch_chunks` chunks are requested while the current job finishes
+    (0: none); each holds that many more chunks in memory."""
 
 
 class WebhookConfig(_Strict):

@@ -53,7 +53,8 @@ def test_overlapped_run_equals_a_sequential_run(tmp_path: Path):
     )  # fmt: skip
     slow = config(
         tmp_path, "sequential", batch=1,
-        cvat={"download_threads": 1, "prefetch_chunks": 1, "upload_queue": 1, "upload_batch_size": 1},
+        cvat={"download_threads": 1, "prefetch_chunks": 1, "upload_queue": 1, "upload_batch_size": 1,
+              "write_concurrency": 1, "prefetch_jobs": 0},
         decode={"workers": 1, "prefetch_batches": 0, "draft": "true"},
     )  # fmt: skip
     states = []
@@ -68,11 +69,11 @@ def test_overlapped_run_equals_a_sequential_run(tmp_path: Path):
 
 
 def test_in_flight_frames_stay_within_the_queue_bounds_when_uploads_are_slow(tmp_path: Path):
-    batch, prefetch_batches, prefetch_chunks, upload_batch, upload_queue = 4, 1, 1, 4, 1
+    batch, prefetch_batches, prefetch_chunks, upload_batch, upload_queue, writers = 4, 1, 1, 4, 1, 2
     path = config(
         tmp_path, "bounded", batch=batch,
         cvat={"download_threads": 1, "prefetch_chunks": prefetch_chunks, "upload_queue": upload_queue,
-              "upload_batch_size": upload_batch},
+              "upload_batch_size": upload_batch, "write_concurrency": writers},
         decode={"workers": 2, "prefetch_batches": prefetch_batches},
         review={"upload_suggestion": "false"},
         routing={"accept_threshold": 0.0, "min_margin": 0.0},
@@ -81,7 +82,7 @@ def test_in_flight_frames_stay_within_the_queue_bounds_when_uploads_are_slow(tmp
         CHUNK * (prefetch_chunks + 1)  # chunks fetched ahead, and the one being handed out
         + batch * (prefetch_batches + 1)  # frames decoded ahead of the model
         + batch  # the batch in the model
-        + upload_batch * (upload_queue + 2)  # queued uploads, the one in progress, the one filling
+        + upload_batch * (upload_queue + writers + 1)  # queued uploads, those in progress, the one filling
     )
     assert bound < FRAMES / 2, "the bound must be a real constraint"
     with CvatTestServer() as server:

@@ -6,6 +6,10 @@ need labels, check the candidate labels, then label each job and route it to rev
 Entry points only gather their inputs (a session, a target, a config, a pipeline maker)
 and call it.
 
+Jobs share the download threads of the run (`ChunkDownloads`): while one job finishes
+(its last chunks, its uploads, its routing), the first chunks of the next
+`cvat.prefetch_jobs` jobs are already being built and downloaded, so no job starts cold.
+
 The job is the unit of work. Labeling one job depends only on the job, the config and the
 server's state (the local state file is a record), so jobs can be processed in any order,
 again after a crash, or on different machines, without writing anything twice.
@@ -13,11 +17,12 @@ again after a crash, or on different machines, without writing anything twice.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from connectors.cvat.assign import Reviewer, resolve_reviewers, route_job
-from connectors.cvat.frames import JobFrameSource
+from connectors.cvat.frames import ChunkDownloads, JobFrameSource
 from connectors.cvat.jobs import JobPlan, Work, find_work
 from connectors.cvat.labels import CvatLabel, check_schema
 from connectors.cvat.overlap import RememberingSink, SharedFrames, count, decided_elsewhere
@@ -174,11 +179,24 @@ def label_target(
     labels = {label.name: label for label in work.labels}
     shared = SharedFrames()  # this run's predictions, for the frames overlapping jobs share
     outcomes = []
-    for plan in work.jobs:
-        outcome = label_job(labeling, plan, labels, shared)
-        outcomes.append(outcome)
-        if on_job:
-            on_job(outcome)
+    timers = {plan.job_id: StageTimer() for plan in work.jobs}
+    expected = _expected_frames(work.jobs)
+    with ChunkDownloads(session, quality=request.quality, threads=config.cvat.download_threads) as downloads:
+        for position, plan in enumerate(work.jobs):
+            following = work.jobs[position + 1 : position + 1 + config.cvat.prefetch_jobs]
+
+            def prefetch(following: list[JobPlan] = following) -> None:
+                for later in following:
+                    downloads.prefetch(
+                        later, expected[later.job_id], config.cvat.prefetch_chunks, timers[later.job_id]
+                    )
+
+            outcome = label_job(
+                labeling, plan, labels, shared, downloads=downloads, timer=timers[plan.job_id], then=prefetch
+            )
+            outcomes.append(outcome)
+            if on_job:
+                on_job(outcome)
     if state is not None:  # jobs finished before an interruption may still await their routing
         for plan in work.finished_jobs:
             if not state.job_routed(plan.job_id):
@@ -186,8 +204,26 @@ def label_target(
     return TargetOutcome(planned, outcomes, labeling.pipeline)
 
 
+def _expected_frames(plans: list[JobPlan]) -> dict[int, list[int]]:
+    """Job id -> the planned frames it will score itself: those no earlier job of the run plans
+    (a frame shared with an earlier job gets that job's decision)."""
+    seen: set[tuple[int, int]] = set()
+    expected = {}
+    for plan in plans:
+        expected[plan.job_id] = [frame for frame in plan.frames if (plan.task_id, frame) not in seen]
+        seen.update((plan.task_id, frame) for frame in plan.frames)
+    return expected
+
+
 def label_job(
-    labeling: Labeling, plan: JobPlan, labels: dict[str, CvatLabel], shared: SharedFrames | None = None
+    labeling: Labeling,
+    plan: JobPlan,
+    labels: dict[str, CvatLabel],
+    shared: SharedFrames | None = None,
+    *,
+    downloads: ChunkDownloads | None = None,
+    timer: StageTimer | None = None,
+    then: Callable[[], None] | None = None,
 ) -> JobOutcome:
     """Label the planned frames of one job, then route the job (assignee, stage, state).
 
@@ -195,7 +231,11 @@ def label_job(
     configured). Only what the job does not hold yet is written. A frame the job shares
     with another job of the task gets the decision already made there (`overlap`); the
     predictions made here are added to `shared` for the jobs labeled after this one.
+    `downloads` are the run's shared download threads (with the chunks fetched for this job
+    ahead of time); `then` is called once every chunk of this job has been asked for. The
+    stage times include ``wait_job`` (from the job's start to its first frame) and ``route``.
     """
+    started = time.perf_counter()
     config, request, pipeline = labeling.config, labeling.request, labeling.pipeline
     shared = shared if shared is not None else SharedFrames()
     settings = SinkSettings(
@@ -206,8 +246,9 @@ def label_job(
         batch_size=config.cvat.upload_batch_size,
         relabel=request.relabel,
         upload_queue=config.cvat.upload_queue,
+        write_concurrency=config.cvat.write_concurrency,
     )
-    timer = StageTimer()
+    timer = timer or StageTimer()
     copied = decided_elsewhere(plan, shared, pipeline.policy, pipeline.fingerprint, labeling.state)
     source = JobFrameSource(
         labeling.session,
@@ -216,6 +257,9 @@ def label_job(
         io_threads=config.cvat.download_threads,
         prefetch_chunks=config.cvat.prefetch_chunks,
         timer=timer,
+        downloads=downloads,
+        on_last_chunk=then,
+        started=started,
     )
     sink = CvatSink(labeling.session, plan, labels, settings, labeling.state, timer)
     remembering = RememberingSink(sink, shared, plan.task_id)
@@ -227,7 +271,9 @@ def label_job(
         raise
     stats = run(source, remembering, pipeline, progress=request.progress, timer=timer)
     count(stats, list(copied.values()))
+    routing = time.perf_counter()
     changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
+    stats.stages["route"] = time.perf_counter() - routing
     return JobOutcome(plan, stats, sink.result, changes)
 
 

@@ -6,8 +6,14 @@
   marked `needs_review` (not when no label fits the frame).
 
 What the job already holds (`JobPlan.existing`, read from the server) is never written
-again, so a run that follows a crash completes half-done frames instead of duplicating
-them. Tags are created in bounded batches with ``PATCH .../annotations?action=create``.
+again, and a create whose answer was lost is retried only for what a re-read of the server
+does not show (a create that timed out may still be running there: it is given the client
+timeout once more to land before that re-read); so a run that follows a crash completes
+half-done frames instead of duplicating them. Tags are created in bounded batches with
+``PATCH .../annotations?action=create``.
+Up to `write_concurrency` writes (tag batches, issues, --relabel removals) are in flight at
+once; the writes that touch one frame run in the order they were made (its old tags and issue
+removed, then its issue, then the batch with its suggestion tag).
 The sink never updates or deletes a human's annotation; with `relabel` it deletes only
 prelabel's own tags and open issues on the frames it labels again. It refuses to write
 outside the job's relative frame range (from its `start_frame` to its `stop_frame`), which
@@ -17,8 +23,11 @@ real CVAT would silently accept, even beyond the task's size.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 
+import urllib3
 from cvat_sdk import models
 
 from connectors.cvat.errors import failing_as
@@ -28,7 +37,7 @@ from connectors.cvat.jobs import JobPlan
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, tag_payload
 from connectors.cvat.session import CvatSession
 from prelabel.interface import Decision
-from prelabel.pipeline.stream import BackgroundWriter
+from prelabel.pipeline.stream import ConcurrentWriter
 from prelabel.pipeline.timing import StageTimer
 from prelabel.review import review_message
 from prelabel.state import RunState
@@ -44,7 +53,9 @@ class SinkSettings:
     batch_size: int = 100
     relabel: bool = False
     upload_queue: int = 2
-    """Writes (tag batches, issues) that may wait for the upload thread before `write` blocks."""
+    """Writes (tag batches, issues) that may wait for an upload thread before `write` blocks."""
+    write_concurrency: int = 4
+    """Write requests in flight at once (CVAT has no bulk form of `POST /api/issues`)."""
 
 
 @dataclass
@@ -97,7 +108,10 @@ class CvatSink:
         self.timer = timer or StageTimer()
         self._pending: list[dict] = []
         self._job_frames = set(plan.job_frames)
-        self._writer = BackgroundWriter(depth=settings.upload_queue, name=f"upload-{plan.job_id}")
+        self._writer = ConcurrentWriter(
+            workers=settings.write_concurrency, depth=settings.upload_queue, name=f"upload-{plan.job_id}"
+        )
+        self._lock = threading.Lock()  # the upload threads add to `result`
         self._labels_by_id = {label.id: label for label in labels.values()}
         self._existing = plan.existing.copy()
         """What the job holds as this sink goes: --relabel removes prelabel's old tags and issues."""
@@ -112,7 +126,7 @@ class CvatSink:
             tags, issue = existing.tags.pop(frame, []), existing.open_issue(frame)
             if issue is not None:
                 existing.issues[frame] = [other for other in existing.issues[frame] if other.id != issue.id]
-            self._writer.submit(lambda: self._remove_ours(frame, tags, issue))
+            self._writer.submit(lambda: self._remove_ours(frame, tags, issue), keys=(frame,))
         # A half-done frame keeps the route its first pieces took; otherwise the decision's.
         review = existing.open_issue(frame) is not None or bool(existing.suggestions(frame))
         review = review or not decision.accepted
@@ -144,7 +158,7 @@ class CvatSink:
         )
         if existing.open_issue(frame) is None:
             message = review_message(decision, max_length=self.settings.message_length)
-            self._writer.submit(lambda: self._create_issue(frame, message))
+            self._writer.submit(lambda: self._create_issue(frame, message), keys=(frame,))
         # A frame no label fits gets no suggestion: the top-1 would be a guess among wrong labels.
         fits = decision.code != "no_fit"
         if self.settings.suggestions and fits and prediction.scores and not existing.suggestions(frame):
@@ -170,7 +184,7 @@ class CvatSink:
     def _flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
-            self._writer.submit(lambda: self._upload(batch))
+            self._writer.submit(lambda: self._upload(batch), keys={tag["frame"] for tag in batch})
 
     def _upload(self, batch: list[dict]) -> None:
         """Create a batch of tags. If an attempt fails, the server is read again before the
@@ -178,14 +192,17 @@ class CvatSink:
         may have been applied, and must not be applied twice."""
         job_id = self.plan.job_id
         doing = f"uploading {len(batch)} tags to job {job_id}"
-        remaining = batch
+        remaining, unknown = batch, Outcome()
         with self.timer.stage("upload"), failing_as(doing):
             for attempt in self.session.retrying(doing):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
+                        unknown.settle(self.session.retry.timeout)
                         remaining = self._not_stored(remaining)
                     if remaining:
-                        self._record_tags(self._create_tags(remaining))
+                        with unknown:
+                            created = self._create_tags(remaining)
+                        self._record_tags(created)
 
     def _create_tags(self, tags: list[dict]) -> list[dict]:
         request = models.PatchedLabeledDataRequest(
@@ -217,8 +234,9 @@ class CvatSink:
     def _record_tags(self, created: list[dict]) -> None:
         by_frame: dict[int, list[int]] = {}
         for tag in created:
-            self.result.tags_created.append(tag["id"])
             by_frame.setdefault(tag["frame"], []).append(tag["id"])
+        with self._lock:
+            self.result.tags_created.extend(tag["id"] for tag in created)
         if self.state is not None:
             for frame, ids in by_frame.items():
                 self.state.record_upload(self.plan.job_id, frame, tag_ids=ids)
@@ -231,17 +249,21 @@ class CvatSink:
             frame=frame, position=[0.0, 0.0, float(width), float(height)], job=job_id, message=message
         )
         doing = f"creating the review issue for frame {frame} of job {job_id}"
+        unknown = Outcome()
         with self.timer.stage("upload"), failing_as(doing):
             for attempt in self.session.retrying(doing):
                 with attempt:
                     issue_id = None
                     if attempt.retry_state.attempt_number > 1:
+                        unknown.settle(self.session.retry.timeout)
                         found = read_job(self.session, job_id, self._labels_by_id).open_issue(frame)
                         issue_id = found.id if found else None
                     if issue_id is None:
-                        issue, _ = self.session.client.api_client.issues_api.create(request)
+                        with unknown:
+                            issue, _ = self.session.client.api_client.issues_api.create(request)
                         issue_id = issue.id
-        self.result.issues_created.append(issue_id)
+        with self._lock:
+            self.result.issues_created.append(issue_id)
         if self.state is not None:
             self.state.record_upload(job_id, frame, issue_id=issue_id)
 
@@ -263,15 +285,40 @@ class CvatSink:
                     "delete", self.plan.job_id, patched_labeled_data_request=request, _parse_response=False
                 ),
             )
-            self.result.tags_deleted.extend(tag.id for tag in tags)
+            with self._lock:
+                self.result.tags_deleted.extend(tag.id for tag in tags)
         if issue is not None:
             self.session.call(
                 f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}",
                 lambda: self.session.client.api_client.issues_api.destroy(issue.id),
             )
-            self.result.issues_deleted.append(issue.id)
+            with self._lock:
+                self.result.issues_deleted.append(issue.id)
         if self.state is not None:
             self.state.forget_uploads(self.plan.job_id, frame)
+
+
+class Outcome:
+    """Around a create request: notes when it timed out, i.e. may still be running on the server."""
+
+    def __init__(self) -> None:
+        self.timed_out = False
+
+    def __enter__(self) -> Outcome:
+        self.timed_out = False
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.timed_out = isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError) or (
+            isinstance(exc, urllib3.exceptions.MaxRetryError)
+            and isinstance(exc.reason, urllib3.exceptions.TimeoutError)
+        )
+
+    def settle(self, seconds: float) -> None:
+        """Before re-reading the server: give a create that timed out `seconds` more to land."""
+        if self.timed_out:
+            time.sleep(seconds)
+            self.timed_out = False
 
 
 def _tag_request(tag: dict) -> models.LabeledImageRequest:

@@ -3,7 +3,9 @@
 - `ordered_map` runs a function over a stream in a thread pool, a bounded number of items
   ahead of the consumer, and yields the results in input order (chunk downloads, decoding).
 - `BackgroundWriter` runs writes one after another in a thread of its own behind a bounded
-  queue (uploads); a full queue blocks the producer instead of growing.
+  queue; a full queue blocks the producer instead of growing.
+- `ConcurrentWriter` runs up to N writes at once behind a bounded queue (uploads), keeping
+  the writes that share a key (a frame) in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -77,6 +79,63 @@ class BackgroundWriter:
                 call()
             except BaseException as exc:
                 self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class ConcurrentWriter:
+    """Runs submitted calls on up to `workers` threads at once, behind a bounded queue.
+
+    A call starts only after every earlier call that shares one of its `keys` has finished,
+    so the writes to one frame keep their order; calls without a shared key overlap.
+    `submit` blocks while `workers + depth` calls are running or waiting. The first failure
+    is re-raised by the next `submit` or by `close`, and every call that has not started by
+    then is dropped (calls already running finish). With one worker this is `BackgroundWriter`.
+    """
+
+    def __init__(self, workers: int = 4, depth: int = 2, name: str = "writer") -> None:
+        workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._slots = threading.Semaphore(workers + max(1, depth))
+        self._lock = threading.Lock()
+        self._last: dict[Hashable, Future[None]] = {}
+        self._error: BaseException | None = None
+
+    def submit(self, call: Callable[[], None], keys: Iterable[Hashable] = ()) -> None:
+        self._raise_if_failed()
+        self._slots.acquire()
+        keys = tuple(keys)
+        with self._lock:
+            after = {self._last[key] for key in keys if key in self._last}
+            # FIFO pool: every call in `after` was taken by a thread before this one, so no deadlock.
+            future = self._pool.submit(self._run, call, after)
+            for key in keys:
+                self._last[key] = future
+        future.add_done_callback(lambda done: self._finished(done, keys))
+
+    def close(self) -> None:
+        """Wait for every submitted call; re-raise the first failure."""
+        self._pool.shutdown(wait=True)
+        self._raise_if_failed()
+
+    def _run(self, call: Callable[[], None], after: set[Future[None]]) -> None:
+        wait(after)
+        if self._error is not None:
+            return
+        try:
+            call()
+        except BaseException as exc:
+            with self._lock:
+                self._error = self._error or exc
+
+    def _finished(self, future: Future[None], keys: tuple[Hashable, ...]) -> None:
+        with self._lock:
+            for key in keys:
+                if self._last.get(key) is future:
+                    del self._last[key]
+        self._slots.release()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -33,6 +33,10 @@ class LoggedRequest:
     status: int | None
     user: str | None = None
     fault: str | None = None
+    started: float = 0.0
+    """`time.perf_counter()` when the request arrived (its body read)."""
+    finished: float = 0.0
+    """`time.perf_counter()` when it was answered (just before the answer is sent)."""
 
 
 class App:
@@ -132,6 +136,7 @@ class Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         path, query = split.path, dict(parse_qsl(split.query, keep_blank_values=True))
         method = self.command
+        started = time.perf_counter()
         time.sleep(app.faults.global_delay_for(method))
 
         fired = app.faults.draw(method, path)
@@ -143,7 +148,10 @@ class Handler(BaseHTTPRequestHandler):
         before = next((f for f in fired if f.kind in ("status", "drop")), None)
         if before is not None:
             app.record(
-                LoggedRequest(method, path, query, before.answer_status, fault=before.kind),
+                LoggedRequest(
+                    method, path, query, before.answer_status, fault=before.kind,
+                    started=started, finished=time.perf_counter(),
+                ),
                 write=False,
             )
             self._fail(before, path)
@@ -155,12 +163,20 @@ class Handler(BaseHTTPRequestHandler):
         after = next((f for f in fired if f.kind.endswith("_after_write")), None)
         if after is not None and write:
             app.record(
-                LoggedRequest(method, path, query, after.answer_status, username, after.kind),
+                LoggedRequest(
+                    method, path, query, after.answer_status, username, after.kind,
+                    started=started, finished=time.perf_counter(),
+                ),
                 write=True,
             )
             self._fail(after, path)
             return
-        app.record(LoggedRequest(method, path, query, reply.status, username), write=write)
+        app.record(
+            LoggedRequest(
+                method, path, query, reply.status, username, started=started, finished=time.perf_counter()
+            ),
+            write=write,
+        )
         self._send(reply, path)
 
     def _fail(self, fault: Fault, path: str) -> None:
