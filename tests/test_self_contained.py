@@ -1,6 +1,6 @@
 """The repository needs nothing beside it: no code names a path outside its own tree.
 
-A clone in an empty folder has no `../shared`; the CVAT reference material the tests read
+A clone in an empty folder has no sibling reference folder; the CVAT material the tests read
 is vendored under `tests/assets/cvat-2.73/`. This guard keeps it that way.
 """
 
@@ -15,7 +15,7 @@ SCANNED = ("tests", "benchmarks", "prelabel", "connectors")
 # Written so that this file does not match itself.
 _OUTSIDE = [
     re.compile(r"(?<![.\w])\.\./"),  # "../x" (an ellipsis such as ".../annotations" is fine)
-    re.compile(r"parent\s*/\s*[\"']" + "shared" + r"[\"']"),  # REPO.parent / "shared"
+    re.compile(r"parent\s*/\s*[\"']" + "shared" + r"[\"']"),  # the checkout's parent, then shared
     re.compile(r"\b(?:REPO|ROOT|HERE)\.parent\b"),  # one level above the checkout
 ]
 _PARENTS = re.compile(r"__file__\)\.resolve\(\)\.parents\[(\d+)\]")
@@ -42,6 +42,9 @@ def test_no_code_reads_outside_the_repository():
     assert offending == [], "paths outside the repository:\n" + "\n".join(offending)
 
 
+SIBLING, UP = "shared", "../"  # apart, so that no line of this file names the sibling folder
+
+
 def test_the_guard_catches_a_read_of_the_sibling_shared_folder(tmp_path: Path):
     tests = tmp_path / "tests"
     tests.mkdir()
@@ -49,8 +52,8 @@ def test_the_guard_catches_a_read_of_the_sibling_shared_folder(tmp_path: Path):
     bad.write_text(
         "from pathlib import Path\n"
         "REPO = Path(__file__).resolve().parents[1]\n"
-        "A = REPO.parent / 'shared' / 'cvat'\n"
-        "C = Path('../shared/cvat/schema-2.73.0.yml')\n"
+        f"A = REPO.parent / '{SIBLING}' / 'cvat'\n"
+        f"C = Path('{UP}{SIBLING}/cvat/schema-2.73.0.yml')\n"
         "D = Path(__file__).resolve().parents[2] / 'shared'\n"
         "E = 'GET .../annotations?action=create'\n",
         encoding="utf-8",
