@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cvat_sdk import make_client
+from cvat_sdk import Client, make_client, models
 
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
@@ -116,3 +116,15 @@ def server_state(project: Project) -> dict[str, set]:
         record = server.job(job["id"])
         jobs.add((job["id"], record["stage"], record["state"], record.get("assignee_id")))
     return {"tags": tags, "issues": issues, "jobs": jobs}
+
+
+def resolve_and_accept(reviewer: Client, project: Project) -> None:
+    """As a reviewer in CVAT's UI: resolve every issue, then move every annotation job to acceptance."""
+    for issue in project.server.issues():
+        reviewer.api_client.issues_api.partial_update(
+            issue["id"], patched_issue_write_request=models.PatchedIssueWriteRequest(resolved=True)
+        )
+    for job in project.annotation_jobs():
+        reviewer.api_client.jobs_api.partial_update(
+            job["id"], patched_job_write_request=models.PatchedJobWriteRequest(stage="acceptance")
+        )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cvat_sdk import make_client, models
+from cvat_sdk import make_client
 
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
@@ -16,7 +16,7 @@ from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
 from prelabel.pipeline.worker import WorkerOptions, predict
 from tests.conftest import TINY_MODEL, run_cli
-from tests.cvat_fixtures import LABELS, PASSWORD, Project, tiny_args
+from tests.cvat_fixtures import LABELS, PASSWORD, Project, resolve_and_accept, tiny_args
 from tests.cvat_server import sample_jpegs
 from tests.test_review import _edit_tag, _label_names, _same_attributes
 
@@ -101,14 +101,7 @@ def test_run_review_sync_calibrate_run(big_project: Project, tmp_path: Path):
                 attributes=_same_attributes(project, tag, ids[label]),
             )  # fmt: skip
         truth[(job_id, tag["frame"])] = label
-    for issue in server.issues():
-        reviewer.api_client.issues_api.partial_update(
-            issue["id"], patched_issue_write_request=models.PatchedIssueWriteRequest(resolved=True)
-        )
-    for job in project.annotation_jobs():
-        reviewer.api_client.jobs_api.partial_update(
-            job["id"], patched_job_write_request=models.PatchedJobWriteRequest(stage="acceptance")
-        )
+    resolve_and_accept(reviewer, project)
     synced = run_cli("review", "sync", "--config", str(config), "--state", str(state), env=env)
     assert synced.returncode == 0, synced.stderr
 

@@ -21,7 +21,7 @@ from prelabel.config import load_config
 from prelabel.interface import Prediction
 from prelabel.pipeline.worker import WorkerOptions, predict
 from tests.conftest import TINY_MODEL, run_cli
-from tests.cvat_fixtures import LABELS, PASSWORD, Project, tiny_args
+from tests.cvat_fixtures import LABELS, PASSWORD, Project, resolve_and_accept, tiny_args
 from tests.cvat_server import sample_jpegs
 from tests.test_calibrate_cvat import big_project  # noqa: F401  (fixture)
 
@@ -97,14 +97,7 @@ def test_none_of_these_frames_teach_the_floor_and_route_to_review(big_project: P
         for tag in server.annotations(job["id"])["tags"]:
             if (job["id"], tag["frame"]) in none:
                 _delete_tag(reviewer, job["id"], tag)
-    for issue in server.issues():
-        reviewer.api_client.issues_api.partial_update(
-            issue["id"], patched_issue_write_request=models.PatchedIssueWriteRequest(resolved=True)
-        )
-    for job in project.annotation_jobs():
-        reviewer.api_client.jobs_api.partial_update(
-            job["id"], patched_job_write_request=models.PatchedJobWriteRequest(stage="acceptance")
-        )
+    resolve_and_accept(reviewer, project)
     synced = run_cli("review", "sync", "--config", str(config), "--state", str(state), env=env)
     assert synced.returncode == 0, synced.stderr
 
