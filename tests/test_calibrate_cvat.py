@@ -55,8 +55,12 @@ def big_project(project: Project) -> Project:
     return project
 
 
-def test_run_review_sync_calibrate_run(big_project: Project, tmp_path: Path):
-    project, server = big_project, big_project.server
+def first_run(project: Project, tmp_path: Path) -> tuple[Path, Path, Path, list[str], dict[str, str]]:
+    """`setup`, then a first `run` of the project with a calibration config in `tmp_path`.
+
+    Returns the calibration file, the config, the state file, the common CLI arguments
+    (target, config, state) and the environment with the project's credentials.
+    """
     calibration_file = tmp_path / "calibration.yaml"
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -69,6 +73,12 @@ def test_run_review_sync_calibrate_run(big_project: Project, tmp_path: Path):
     assert run_cli("setup", "--project-id", str(project.project_id), env=env).returncode == 0
     first = run_cli("run", *common, *tiny_args(), env=env)
     assert first.returncode == 0, first.stderr
+    return calibration_file, config, state, common, env
+
+
+def test_run_review_sync_calibrate_run(big_project: Project, tmp_path: Path):
+    project, server = big_project, big_project.server
+    calibration_file, config, state, common, env = first_run(project, tmp_path)
     old_scores = probabilities(project, project_id=project.project_id)  # before any review
 
     # Reviewers, through the API as in CVAT's UI: the model is right when it is confident.

@@ -23,7 +23,7 @@ from prelabel.pipeline.worker import WorkerOptions, predict
 from tests.conftest import TINY_MODEL, run_cli
 from tests.cvat_fixtures import LABELS, PASSWORD, Project, resolve_and_accept, tiny_args
 from tests.cvat_server import sample_jpegs
-from tests.test_calibrate_cvat import big_project  # noqa: F401  (fixture)
+from tests.test_calibrate_cvat import big_project, first_run  # noqa: F401  (fixture)
 
 
 def predictions(
@@ -72,18 +72,7 @@ def _delete_tag(client, job_id: int, tag: dict) -> None:
 
 def test_none_of_these_frames_teach_the_floor_and_route_to_review(big_project: Project, tmp_path: Path):  # noqa: F811
     project, server = big_project, big_project.server
-    calibration_file = tmp_path / "calibration.yaml"
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "routing:\n  accept_threshold: 0.34\n  min_margin: 0.0\n"
-        f"calibration:\n  path: {calibration_file}\n  min_examples: 20\n  confidence: 0.8\n"
-    )
-    state = tmp_path / "state.db"
-    common = ["--project-id", str(project.project_id), "--config", str(config), "--state", str(state)]
-    env = project.env()
-    assert run_cli("setup", "--project-id", str(project.project_id), env=env).returncode == 0
-    first = run_cli("run", *common, *tiny_args(), env=env)
-    assert first.returncode == 0, first.stderr
+    calibration_file, config, state, common, env = first_run(project, tmp_path)
     before = predictions(project, project_id=project.project_id)
     assert all(p.fit is not None for p in before.values() if p.scores)
 
