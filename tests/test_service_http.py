@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from prelabel.service.deliveries import DeliveryLog
-from prelabel.service.http import Limits, Service, listen
+from prelabel.service.http import BUSY_RETRY_AFTER, Limits, Service, listen
 from tests.test_webhooks import REAL_SECRET, Recorder, _captured, _cvat_intent
 
 
@@ -157,8 +157,9 @@ def test_connections_beyond_the_bound_are_refused_with_503(tmp_path: Path):
     with running(tmp_path, Limits(max_connections=20)) as (port, _), ExitStack() as stack:
         idle_connections(stack, port, 20)
         time.sleep(0.2)
-        status, reply, *_ = deliver(port, body, headers)
+        status, reply, answer_headers, _ = deliver(port, body, headers)
         assert (status, reply) == (503, "Service Unavailable")
+        assert answer_headers["Retry-After"] == BUSY_RETRY_AFTER
     with running(tmp_path / "again", Limits(max_connections=20)) as (port, _):
         assert deliver(port, body, headers)[0] == 202
 

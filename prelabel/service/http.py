@@ -238,8 +238,8 @@ class Limits:
     keep_alive: int = 5
     """Seconds an idle kept-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
     max_connections: int = 1000
-    """Open connections and requests in progress; beyond it new requests get 503 (uvicorn's
-    ``limit_concurrency``)."""
+    """Open connections and requests in progress; beyond it new requests get 503 with
+    Retry-After (the bound of uvicorn's ``limit_concurrency``)."""
     max_header_bytes: int = 16 * 1024
     """The request line and headers (h11's ``max_incomplete_event_size``)."""
     graceful_seconds: int = 10
@@ -257,6 +257,14 @@ class _HeadTimeoutH11(H11Protocol):
     head_timeout = 10.0
     _head_timer: asyncio.TimerHandle | None = None
     _awaited: object = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn answers past its `limit_concurrency` with a bare 503; the same bound is
+        # checked here instead, so that the 503 says when to come back (Retry-After).
+        bound, self.limit_concurrency = self.limit_concurrency, None
+        if bound is not None:
+            self.app = _bounded(self.app, bound, self.connections, self.tasks)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -291,6 +299,32 @@ class _HeadTimeoutH11(H11Protocol):
         idle = self.cycle is None or self.cycle.response_complete
         if idle and self.cycle is self._awaited and not self.transport.is_closing():
             self.transport.close()
+
+
+BUSY_RETRY_AFTER = "5"
+"""Seconds a client refused past `Limits.max_connections` is asked to wait."""
+
+
+def _bounded(app: Any, bound: int, connections: set, tasks: set) -> Any:
+    """`app` behind uvicorn's concurrency bound, answering 503 with Retry-After past it."""
+
+    async def bounded(scope: dict, receive: Any, send: Any) -> None:
+        # Like uvicorn's own check, except that this request's task is already in `tasks`.
+        if len(connections) >= bound or len(tasks) - 1 >= bound:
+            log.warning("over %d connections or requests: answered 503", bound)
+            body = b"Service Unavailable"
+            headers = [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", BUSY_RETRY_AFTER.encode()),
+                (b"connection", b"close"),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await app(scope, receive, send)
+
+    return bounded
 
 
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> Response:
