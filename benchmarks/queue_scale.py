@@ -88,15 +88,19 @@ def queue_figures(jobs: int) -> None:
         seconds, done = timed(lambda: enqueue_entries(connection, work, options))
         print(f"enqueue_entries again, all {jobs} pending: {seconds:.2f} s ({len(done.added)} added)")
         finish_some(connection, [done.ids[entry.job_id] for entry in work], jobs // 10, jobs // 20)
-        from connectors.queue.status import read_status
+        from connectors.queue.status import STATES, read_status
 
         seconds, _ = timed(lambda: read_status(connection))
-        print(f"read_status (in-process), {jobs} entries: {seconds:.3f} s")
+        print(f"read_status, counts and workers (in-process), {jobs} entries: {seconds:.3f} s")
+        seconds, _ = timed(lambda: read_status(connection, STATES))
+        print(f"read_status, every entry listed (in-process): {seconds:.3f} s")
         seconds, out = cli("status", "--queue", url)
         first = out.splitlines()[0]
         print(f"`prelabel status` (CLI, process start included): {seconds:.2f} s; first line: {first}")
         seconds, out = cli("status", "--queue", url, "--format", "json")
         print(f"`prelabel status --format json` (CLI): {seconds:.2f} s, {len(out)} characters")
+        seconds, out = cli("status", "--queue", url, "--list", "failed")
+        print(f"`prelabel status --list failed` (CLI): {seconds:.2f} s, {len(out.splitlines())} lines")
         seconds, _ = cli("--help")
         print(f"`prelabel --help` (CLI start-up alone, for comparison): {seconds:.2f} s")
 
