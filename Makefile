@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review bench bench-memory eval calibrate workers bench-scale
+.PHONY: install test demo lint clean prelabel setup review bench bench-memory eval calibrate workers bench-scale bench-queue
 
 install: $(VENV)/.installed
 
@@ -110,3 +110,8 @@ workers: install
 # docs/benchmarks.md. make bench-scale ARGS="--jobs 48 --standin 0.25"
 bench-scale: install
 	$(BIN)/python -m benchmarks.scale $(ARGS)
+
+# enqueue, status and review list at scale (real redis-server, a synthetic state file); prints
+# the figures. make bench-queue ARGS="--jobs 2000 --frames 100000"
+bench-queue: install
+	$(BIN)/python -m benchmarks.queue_scale $(ARGS)

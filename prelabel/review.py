@@ -67,47 +67,70 @@ class QueueItem:
 
 
 REVIEW_ORDERS = ("margin", "label")
+PAGE_SIZE = 50
+"""Frames per page of `review list` unless told otherwise."""
+
+
+@dataclass(frozen=True)
+class ReviewPage:
+    """One page of the review queue and where it lies in the whole."""
+
+    items: list[QueueItem]
+    total: int
+    """Frames in the whole queue (as filtered)."""
+    offset: int
+    """Frames before this page."""
+
+    @property
+    def more(self) -> bool:
+        return self.offset + len(self.items) < self.total
+
+
+def review_page(
+    state: RunState,
+    *,
+    include_handled: bool = False,
+    order: str = "margin",
+    limit: int | None = PAGE_SIZE,
+    offset: int = 0,
+) -> ReviewPage:
+    """`limit` review frames from `offset` (all with None), where a human look is worth most first.
+
+    ``margin``: the most uncertain (smallest lead of the top-1 label) first, since those
+    are the frames the model is likeliest to get wrong. ``label``: grouped by the top-1
+    label (so a reviewer can work one label at a time), most uncertain first within each.
+    Ties go by job and frame, so consecutive pages are disjoint and together complete.
+    The state file does the paging: a page reads its own rows only.
+    """
+    host = (state.meta("host") or "").rstrip("/")
+    rows = state.review_frames(include_handled=include_handled, order=order, limit=limit, offset=offset)
+    items = [
+        QueueItem(
+            job_id=record.job_id,
+            task_id=record.task_id,
+            frame=record.frame,
+            name=record.name,
+            reason=record.reason or "",
+            candidates=record.scores,
+            link=f"{host}/tasks/{record.task_id}/jobs/{record.job_id}?frame={record.frame}",
+            outcome=outcome,
+        )
+        for record, outcome in rows
+    ]
+    total = state.count_review_frames(include_handled=include_handled)
+    return ReviewPage(items=items, total=total, offset=offset)
 
 
 def pending_items(
     state: RunState, *, include_handled: bool = False, order: str = "margin"
 ) -> list[QueueItem]:
-    """The review frames recorded in `state`, where a human look is worth most first.
-
-    ``margin``: the most uncertain (smallest lead of the top-1 label) first, since those
-    are the frames the model is likeliest to get wrong. ``label``: grouped by the top-1
-    label (so a reviewer can work one label at a time), most uncertain first within each.
-    """
-    host = (state.meta("host") or "").rstrip("/")
-    outcomes = {(o.job_id, o.frame): o.outcome for o in state.outcomes()}
-    items = []
-    for record in state.frames(decision="review"):
-        outcome = outcomes.get((record.job_id, record.frame), "pending")
-        if outcome != "pending" and not include_handled:
-            continue
-        items.append(
-            QueueItem(
-                job_id=record.job_id,
-                task_id=record.task_id,
-                frame=record.frame,
-                name=record.name,
-                reason=record.reason or "",
-                candidates=record.scores,
-                link=f"{host}/tasks/{record.task_id}/jobs/{record.job_id}?frame={record.frame}",
-                outcome=outcome,
-            )
-        )
-    if order == "label":
-        return sorted(items, key=lambda item: (_top(item), item.margin, item.job_id, item.frame))
-    return sorted(items, key=lambda item: (item.margin, item.job_id, item.frame))
+    """Every review frame recorded in `state`, in `review_page`'s order."""
+    return review_page(state, include_handled=include_handled, order=order, limit=None).items
 
 
-def _top(item: QueueItem) -> str:
-    return item.candidates[0][0] if item.candidates else ""
-
-
-def write_items(items: list[QueueItem], fmt: str, stream: TextIO) -> None:
-    """Write the queue as an aligned table, CSV or JSON."""
+def write_items(items: list[QueueItem], fmt: str, stream: TextIO, page: ReviewPage | None = None) -> None:
+    """Write the queue as an aligned table, CSV or JSON; the table ends with a count line
+    (which part of the whole `page` is, when given)."""
     rows = [
         {
             "job": item.job_id,
@@ -134,4 +157,19 @@ def write_items(items: list[QueueItem], fmt: str, stream: TextIO) -> None:
             return
         for row in rows:
             stream.write(f"{row['link']}  {row['reason']}  [{row['candidates']}]  {row['outcome']}\n")
-        stream.write(f"{len(rows)} frames to review\n")
+        stream.write(page_summary(page) if page is not None else f"{len(rows)} frames to review")
+        stream.write("\n")
+
+
+def page_summary(page: ReviewPage) -> str:
+    """``frames 51-100 of 1234 to review (--page 3: the next 50)``, or ``12 frames to review``."""
+    if page.offset == 0 and not page.more:
+        return f"{page.total} frames to review"
+    if not page.items:
+        return f"no frames on this page; {page.total} frames to review"
+    shown = f"frames {page.offset + 1}-{page.offset + len(page.items)} of {page.total} to review"
+    if page.more:
+        size = len(page.items)
+        following = min(size, page.total - page.offset - size)
+        return f"{shown} (--page {page.offset // size + 2}: the next {following})"
+    return shown

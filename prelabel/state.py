@@ -32,7 +32,7 @@ from prelabel.errors import PrelabelError
 
 DEFAULT_STATE_PATH = Path(".prelabel/state.db")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The version this release writes. 0: prelabel 0.1 (no version recorded)."""
 
 _SCHEMA = """
@@ -80,9 +80,29 @@ CREATE TABLE IF NOT EXISTS embeddings (
 """
 """The tables as prelabel 0.1 made them (schema version 0); `_MIGRATIONS` bring them up to date."""
 
+_MARGIN = "ifnull(json_extract(scores, '$[0][1]'), 0) - ifnull(json_extract(scores, '$[1][1]'), 0)"
+"""A frame's margin: the lead of its top-1 label's probability over the second's (0 if none)."""
+_TOP = "ifnull(json_extract(scores, '$[0][0]'), '')"
+"""A frame's top-1 label ('' if none)."""
+_REVIEW_ORDERS = {
+    "margin": ("frames_review_by_margin", f"{_MARGIN}, frames.job_id, frames.frame"),
+    "label": ("frames_review_by_label", f"{_TOP}, {_MARGIN}, frames.job_id, frames.frame"),
+}
+"""Review order -> the index that holds the frames in that order, and the order itself."""
+_STILL_PENDING = " AND (o.outcome IS NULL OR o.outcome = 'pending')"
+
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 0 -> 1: the review queue reads frames by decision.
     0: ("CREATE INDEX IF NOT EXISTS frames_by_decision ON frames (decision, job_id, frame)",),
+    # 1 -> 2: `review list` pages through the review frames in either order without sorting
+    # them all; a task's frames are found without reading every frame.
+    1: (
+        f"CREATE INDEX IF NOT EXISTS frames_review_by_margin ON frames ({_MARGIN}, job_id, frame) "
+        "WHERE decision = 'review'",
+        f"CREATE INDEX IF NOT EXISTS frames_review_by_label ON frames ({_TOP}, {_MARGIN}, job_id, frame) "
+        "WHERE decision = 'review'",
+        "CREATE INDEX IF NOT EXISTS frames_by_task ON frames (task_id, frame)",
+    ),
 }
 """From version N to N + 1: the statements, run in one transaction with the version bump."""
 
@@ -311,10 +331,14 @@ class RunState:
                 (job_id, frame),
             )
 
-    def frames(self, *, job_id: int | None = None, decision: str | None = None) -> list[FrameRecord]:
+    def frames(
+        self, *, job_id: int | None = None, decision: str | None = None, task_id: int | None = None
+    ) -> list[FrameRecord]:
         query, args = f"SELECT {', '.join(_FRAME_COLUMNS)} FROM frames WHERE 1=1", []
         if job_id is not None:
             query, args = query + " AND job_id = ?", [*args, job_id]
+        if task_id is not None:
+            query, args = query + " AND task_id = ?", [*args, task_id]
         if decision is not None:
             query, args = query + " AND decision = ?", [*args, decision]
         rows = self._query(query + " ORDER BY job_id, frame", args)
@@ -362,6 +386,40 @@ class RunState:
                     time.time(),
                 ),
             )
+
+    # -- the review queue -----------------------------------------------------------------------
+    def review_frames(
+        self,
+        *,
+        include_handled: bool = False,
+        order: str = "margin",
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[tuple[FrameRecord, str]]:
+        """The frames routed to review, each with its outcome (``pending`` until synced), in
+        `order`: ``margin`` (smallest lead of the top-1 label first) or ``label`` (by top-1 label,
+        then margin), ties by job and frame; `limit` of them from `offset`. Read from the index
+        that holds that order, so a page costs its own rows, not a sort of every review frame."""
+        index, order_by = _REVIEW_ORDERS[order]
+        columns = ", ".join(f"frames.{name}" for name in _FRAME_COLUMNS)
+        rows = self._query(
+            f"""SELECT {columns}, ifnull(o.outcome, 'pending') AS review_outcome
+                FROM frames INDEXED BY {index}
+                LEFT JOIN outcomes AS o ON o.job_id = frames.job_id AND o.frame = frames.frame
+                WHERE frames.decision = 'review'{"" if include_handled else _STILL_PENDING}
+                ORDER BY {order_by} LIMIT ? OFFSET ?""",
+            (-1 if limit is None else limit, offset),
+        )
+        return [(_frame_record(row), row["review_outcome"]) for row in rows]
+
+    def count_review_frames(self, *, include_handled: bool = False) -> int:
+        """How many frames `review_frames` has in all."""
+        rows = self._query(
+            f"""SELECT count(*) FROM frames
+                LEFT JOIN outcomes AS o ON o.job_id = frames.job_id AND o.frame = frames.frame
+                WHERE frames.decision = 'review'{"" if include_handled else _STILL_PENDING}"""
+        )
+        return int(rows[0][0])
 
     # -- embeddings ---------------------------------------------------------------------------
     def embeddings(self, model: str, keys: list[str]) -> dict[str, bytes]:

@@ -19,11 +19,14 @@ from pathlib import Path
 import pytest
 from cvat_sdk import make_client
 from redis import Redis
+from rq.job import Job, JobStatus
 
 from connectors.cvat.queued import plan_entries
 from connectors.cvat.session import CvatSession
 from connectors.queue.enqueue import QueueOptions, enqueue_entries
-from connectors.queue.status import read_status
+from connectors.queue.entries import SERIALIZER, Entry, entry_id
+from connectors.queue.status import STATES, read_status
+from connectors.queue.worker import run_worker
 from prelabel.config import load_config
 from tests.conftest import TINY_MODEL, run_cli
 from tests.cvat_fixtures import PASSWORD, Project, server_state
@@ -127,11 +130,13 @@ def completions(queue: str) -> list[dict]:
     return [json.loads(item) for item in Redis.from_url(queue).lrange("prelabel:prelabel:completions", 0, -1)]
 
 
-def status(queue: str, cli: bool = False) -> dict:
-    """What `prelabel status --format json` shows (in-process unless `cli`)."""
+def status(queue: str, cli: bool = False, lists: bool = True) -> dict:
+    """What `prelabel status --format json --list all --limit 0` shows (in-process unless `cli`);
+    without `lists`, the counts and workers alone."""
     if not cli:
-        return read_status(Redis.from_url(queue)).as_dict()
-    result = run_cli("status", "--queue", queue, "--format", "json")
+        return read_status(Redis.from_url(queue), STATES if lists else ()).as_dict()
+    listing = ("--list", "all", "--limit", "0") if lists else ()
+    result = run_cli("status", "--queue", queue, "--format", "json", *listing)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -319,6 +324,8 @@ def test_a_job_that_keeps_failing_lands_in_the_failed_list_and_the_others_finish
         for entry in now["failed"]:  # tried 3 times (the default --attempts)
             assert _logs(tmp_path).count(f"prelabel: CVAT job {entry['cvat_job']} (project") == 3
         text = run_cli("status", "--queue", queue).stdout
+        assert "failed 1" in text and "not found" not in text  # counts first; the entries when asked
+        text = run_cli("status", "--queue", queue, "--list", "failed").stdout
         assert "failed 1" in text and "not found" in text
 
         requeued = run_cli("requeue-failed", "--queue", queue)
@@ -367,7 +374,7 @@ def test_a_webhook_s_new_task_goes_on_the_queue_once(queue: str, tmp_path: Path)
         assert second.endswith(
             "queued 0 jobs for the workers (3 already pending or running, 0 in the failed list)"
         )
-        status = read_status(redis)
+        status = read_status(redis, ["pending"])
         jobs = {job["id"] for job in server.jobs(project.image_tasks[0])}
         assert {entry.cvat_job for entry in status.pending} == jobs
         assert not any(server.annotations(job_id)["tags"] for job_id in jobs), (
@@ -424,8 +431,7 @@ class _Recorder:
 def test_entries_under_the_current_and_the_old_function_path_run_with_the_worker_s_context(queue: str):
     """RQ calls the function by its dotted path with the worker's context; entries queued by
     prelabel 0.1 (``connectors.queue.tasks.label_entry``) still run."""
-    from connectors.queue.entries import FUNCTION, OLD_FUNCTION, SERIALIZER, open_queue
-    from connectors.queue.worker import run_worker
+    from connectors.queue.entries import FUNCTION, OLD_FUNCTION, open_queue
 
     redis = Redis.from_url(queue)
     rq_queue = open_queue(redis)
@@ -433,8 +439,6 @@ def test_entries_under_the_current_and_the_old_function_path_run_with_the_worker
     context = _Recorder()
     assert run_worker(redis, "context-test", context, burst=True, lease=2)
     assert sorted(p["job_id"] for p in context.payloads) == [1, 2]
-    from rq.job import Job
-
     results = [Job.fetch(job.id, connection=redis, serializer=SERIALIZER).return_value() for job in jobs]
     assert results == [{"cvat_job": 1}, {"cvat_job": 2}]
 
@@ -490,3 +494,87 @@ def test_a_worker_s_metrics_match_its_completions_and_readyz_follows_cvat(queue:
         finally:
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=60) == 0, _logs(tmp_path)
+
+
+def entries_for(jobs: range, host: str = "http://cvat.example:8080") -> list[Entry]:
+    """Entries as `plan_entries` makes them, one config shared by all, without a CVAT server."""
+    config = load_config(None).model_dump(mode="json")
+    return [
+        Entry(host=host, job_id=job, organization=None, config=config, target="project 1") for job in jobs
+    ]
+
+
+def test_enqueueing_hundreds_of_jobs_adds_one_entry_each_and_again_none(queue: str):
+    """The pipelined enqueue keeps the guarantees: one entry per job (a job listed twice
+    included), nothing added the second time, failed entries left alone, finished ones replaced."""
+    redis = Redis.from_url(queue)
+    work = entries_for(range(1, 301))
+    first = enqueue_entries(redis, [*work, work[7]], QueueOptions(attempts=1))
+    assert sorted(first.added) == list(range(1, 301)) and not first.pending and not first.failed
+    queued = [item.decode() for item in redis.lrange("rq:queue:prelabel", 0, -1)]
+    assert len(queued) == len(set(queued)) == 300
+    assert set(queued) == {entry_id(entry.host, entry.job_id) for entry in work} == set(first.ids.values())
+    stored = Job.fetch(first.ids[42], connection=redis, serializer=SERIALIZER)
+    assert list(stored.args) == [work[41].as_payload()] and stored.meta["cvat_job"] == 42
+    assert stored.timeout == QueueOptions().job_timeout and stored.get_status() == JobStatus.QUEUED
+
+    again = enqueue_entries(redis, work, QueueOptions(attempts=1))
+    assert not again.added and sorted(again.pending) == list(range(1, 301))
+    assert redis.llen("rq:queue:prelabel") == 300
+
+    context = _Failing(fail={3, 5})  # a real worker runs everything: two fail, the rest finish
+    assert run_worker(redis, "scale-test", context, burst=True, lease=2)
+    third = enqueue_entries(redis, work, QueueOptions(attempts=1))
+    assert sorted(third.failed) == [3, 5] and not third.pending
+    assert sorted(third.added) == sorted(set(range(1, 301)) - {3, 5})  # finished: needed again
+    counts = read_status(redis).counts
+    assert (counts["pending"], counts["failed"], counts["finished"]) == (298, 2, 0)
+
+
+def test_status_counts_by_state_and_lists_entries_only_when_asked(queue: str):
+    redis = Redis.from_url(queue)
+    enqueue_entries(redis, entries_for(range(1, 9)), QueueOptions(attempts=1))
+    assert run_worker(redis, "status-test", _Failing(fail={2, 4, 6}), burst=True, lease=2)
+    enqueue_entries(redis, entries_for(range(100, 120)), QueueOptions(attempts=1))
+
+    plain = status(queue, cli=True, lists=False)  # the CLI's default: counts and workers, no entries
+    assert plain["counts"] == {
+        "pending": 20, "running": 0, "finished": 5, "failed": 3, "scheduled": 0, "deferred": 0
+    }  # fmt: skip
+    assert set(plain) == {"counts", "workers"}
+
+    text = run_cli("status", "--queue", queue)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == "pending 20, running 0, finished 5, failed 3"
+    assert "--list failed" in text.stdout and "CVAT job" not in text.stdout
+
+    failed = run_cli("status", "--queue", queue, "--list", "failed", "--limit", "2").stdout
+    shown = re.findall(r"CVAT job (\d+) on status-test: RuntimeError: CVAT job (\d+) broke", failed)
+    assert len(shown) == 2 and all(a == b and int(a) in {2, 4, 6} for a, b in shown), failed
+    assert "... and 1 more (--limit)" in failed
+
+    listed = run_cli(
+        "status", "--queue", queue, "--list", "pending", "--list", "finished", "--format", "json"
+    )  # fmt: skip
+    data = json.loads(listed.stdout)
+    assert set(data) == {"counts", "pending", "finished", "workers"}
+    assert {e["cvat_job"] for e in data["pending"]} == set(range(100, 120))
+    assert {e["cvat_job"]: e["result"] for e in data["finished"]} == {
+        job: {"cvat_job": job} for job in (1, 3, 5, 7, 8)
+    }
+    everything = status(queue, cli=True)
+    assert {e["cvat_job"] for e in everything["failed"]} == {2, 4, 6} and not everything["running"]
+
+
+class _Failing(_Recorder):
+    """A worker context whose label call fails for some CVAT jobs."""
+
+    def __init__(self, fail: set[int]) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def label(self, payload: dict) -> dict:
+        if payload["job_id"] in self.fail:
+            raise RuntimeError(f"CVAT job {payload['job_id']} broke")
+        return super().label(payload)

@@ -372,3 +372,95 @@ def _edit_tag(client, job_id: int, tag: dict, **changes) -> None:
 def _margin(candidates: str) -> float:
     scores = [int(part.rsplit(" ", 1)[1].rstrip("%")) for part in candidates.split(", ")] + [0, 0]
     return scores[0] - scores[1]
+
+
+def _review_state(path: Path, frames: int = 360) -> dict[tuple[int, int], tuple[list, str]]:
+    """A state file with `frames` frames over 12 jobs, about half routed to review, some of
+    those handled by a reviewer; (job, frame) -> (scores, outcome) of each review frame."""
+    from prelabel.state import Outcome, RunState
+
+    rng = random.Random(7)
+    review: dict[tuple[int, int], tuple[list, str]] = {}
+    with RunState(path) as state:
+        state.set_meta("host", "http://cvat.example:8080")
+        for index in range(frames):
+            job, frame = 100 + index % 12, index
+            top = round(rng.uniform(0.3, 0.9), 2)  # ties in margin and label on purpose
+            scores = [(rng.choice(["cat", "dog", "fox"]), top), ("other", round(rng.uniform(0, 1 - top), 2))]
+            decision = "review" if rng.random() < 0.5 else "accept"
+            state.record_decision(
+                job_id=job, frame=frame, task_id=job // 10, name=f"f{frame}.jpg", fingerprint="x",
+                scores=tuple(scores), decision=decision, reason="low confidence",
+            )  # fmt: skip
+            if decision == "review":
+                outcome = rng.choice(["pending", "pending", "kept", "changed"])
+                if outcome != "pending" or rng.random() < 0.5:  # a synced 'pending' and none at all alike
+                    state.record_outcome(Outcome(job, frame, scores[0][0], "review", outcome, [], None))
+                review[(job, frame)] = ([list(pair) for pair in scores], outcome)
+    return review
+
+
+def test_review_list_pages_are_disjoint_and_complete_in_either_order(tmp_path: Path):
+    from prelabel.review import review_page
+    from prelabel.state import RunState
+
+    path = tmp_path / "state.db"
+    review = _review_state(path)
+
+    def margin(key):
+        scores = review[key][0]
+        return scores[0][1] - scores[1][1]
+
+    expected_orders = {
+        "margin": lambda key: (margin(key), *key),
+        "label": lambda key: (review[key][0][0][0], margin(key), *key),
+    }
+    with RunState(path, lock=False) as state:
+        for handled in (False, True):
+            wanted = [key for key in review if handled or review[key][1] == "pending"]
+            for order, sort_key in expected_orders.items():
+                pages, offset = [], 0
+                while True:
+                    page = review_page(state, include_handled=handled, order=order, limit=40, offset=offset)
+                    assert page.total == len(wanted) and page.offset == offset
+                    pages.append([(item.job_id, item.frame) for item in page.items])
+                    offset += 40
+                    if not page.more:
+                        break
+                listed = [key for keys in pages for key in keys]
+                assert len(pages) == -(-len(wanted) // 40) and all(len(keys) == 40 for keys in pages[:-1])
+                assert len(set(listed)) == len(listed), "pages overlap"
+                assert listed == sorted(wanted, key=sort_key), (order, handled)
+        everything = review_page(state, include_handled=True, limit=None).items
+        assert {(i.job_id, i.frame): i.outcome for i in everything} == {k: v[1] for k, v in review.items()}
+
+
+def test_review_list_cli_pages_in_every_format(tmp_path: Path):
+    path = tmp_path / "state.db"
+    review = _review_state(path)
+    pending = sum(outcome == "pending" for _, outcome in review.values())
+    base = ("review", "list", "--state", str(path), "--limit", "25")
+
+    first = run_cli(*base, "--format", "json")
+    second = run_cli(*base, "--format", "json", "--page", "2")
+    rows = json.loads(first.stdout) + json.loads(second.stdout)
+    assert len(rows) == 50 and len({(r["job"], r["frame"]) for r in rows}) == 50
+    assert f"frames 26-50 of {pending} to review (--page 3: the next 25)" in second.stderr
+    every = json.loads(run_cli(*base[:4], "--format", "json", "--limit", "0").stdout)
+    assert [(r["job"], r["frame"]) for r in every[:50]] == [(r["job"], r["frame"]) for r in rows]
+    assert len(every) == pending
+
+    table = run_cli(*base, "--page", "2").stdout.splitlines()
+    assert len(table) == 26 and table[0].startswith(
+        f"http://cvat.example:8080/tasks/{rows[25]['task']}/jobs/"
+    )
+    assert table[-1] == f"frames 26-50 of {pending} to review (--page 3: the next 25)"
+    default = run_cli("review", "list", "--state", str(path)).stdout.splitlines()
+    assert len(default) == 51 and default[-1].startswith(f"frames 1-50 of {pending} to review")
+
+    csv_rows = run_cli(*base, "--format", "csv", "--page", "2").stdout.splitlines()
+    assert csv_rows[0].startswith("job,task,frame,") and len(csv_rows) == 26
+    last = -(-pending // 25)
+    tail = json.loads(run_cli(*base, "--format", "json", "--page", str(last)).stdout)
+    assert len(tail) == pending - 25 * (last - 1)
+    assert json.loads(run_cli(*base, "--format", "json", "--page", str(last + 1)).stdout) == []

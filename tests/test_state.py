@@ -90,7 +90,16 @@ def test_a_previous_release_state_file_opens_migrates_and_keeps_its_records(tmp_
         assert state.meta("host") == "http://cvat.example:8080"
         assert state.frames() == [
             FrameRecord(
-                7, 0, 3, "a.jpg", "f1", [("cat", 0.91), ("dog", 0.05)], "accept", None, "uploaded", [101],
+                7,
+                0,
+                3,
+                "a.jpg",
+                "f1",
+                [("cat", 0.91), ("dog", 0.05)],
+                "accept",
+                None,
+                "uploaded",
+                [101],
                 None,
             ),
             FrameRecord(7, 1, 3, "b.jpg", "f1", [("dog", 0.4)], "review", "low", "decided", [], 55),
@@ -106,7 +115,8 @@ def test_a_previous_release_state_file_opens_migrates_and_keeps_its_records(tmp_
     with sqlite3.connect(path) as db:  # the migration step ran once and is recorded
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {row[1] for row in db.execute("PRAGMA index_list(frames)")}
-        assert "frames_by_decision" in indexes
+        assert {"frames_by_decision", "frames_review_by_margin", "frames_review_by_label"} <= indexes
+        assert "frames_by_task" in indexes
     with RunState(path) as state:  # opening again changes nothing
         assert state.schema_version() == SCHEMA_VERSION and len(state.frames()) == 2
 
@@ -125,3 +135,33 @@ def test_a_closed_state_says_so_instead_of_failing_an_assert(tmp_path: Path):
     state = RunState(tmp_path / "state.db")
     with pytest.raises(PrelabelError, match="not open"):
         state.meta("host")
+
+
+def test_a_version_1_file_gains_the_review_and_task_indexes_and_pages_from_them(tmp_path: Path):
+    """A file of the release before (schema 1) migrates to the indexes that `review list`
+    pages from: a page's query reads the index in order, with no sort of every review frame."""
+    path = tmp_path / "state.db"
+    _previous_release_file(path)
+    with sqlite3.connect(path) as db:  # what the release with schema 1 left behind
+        db.execute("CREATE INDEX frames_by_decision ON frames (decision, job_id, frame)")
+        db.execute("PRAGMA user_version = 1")
+
+    with RunState(path) as state:
+        assert state.schema_version() == SCHEMA_VERSION
+        executed: list[str] = []  # the SQL the queries run, to ask SQLite how it runs them
+        state.db.set_trace_callback(executed.append)
+        for order in ("margin", "label"):
+            for handled in (False, True):
+                executed.clear()
+                found = state.review_frames(order=order, include_handled=handled, limit=10)
+                reviewed = state.frames(job_id=7)[1]  # its outcome: a reviewer changed the label
+                assert found == ([(reviewed, "changed")] if handled else [])
+                page = next(sql for sql in executed if "LIMIT" in sql)
+                plan = " | ".join(row[3] for row in state.db.execute(f"EXPLAIN QUERY PLAN {page}"))
+                assert f"USING INDEX frames_review_by_{order}" in plan and "TEMP B-TREE" not in plan, plan
+        state.db.set_trace_callback(None)
+        plan = " | ".join(
+            row[3] for row in state.db.execute("EXPLAIN QUERY PLAN SELECT * FROM frames WHERE task_id = 3")
+        )
+        assert "frames_by_task" in plan, plan
+        assert [f.frame for f in state.frames(task_id=3)] == [0, 1] and state.frames(task_id=4) == []

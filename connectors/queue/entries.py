@@ -9,7 +9,7 @@ with its own (`CVAT_ACCESS_TOKEN`, `CVAT_USERNAME`/`CVAT_PASSWORD` or a cvat-cli
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from rq import Queue
@@ -44,7 +44,9 @@ class Entry:
     every worker routes with the same learned temperature and thresholds."""
 
     def as_payload(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict for the JSON serializer; the config and calibration dicts are
+        shared with this entry, not copied (thousands of entries often share one config)."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Entry:

@@ -1,4 +1,5 @@
-"""Reading the queue for people: entries by state, workers and their throughput, errors.
+"""Reading the queue for people: counts by state first, entries of the states asked for,
+workers and their throughput, errors.
 
 Also `requeue_failed` (send the failed entries back) and `wait_for` (follow entries
 until each has finished or failed).
@@ -7,14 +8,22 @@ until each has finished or failed).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
 from rq import Worker
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.queue import Queue
+from rq.registry import (
+    BaseRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
 
 from connectors.queue.entries import SERIALIZER, STATS_INDEX, open_queue, stats_key
 
@@ -46,23 +55,36 @@ class WorkerView:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
+STATES = ("pending", "running", "finished", "failed", "scheduled", "deferred")
+"""The states an entry can be in, as `prelabel status` names them: pending is RQ's queued,
+running its started; scheduled waits for a retry's time, deferred for another entry."""
+
+
 @dataclass
 class QueueStatus:
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    """Entries per state (every state, always)."""
+    listed: tuple[str, ...] = ()
+    """The states whose entries were read (below); the others' lists stay empty."""
+    limit: int | None = None
+    """Entries read per listed state at most (None: all)."""
     pending: list[EntryView] = field(default_factory=list)
     running: list[EntryView] = field(default_factory=list)
     finished: list[EntryView] = field(default_factory=list)
     failed: list[EntryView] = field(default_factory=list)
+    scheduled: list[EntryView] = field(default_factory=list)
+    deferred: list[EntryView] = field(default_factory=list)
     workers: list[WorkerView] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
-        def entries(views: list[EntryView]) -> list[dict[str, Any]]:
-            return [view.__dict__ for view in views]
+    def views(self, state: str) -> list[EntryView]:
+        return getattr(self, state)
 
+    def as_dict(self) -> dict[str, Any]:
+        """Counts and workers, and the entries of the listed states only."""
+        listed = {state: [view.__dict__ for view in self.views(state)] for state in self.listed}
         return {
-            "pending": entries(self.pending),
-            "running": entries(self.running),
-            "finished": entries(self.finished),
-            "failed": entries(self.failed),
+            "counts": dict(self.counts),
+            **listed,
             "workers": [
                 {**worker.__dict__, "images_per_second": round(worker.images_per_second, 3)}
                 for worker in self.workers
@@ -70,26 +92,57 @@ class QueueStatus:
         }
 
 
-def read_status(connection: Redis) -> QueueStatus:
-    """Every entry the queue knows, and every worker that registered or counted work.
+def count_entries(connection: Redis) -> dict[str, int]:
+    """Entries per state: one length read per state, whatever the number of entries.
 
-    Reading the running entries also hands back those whose worker's lease ran out.
+    Counting the running entries also hands back those whose worker's lease ran out.
     """
     queue = open_queue(connection)
-    status = QueueStatus()
-    running_ids = StartedJobRegistry(queue=queue).get_job_ids()
-    groups = (
-        (status.pending, queue.get_job_ids()),
-        (status.running, running_ids),
-        (status.finished, FinishedJobRegistry(queue=queue).get_job_ids()),
-        (status.failed, FailedJobRegistry(queue=queue).get_job_ids()),
-    )
-    for views, ids in groups:
+    return {state: _count(registry) for state, registry in _sources(queue).items()}
+
+
+def read_status(
+    connection: Redis, lists: Iterable[str] = (), limit: int | None = None, workers: bool = True
+) -> QueueStatus:
+    """The counts by state, the entries of the states in `lists` (at most `limit` each, oldest
+    first) and, with `workers`, every worker that registered or counted work."""
+    queue = open_queue(connection)
+    sources = _sources(queue)
+    listed = tuple(state for state in STATES if state in set(lists))
+    status = QueueStatus(counts={state: _count(source) for state, source in sources.items()})
+    status.listed, status.limit = listed, limit
+    for state in listed:
+        ids = _ids(sources[state], limit)
         for job in Job.fetch_many(ids, connection=connection, serializer=SERIALIZER):
             if job is not None:
-                views.append(_view(job))
-    status.workers = _workers(connection, queue)
+                status.views(state).append(_view(job))
+    if workers:
+        status.workers = _workers(connection, queue)
     return status
+
+
+def _sources(queue: Queue) -> dict[str, Queue | BaseRegistry]:
+    """State -> where RQ keeps its entries: the queue itself (pending) or a registry."""
+    return {
+        "pending": queue,
+        "running": StartedJobRegistry(queue=queue),
+        "finished": FinishedJobRegistry(queue=queue),
+        "failed": FailedJobRegistry(queue=queue),
+        "scheduled": ScheduledJobRegistry(queue=queue),
+        "deferred": DeferredJobRegistry(queue=queue),
+    }
+
+
+def _count(source: Queue | BaseRegistry) -> int:
+    return source.count  # LLEN of the queue, cleanup and ZCARD of a registry
+
+
+def _ids(source: Queue | BaseRegistry, limit: int | None) -> list[str]:
+    if isinstance(source, Queue):
+        return source.get_job_ids(0, -1 if limit is None else limit)
+    if limit == 0:
+        return []
+    return source.get_job_ids(0, -1 if limit is None else limit - 1)
 
 
 def _view(job: Job) -> EntryView:
@@ -124,24 +177,27 @@ def _last_line(text: str | None) -> str | None:
     return f"{name.rsplit('.', 1)[-1]}{sep}{message}"
 
 
-def _workers(connection: Redis, queue) -> list[WorkerView]:
+def _workers(connection: Redis, queue: Queue) -> list[WorkerView]:
     live = {worker.name: worker for worker in Worker.all(queue=queue, serializer=SERIALIZER)}
     names = sorted(set(live) | {name.decode() for name in connection.smembers(STATS_INDEX)})
+    with connection.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(stats_key(name))
+        stats = pipe.execute()
+    current = {name: job_id for name, worker in live.items() if (job_id := worker.get_current_job_id())}
+    jobs = Job.fetch_many(list(current.values()), connection=connection, serializer=SERIALIZER)
+    doing = {
+        name: job.meta.get("cvat_job") for name, job in zip(current, jobs, strict=True) if job is not None
+    }
     views = []
-    for name in names:
-        counters = {
-            key.decode(): value.decode() for key, value in connection.hgetall(stats_key(name)).items()
-        }
+    for name, raw in zip(names, stats, strict=True):
+        counters = {key.decode(): value.decode() for key, value in raw.items()}
         worker = live.get(name)
-        cvat_job = None
-        if worker is not None and (job_id := worker.get_current_job_id()):
-            job = Job.fetch_many([job_id], connection=connection, serializer=SERIALIZER)[0]
-            cvat_job = job.meta.get("cvat_job") if job is not None else None
         views.append(
             WorkerView(
                 name=name,
                 state=_text(worker.get_state()) if worker is not None else "gone",
-                cvat_job=cvat_job,
+                cvat_job=doing.get(name),
                 jobs=int(counters.get("jobs", 0)),
                 frames=int(counters.get("frames", 0)),
                 seconds=float(counters.get("seconds", 0.0)),
@@ -151,32 +207,20 @@ def _workers(connection: Redis, queue) -> list[WorkerView]:
 
 
 def format_status(status: QueueStatus) -> str:
-    """A few lines per section, as `prelabel status` prints them."""
-    lines = [
-        f"pending {len(status.pending)}, running {len(status.running)}, "
-        f"finished {len(status.finished)}, failed {len(status.failed)}"
-    ]
-    for title, views in (("pending", status.pending), ("running", status.running)):
-        if views:
-            lines.append(f"{title}:")
-            lines += [
-                f"  CVAT job {view.cvat_job}" + (f" on {view.worker}" if view.worker else "")
-                for view in sorted(views, key=lambda v: v.cvat_job or 0)
-            ]
-    if status.finished:
-        lines.append("finished:")
-        for view in sorted(status.finished, key=lambda v: v.cvat_job or 0):
-            result = view.result or {}
-            lines.append(
-                f"  CVAT job {view.cvat_job} on {view.worker}: {result.get('frames', '?')} frames, "
-                f"{result.get('tags', '?')} tags, {result.get('issues', '?')} issues written"
-            )
-    if status.failed:
-        lines.append("failed:")
-        lines += [
-            f"  CVAT job {view.cvat_job}" + (f" on {view.worker}" if view.worker else "") + f": {view.error}"
-            for view in sorted(status.failed, key=lambda v: v.cvat_job or 0)
-        ]
+    """The counts, then the listed entries (a few lines per state) and the workers."""
+    counts = status.counts
+    shown = [state for state in STATES if state in STATES[:4] or counts.get(state)]
+    lines = [", ".join(f"{state} {counts.get(state, 0)}" for state in shown)]
+    for state in status.listed:
+        views = sorted(status.views(state), key=lambda v: v.cvat_job or 0)
+        if not views:
+            continue
+        lines.append(f"{state}:")
+        lines += [_line(view) for view in views]
+        if (more := counts.get(state, 0) - len(views)) > 0:
+            lines.append(f"  ... and {more} more (--limit)")
+    if counts.get("failed") and "failed" not in status.listed:
+        lines.append("(prelabel status --list failed shows why they failed)")
     if status.workers:
         lines.append("workers:")
         for worker in status.workers:
@@ -186,6 +230,19 @@ def format_status(status: QueueStatus) -> str:
                 f"{worker.images_per_second:.1f} images/s"
             )
     return "\n".join(lines)
+
+
+def _line(view: EntryView) -> str:
+    where = f" on {view.worker}" if view.worker else ""
+    if view.status == "finished":
+        result = view.result or {}
+        return (
+            f"  CVAT job {view.cvat_job}{where}: {result.get('frames', '?')} frames, "
+            f"{result.get('tags', '?')} tags, {result.get('issues', '?')} issues written"
+        )
+    if view.status == "failed":
+        return f"  CVAT job {view.cvat_job}{where}: {view.error}"
+    return f"  CVAT job {view.cvat_job}{where}"
 
 
 def requeue_failed(connection: Redis, attempts: int | None = None) -> list[int]:
@@ -217,12 +274,15 @@ def wait_for(
     remaining = set(entry_ids)
     outcome: dict[str, list[str]] = {"finished": [], "failed": []}
     reported = -1
+    key_for = open_queue(connection).job_class.key_for
     while remaining:
         ids = sorted(remaining)
-        for entry, job in zip(
-            ids, Job.fetch_many(ids, connection=connection, serializer=SERIALIZER), strict=True
-        ):
-            state = job.get_status(refresh=False) if job is not None else None
+        with connection.pipeline(transaction=False) as pipe:  # one round trip, however many entries
+            for entry in ids:
+                pipe.hget(key_for(entry), "status")
+            states = pipe.execute()
+        for entry, raw in zip(ids, states, strict=True):
+            state = raw.decode() if raw is not None else None
             if state == JobStatus.FINISHED:
                 outcome["finished"].append(entry)
             elif state in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):

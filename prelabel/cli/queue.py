@@ -212,13 +212,29 @@ def _worker_state(path: Path | None):
 
 @click.command()
 @queue_option
+@click.option(
+    "--list",
+    "lists",
+    type=click.Choice(["pending", "running", "finished", "failed", "scheduled", "deferred", "all"]),
+    multiple=True,
+    help="Also list the entries in this state (repeatable; all: every state). Default: counts only.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Entries listed per state at most (0: no limit).",
+)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def status(queue_url, fmt):
-    """Show pending, running, finished and failed CVAT jobs, the workers and their throughput."""
+def status(queue_url, lists, limit, fmt):
+    """Count the CVAT jobs by state (pending, running, finished, failed, ...) and show the workers
+    and their throughput; list the entries of a state only when asked (--list failed)."""
     from connectors.queue.redis_url import connect_queue
-    from connectors.queue.status import format_status, read_status
+    from connectors.queue.status import STATES, format_status, read_status
 
-    current = read_status(connect_queue(queue_url))
+    states = STATES if "all" in lists else lists
+    current = read_status(connect_queue(queue_url), states, limit or None)
     if fmt == "json":
         click.echo(json.dumps(current.as_dict(), indent=2))
     else:
@@ -265,7 +281,7 @@ def run_on_queue(queue_url, target, config, server, request):
         outcome = wait_for(connection, ids, advance)
     finally:
         bar.close()
-    by_id = {view.entry_id: view for view in read_status(connection).failed}
+    by_id = {view.entry_id: view for view in read_status(connection, ("failed",), workers=False).failed}
     click.echo(f"{len(outcome['finished'])} jobs finished, {len(outcome['failed'])} failed")
     for entry in outcome["failed"]:
         view = by_id.get(entry)

@@ -37,16 +37,32 @@ def _state_file(config, state_path: Path | None) -> Path:
     show_default=True,
     help="margin: the most uncertain frames first; label: grouped by the predicted label.",
 )
-def review_list(config_path, state_path, fmt, show_all, order):
-    """Print the pending review items with direct links into CVAT."""
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Frames per page (0: every frame on one page).",
+)
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True, help="Which page.")
+def review_list(config_path, state_path, fmt, show_all, order, limit, page):
+    """Print the pending review items with direct links into CVAT, a page at a time.
+
+    The table ends with the count (frames 1-50 of N); with csv and json, that line goes to
+    stderr when there are more pages, so that stdout stays one document.
+    """
     from prelabel.config import load_config
-    from prelabel.review import pending_items, write_items
+    from prelabel.review import page_summary, review_page, write_items
     from prelabel.state import RunState
 
     path = _state_file(load_config(config_path), state_path)
     with RunState(path, lock=False) as state:
-        items = pending_items(state, include_handled=show_all, order=order)
-    write_items(items, fmt, sys.stdout)
+        found = review_page(
+            state, include_handled=show_all, order=order, limit=limit or None, offset=(page - 1) * limit
+        )
+    write_items(found.items, fmt, sys.stdout, found)
+    if fmt != "table" and (found.more or found.offset):
+        click.echo(page_summary(found), err=True)
 
 
 @review.command(name="sync")
