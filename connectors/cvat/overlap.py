@@ -68,7 +68,7 @@ def decided_elsewhere(
         return {}
     recorded: dict[int, Prediction] = {}
     if state is not None:
-        for record in state.frames():
+        for record in state.frames(task_id=plan.task_id):
             if (
                 record.task_id == plan.task_id
                 and record.job_id != plan.job_id
