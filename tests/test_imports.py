@@ -106,3 +106,34 @@ def test_the_check_catches_an_import_cycle(tmp_path: Path):
     failures = sorted(line.split(":")[0] for line in done.stdout.splitlines())
     assert failures == ["cyclic.a", "cyclic.b"], done.stdout
     assert "partially initialized module" in done.stdout
+
+
+def _imported_by(*modules: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after importing `modules`."""
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    code += "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+def test_heavy_libraries_are_imported_only_by_the_commands_that_use_them():
+    """`prelabel --help` loads no model or server library; `prelabel run` none of calibration's,
+    the service's or the queue's (start-up time)."""
+    cli = _imported_by("prelabel.cli")
+    assert "click" in cli
+    heavy = {"scipy", "matplotlib", "pandas", "starlette", "uvicorn", "rq", "redis", "prometheus_client"}
+    assert not cli & (heavy | {"torch", "numpy", "cvat_sdk"}), cli & (heavy | {"torch", "numpy", "cvat_sdk"})
+    run = _imported_by(
+        "prelabel.cli", "connectors.cvat.connect", "connectors.cvat.assign", "connectors.cvat.driver",
+        "prelabel.assemble", "prelabel.state",
+    )  # fmt: skip
+    assert {"torch", "open_clip", "cvat_sdk"} <= run
+    assert not run & (heavy | {"av"}), run & (heavy | {"av"})

@@ -1,4 +1,5 @@
-"""Speed on a slow server: writes overlap, and the next job's chunks come before the job starts.
+"""Speed on a slow server: writes overlap, the next job's chunks come before the job starts,
+and the jobs of a run share its decode and upload threads.
 
 Both are read from the test server's request log (when each request arrived and was
 answered), with its latency model of a real CVAT 2.73 on, not from wall-clock times.
@@ -14,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from prelabel.pipeline.stream import ConcurrentWriter
+from connectors.cvat.connect import ServerOptions, connect
+from connectors.cvat.driver import JobOutcome, LabelRequest, label_target
+from prelabel.assemble import build_pipeline
+from prelabel.config import load_config
+from prelabel.pipeline.stream import ConcurrentWriter, RunPools
 from tests.conftest import TINY_MODEL, run_cli, variants
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer, LoggedRequest
@@ -143,3 +148,74 @@ def test_concurrent_writer_keeps_each_keys_order_and_drops_what_follows_a_failur
     with pytest.raises(RuntimeError, match="bad failed"):
         writer.close()
     assert done == ["bad"]
+
+
+def test_writers_sharing_one_pool_each_wait_for_and_fail_on_their_own_calls() -> None:
+    release, done = threading.Event(), []
+
+    def write(name: str, fail: bool = False, gate: threading.Event | None = None) -> Callable[[], None]:
+        def call() -> None:
+            if gate is not None:
+                assert gate.wait(10)
+            done.append(name)
+            if fail:
+                raise RuntimeError(f"{name} failed")
+
+        return call
+
+    with RunPools(decode_workers=1, upload_workers=3) as pools:
+        slow, quick = (ConcurrentWriter(workers=2, depth=1, pool=pools.upload) for _ in range(2))
+        slow.submit(write("slow", gate=release), keys=[1])
+        quick.submit(write("q1"), keys=[1])  # the same key in another writer: no order between them
+        quick.submit(write("q2", fail=True), keys=[2])
+        quick.submit(write("q3"), keys=[2])  # after the failure of its key: dropped
+        with pytest.raises(RuntimeError, match="q2 failed"):
+            quick.close()  # returns while the other writer's call still runs
+        assert "slow" not in done and {"q1", "q2"} <= set(done) and "q3" not in done
+        release.set()
+        slow.close()  # the other writer's failure is not its own
+        assert done[-1] == "slow"
+        threads = [t for t in threading.enumerate() if t.name.startswith("upload")]
+        assert threads  # the pool outlives the writers
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_the_jobs_of_a_run_share_its_threads_which_stop_with_the_run(tmp_path: Path) -> None:
+    with CvatTestServer(latency="cvat-2.73-2core*0.2") as server:
+        project_id, jobs = _project(server, 24, segment_size=8)
+        env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
+        assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+        config = load_config(
+            None,
+            {
+                "model.name": TINY_MODEL, "model.pretrained": "none", "model.batch_size": 2,
+                "model.cache_dir": str(tmp_path / "cache"), "decode.workers": 2,
+                "routing.accept_threshold": 0.0, "routing.min_margin": 0.0, "cvat.upload_batch_size": 2,
+            },
+        )  # fmt: skip
+        session = connect(ServerOptions(host=server.url, auth=f"annotator:{PASSWORD}"), config.retry)
+        pipeline = build_pipeline(config, ["cat", "coffee", "rocket"])
+        before = set(threading.enumerate())
+        seen: dict[int, dict[str, set[threading.Thread]]] = {}
+
+        def threads(outcome: JobOutcome) -> None:
+            alive = [t for t in threading.enumerate() if t not in before]
+            kinds = ("decode", "upload", "download")
+            seen[outcome.plan.job_id] = {k: {t for t in alive if t.name.startswith(k)} for k in kinds}
+            assert len(outcome.result.tags_created) == 8  # every frame accepted: each job wrote
+
+        outcome = label_target(
+            session, {"project_id": project_id}, config, lambda names: pipeline,
+            request=LabelRequest(progress=False), on_job=threads,
+        )  # fmt: skip
+        assert [job.plan.job_id for job in outcome.jobs] == jobs and list(seen) == jobs
+        for kind in ("decode", "upload", "download"):
+            first = seen[jobs[0]][kind]
+            assert first, f"no {kind} thread was running after the first job"
+            for later in jobs[1:]:  # the same thread objects, not new ones of the same name
+                assert first <= seen[later][kind], kind
+        ours = set().union(*(threads for job in seen.values() for threads in job.values()))
+        assert not [t.name for t in ours if t.is_alive()], "threads of the run left running after it"
+        left = [t.name for t in threading.enumerate() if t.name.startswith(("decode", "upload", "download"))]
+        assert left == [], left
+        assert server.violations == []

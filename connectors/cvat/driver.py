@@ -6,7 +6,8 @@ need labels, check the candidate labels, then label each job and route it to rev
 Entry points only gather their inputs (a session, a target, a config, a pipeline maker)
 and call it.
 
-Jobs share the download threads of the run (`ChunkDownloads`): while one job finishes
+Jobs share the download, decode and upload threads of the run (`ChunkDownloads`,
+`RunPools`), started once and stopped at its end: while one job finishes
 (its last chunks, its uploads, its routing), the first chunks of the next
 `cvat.prefetch_jobs` jobs are already being built and downloaded, so no job starts cold.
 
@@ -31,7 +32,9 @@ from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.pipeline.runner import Pipeline, RunStats, run
+from prelabel.pipeline.stream import RunPools
 from prelabel.pipeline.timing import StageTimer
+from prelabel.pipeline.worker import decode_threads
 from prelabel.state import RunState
 
 Target = dict[str, int]
@@ -181,7 +184,10 @@ def label_target(
     outcomes = []
     timers = {plan.job_id: StageTimer() for plan in work.jobs}
     expected = _expected_frames(work.jobs)
-    with ChunkDownloads(session, quality=request.quality, threads=config.cvat.download_threads) as downloads:
+    with (
+        ChunkDownloads(session, quality=request.quality, threads=config.cvat.download_threads) as downloads,
+        run_pools(labeling) as pools,
+    ):
         for position, plan in enumerate(work.jobs):
             following = work.jobs[position + 1 : position + 1 + config.cvat.prefetch_jobs]
 
@@ -192,7 +198,14 @@ def label_target(
                     )
 
             outcome = label_job(
-                labeling, plan, labels, shared, downloads=downloads, timer=timers[plan.job_id], then=prefetch
+                labeling,
+                plan,
+                labels,
+                shared,
+                downloads=downloads,
+                pools=pools,
+                timer=timers[plan.job_id],
+                then=prefetch,
             )
             outcomes.append(outcome)
             if on_job:
@@ -202,6 +215,14 @@ def label_target(
             if not state.job_routed(plan.job_id):
                 _route(labeling, plan, review_items=plan.existing.open_issue_count(), wrote=False)
     return TargetOutcome(planned, outcomes, labeling.pipeline)
+
+
+def run_pools(labeling: Labeling) -> RunPools:
+    """The decode and upload threads for a run of jobs labeled with `labeling` (to be closed)."""
+    return RunPools(
+        decode_workers=decode_threads(labeling.pipeline.options),
+        upload_workers=labeling.config.cvat.write_concurrency,
+    )
 
 
 def _expected_frames(plans: list[JobPlan]) -> dict[int, list[int]]:
@@ -222,6 +243,7 @@ def label_job(
     shared: SharedFrames | None = None,
     *,
     downloads: ChunkDownloads | None = None,
+    pools: RunPools | None = None,
     timer: StageTimer | None = None,
     then: Callable[[], None] | None = None,
 ) -> JobOutcome:
@@ -232,7 +254,8 @@ def label_job(
     with another job of the task gets the decision already made there (`overlap`); the
     predictions made here are added to `shared` for the jobs labeled after this one.
     `downloads` are the run's shared download threads (with the chunks fetched for this job
-    ahead of time); `then` is called once every chunk of this job has been asked for. The
+    ahead of time), `pools` its shared decode and upload threads (this job's writes are all
+    done when it returns); `then` is called once every chunk of this job has been asked for. The
     stage times include ``wait_job`` (from the job's start to its first frame) and ``route``.
     """
     started = time.perf_counter()
@@ -261,7 +284,15 @@ def label_job(
         on_last_chunk=then,
         started=started,
     )
-    sink = CvatSink(labeling.session, plan, labels, settings, labeling.state, timer)
+    sink = CvatSink(
+        labeling.session,
+        plan,
+        labels,
+        settings,
+        labeling.state,
+        timer,
+        upload_pool=pools.upload if pools is not None else None,
+    )
     remembering = RememberingSink(sink, shared, plan.task_id)
     try:
         for decision in copied.values():
@@ -269,7 +300,7 @@ def label_job(
     except BaseException:
         sink.close()
         raise
-    stats = run(source, remembering, pipeline, progress=request.progress, timer=timer)
+    stats = run(source, remembering, pipeline, progress=request.progress, timer=timer, pools=pools)
     count(stats, list(copied.values()))
     routing = time.perf_counter()
     changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))

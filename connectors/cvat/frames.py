@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import av
-
 from connectors.cvat.jobs import JobPlan
 from connectors.cvat.numbering import chunk_position
 from connectors.cvat.session import CvatSession
@@ -215,6 +213,8 @@ class JobFrameSource:
 def _decode_chunk(payload: bytes, chunk_type: str) -> list:
     """A chunk's frames in order: encoded image bytes (imageset) or PIL images (video)."""
     if chunk_type == "video":
+        import av  # only video tasks need it (slow to import)
+
         with av.open(io.BytesIO(payload)) as container:
             return [frame.to_image() for frame in container.decode(video=0)]
     with zipfile.ZipFile(io.BytesIO(payload)) as archive:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import urllib3
@@ -88,7 +89,11 @@ class JobResult:
 
 
 class CvatSink:
-    """Writes the decisions of one job; every decision is also recorded in the run state."""
+    """Writes the decisions of one job; every decision is also recorded in the run state.
+
+    The writes run on `upload_pool` (the run's upload threads, shared by its jobs) or else on
+    threads of the sink's own; either way `close` returns once every write of this job is done.
+    """
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class CvatSink:
         settings: SinkSettings,
         state: RunState | None = None,
         timer: StageTimer | None = None,
+        upload_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.session = session
         self.plan = plan
@@ -109,7 +115,10 @@ class CvatSink:
         self._pending: list[dict] = []
         self._job_frames = set(plan.job_frames)
         self._writer = ConcurrentWriter(
-            workers=settings.write_concurrency, depth=settings.upload_queue, name=f"upload-{plan.job_id}"
+            workers=settings.write_concurrency,
+            depth=settings.upload_queue,
+            name=f"upload-{plan.job_id}",
+            pool=upload_pool,
         )
         self._lock = threading.Lock()  # the upload threads add to `result`
         self._labels_by_id = {label.id: label for label in labels.values()}

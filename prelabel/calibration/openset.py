@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from prelabel.calibration.maths import ThresholdChoice, adjusted_level, choose_threshold
 
@@ -108,6 +107,8 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return None
+    from scipy import stats  # imported here: slow to import, and labeling runs never call it
+
     ranks = stats.rankdata(scores)  # average ranks over ties, 1-based
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

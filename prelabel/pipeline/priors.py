@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, special
+
+# scipy is imported where it is used: it costs ~0.5 s at start, and labeling runs never call it.
 
 HUB_RATIO = 2.0
 """A label predicted for more than this many times its expected share is flagged."""
@@ -36,6 +37,8 @@ _SHIFT_BOUND = 30.0
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    from scipy import special
+
     return special.softmax(np.asarray(logits, dtype=np.float64), axis=1)
 
 
@@ -72,6 +75,7 @@ def fit_prior_shift(logits: np.ndarray, target: np.ndarray | None = None) -> np.
     target = target / target.sum()
     if n == 0:
         return np.zeros(n_labels)
+    from scipy import optimize, special
 
     def objective(shift: np.ndarray) -> tuple[float, np.ndarray]:
         shifted = logits - shift

@@ -23,6 +23,7 @@ from prelabel.pipeline.classifier import TextClassifier
 from prelabel.pipeline.model import LoadedModel
 from prelabel.pipeline.priors import hub_warnings, predicted_shares
 from prelabel.pipeline.router import RoutingPolicy, route
+from prelabel.pipeline.stream import RunPools
 from prelabel.pipeline.timing import StageTimer
 from prelabel.pipeline.worker import WorkerOptions, predict
 
@@ -107,11 +108,13 @@ def run(
     *,
     progress: bool = True,
     timer: StageTimer | None = None,
+    pools: RunPools | None = None,
 ) -> RunStats:
     """Label every frame of `source`; every decision reaches `sink` exactly once.
 
     The sink is closed at the end, also when the run fails part-way, so that what was
-    decided so far is kept.
+    decided so far is kept. Frames are decoded on `pools.decode` (the threads of a run of
+    several sources), else on threads started and stopped here.
     """
     timer = timer or StageTimer()
     stats = RunStats()
@@ -119,7 +122,12 @@ def run(
     bar = tqdm(total=len(source), unit="img", disable=not progress, leave=False)
     try:
         for prediction in predict(
-            source.frames(), pipeline.loaded, pipeline.classifier, pipeline.options, timer
+            source.frames(),
+            pipeline.loaded,
+            pipeline.classifier,
+            pipeline.options,
+            timer,
+            decode_pool=pools.decode if pools is not None else None,
         ):
             decision = route(prediction, pipeline.policy)
             with timer.stage("sink"):

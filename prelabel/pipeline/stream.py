@@ -6,15 +6,19 @@
   queue; a full queue blocks the producer instead of growing.
 - `ConcurrentWriter` runs up to N writes at once behind a bounded queue (uploads), keeping
   the writes that share a key (a frame) in the order they were submitted.
+- `RunPools` holds the decode and upload threads of a run of several jobs: each job's
+  `ordered_map` and `ConcurrentWriter` run on them instead of starting threads of their own,
+  with their own order, bounds and failures, so no job starts or ends its threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -22,15 +26,26 @@ R = TypeVar("R")
 
 
 def ordered_map(
-    func: Callable[[T], R], items: Iterable[T], *, workers: int, ahead: int, name: str = "stage"
+    func: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int,
+    ahead: int,
+    name: str = "stage",
+    pool: Executor | None = None,
 ) -> Iterator[R]:
     """``map(func, items)`` on `workers` threads, at most `ahead` results in flight or waiting.
 
     Results come in input order. An exception from `func` is raised where its result is
-    consumed. Closing the iterator early cancels what has not started.
+    consumed. Closing the iterator early cancels what has not started and waits for what has.
+    With `pool` (shared, e.g. `RunPools.decode`) the calls run on its threads, which are left
+    running at the end; otherwise on `workers` threads of its own, stopped at the end.
     """
     ahead = max(1, ahead)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name) as pool:
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            own = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name)
+            pool = stack.enter_context(own)
         pending: deque[Future[R]] = deque()
         try:
             for item in items:
@@ -42,6 +57,7 @@ def ordered_map(
         finally:
             for future in pending:
                 future.cancel()
+            wait(pending)  # none of its calls still runs once the stream is closed
 
 
 class BackgroundWriter:
@@ -93,14 +109,24 @@ class ConcurrentWriter:
     `submit` blocks while `workers + depth` calls are running or waiting. The first failure
     is re-raised by the next `submit` or by `close`, and every call that has not started by
     then is dropped (calls already running finish). With one worker this is `BackgroundWriter`.
+
+    With `pool` (shared by several writers, e.g. `RunPools.upload`; it must run calls in the
+    order they were submitted, as `ThreadPoolExecutor` does) the calls run on its threads and
+    `close` waits for this writer's calls only, leaving the pool running; otherwise the
+    writer has `workers` threads of its own, stopped by `close`.
     """
 
-    def __init__(self, workers: int = 4, depth: int = 2, name: str = "writer") -> None:
+    def __init__(
+        self, workers: int = 4, depth: int = 2, name: str = "writer", pool: ThreadPoolExecutor | None = None
+    ) -> None:
         workers = max(1, workers)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._own = pool is None
+        self._pool = pool or ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._slots = threading.Semaphore(workers + max(1, depth))
         self._lock = threading.Lock()
         self._last: dict[Hashable, Future[None]] = {}
+        self._running: set[Future[None]] = set()
+        """This writer's calls that have not finished."""
         self._error: BaseException | None = None
 
     def submit(self, call: Callable[[], None], keys: Iterable[Hashable] = ()) -> None:
@@ -111,13 +137,19 @@ class ConcurrentWriter:
             after = {self._last[key] for key in keys if key in self._last}
             # FIFO pool: every call in `after` was taken by a thread before this one, so no deadlock.
             future = self._pool.submit(self._run, call, after)
+            self._running.add(future)
             for key in keys:
                 self._last[key] = future
         future.add_done_callback(lambda done: self._finished(done, keys))
 
     def close(self) -> None:
         """Wait for every submitted call; re-raise the first failure."""
-        self._pool.shutdown(wait=True)
+        if self._own:
+            self._pool.shutdown(wait=True)
+        else:
+            with self._lock:
+                running = list(self._running)
+            wait(running)
         self._raise_if_failed()
 
     def _run(self, call: Callable[[], None], after: set[Future[None]]) -> None:
@@ -132,6 +164,7 @@ class ConcurrentWriter:
 
     def _finished(self, future: Future[None], keys: tuple[Hashable, ...]) -> None:
         with self._lock:
+            self._running.discard(future)
             for key in keys:
                 if self._last.get(key) is future:
                     del self._last[key]
@@ -140,3 +173,29 @@ class ConcurrentWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+class RunPools:
+    """The decode and upload threads of one run, shared by all of its jobs.
+
+    Created once per run and closed at its end (a context manager; also on an error or an
+    interrupt). Jobs pass `decode` to `ordered_map` and `upload` to `ConcurrentWriter`; each
+    job keeps its own order, bounds, failures and its own "all my writes are done" (the
+    writer's `close`). Closing waits for the calls that are running and cancels the others.
+    """
+
+    def __init__(self, *, decode_workers: int, upload_workers: int) -> None:
+        self.decode = ThreadPoolExecutor(max_workers=max(1, decode_workers), thread_name_prefix="decode")
+        self.upload = ThreadPoolExecutor(max_workers=max(1, upload_workers), thread_name_prefix="upload")
+
+    def __enter__(self) -> RunPools:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.decode.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.upload.shutdown(wait=True, cancel_futures=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -51,14 +52,17 @@ def predict(
     classifier: TextClassifier,
     options: WorkerOptions,
     timer: StageTimer | None = None,
+    *,
+    decode_pool: Executor | None = None,
 ) -> Iterator[Prediction]:
     """Yield one `Prediction` per frame, in input order, scoring frames in batches.
 
-    At most ``batch_size * (prefetch_batches + 1)`` frames are decoded ahead of the model.
+    At most ``batch_size * (prefetch_batches + 1)`` frames are decoded ahead of the model,
+    on `decode_pool` (the run's, shared by its jobs) or else on decode threads of its own.
     """
     timer = timer or StageTimer()
     k = min(options.top_k, len(classifier.labels))
-    for batch in _batches(frames, loaded, options, timer):
+    for batch in _batches(frames, loaded, options, timer, decode_pool):
         rows = _through_model(
             batch, lambda pixels: score_and_fit_batch(pixels, loaded, classifier).rows(), timer
         )
@@ -105,10 +109,14 @@ def embed(
 
 
 def _batches(
-    frames: Iterable[Frame], loaded: LoadedModel, options: WorkerOptions, timer: StageTimer
+    frames: Iterable[Frame],
+    loaded: LoadedModel,
+    options: WorkerOptions,
+    timer: StageTimer,
+    pool: Executor | None = None,
 ) -> Iterator[list[_Decoded]]:
     """The decoded frames in batches of `options.batch_size` (the last one may be smaller)."""
-    decoded = _decode_ahead(frames, loaded, options, timer)
+    decoded = _decode_ahead(frames, loaded, options, timer, pool)
     batch: list[_Decoded] = []
     while True:
         with timer.stage("wait_decode"):
@@ -181,16 +189,27 @@ def score_batch(pixels: torch.Tensor, loaded: LoadedModel, classifier: TextClass
     return score_and_fit_batch(pixels, loaded, classifier).probabilities
 
 
+def decode_threads(options: WorkerOptions) -> int:
+    """How many decode threads the options ask for."""
+    return options.decode_workers or os.cpu_count() or 1
+
+
 def _decode_ahead(
-    frames: Iterable[Frame], loaded: LoadedModel, options: WorkerOptions, timer: StageTimer
+    frames: Iterable[Frame],
+    loaded: LoadedModel,
+    options: WorkerOptions,
+    timer: StageTimer,
+    pool: Executor | None = None,
 ) -> Iterator[_Decoded]:
-    """Decode and preprocess in a thread pool, in order, a bounded number of frames ahead."""
+    """Decode and preprocess in a thread pool (`pool`, else one of its own), in order, a
+    bounded number of frames ahead."""
     return ordered_map(
         lambda frame: _prepare(frame, loaded, options.draft, timer),
         frames,
-        workers=options.decode_workers or os.cpu_count() or 1,
+        workers=decode_threads(options),
         ahead=options.batch_size * (options.prefetch_batches + 1),
         name="decode",
+        pool=pool,
     )
 
 
