@@ -213,6 +213,9 @@ class CvatConfig(_Strict):
     prefetch_jobs: Annotated[int, Field(ge=0, le=8)] = 1
     """Jobs whose first `prefetch_chunks` chunks are requested while the current job finishes
     (0: none); each holds that many more chunks in memory."""
+    plan_ahead: Annotated[int, Field(gt=0, le=256)] = 8
+    """Jobs planned (data meta, annotations, issues read, on `write_concurrency` threads) ahead of
+    the job being labeled; bounds the plans held in memory."""
 
 
 class WebhookConfig(_Strict):

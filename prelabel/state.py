@@ -4,8 +4,9 @@ It is a record and a cache, never the source of truth: a run decides what to wri
 the server's state, so a lost or stale state file costs nothing but a re-read. It holds,
 per (job, frame): the prediction (top-k with scores), the decision, the upload status, the
 server ids of the created tags and issue, and the fingerprint of model, prompts and
-thresholds; per job, whether its review routing was applied; and the outcomes that
-`review sync` read back. No secret is ever stored here.
+thresholds; per job, whether its review routing was applied and the server's `updated_date`
+at which prelabel last saw it finished (a rerun skips reading it while that date holds); and
+the outcomes that `review sync` read back. No secret is ever stored here.
 
 The file carries its schema version (SQLite's ``user_version``); opening a file of an older
 release migrates it in place, step by step (`_MIGRATIONS`), keeping every record. Rows are
@@ -32,7 +33,7 @@ from prelabel.errors import PrelabelError
 
 DEFAULT_STATE_PATH = Path(".prelabel/state.db")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The version this release writes. 0: prelabel 0.1 (no version recorded)."""
 
 _SCHEMA = """
@@ -102,6 +103,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"CREATE INDEX IF NOT EXISTS frames_review_by_label ON frames ({_TOP}, {_MARGIN}, job_id, frame) "
         "WHERE decision = 'review'",
         "CREATE INDEX IF NOT EXISTS frames_by_task ON frames (task_id, frame)",
+    ),
+    # 2 -> 3: the server's updated_date of a job when prelabel last saw it finished, and under
+    # which planning flags, so that a rerun need not read an unchanged finished job again.
+    2: (
+        "ALTER TABLE jobs ADD COLUMN finished_at TEXT",
+        "ALTER TABLE jobs ADD COLUMN finished_flags TEXT",
     ),
 }
 """From version N to N + 1: the statements, run in one transaction with the version bump."""
@@ -346,14 +353,53 @@ class RunState:
 
     # -- jobs -------------------------------------------------------------------------------
     def record_job(
-        self, job_id: int, task_id: int, fingerprint: str, review_items: int, routed: bool
+        self,
+        job_id: int,
+        task_id: int,
+        fingerprint: str,
+        review_items: int,
+        routed: bool,
+        *,
+        finished_at: str | None = None,
+        finished_flags: str | None = None,
     ) -> None:
+        """Record a job's routing; `finished_at` is the server's `updated_date` of the job once
+        nothing was left to label under `finished_flags` (None: not known finished)."""
         with self.transaction() as db:
             db.execute(
-                """INSERT OR REPLACE INTO jobs (job_id, task_id, fingerprint, review_items, routed, updated)
-                   VALUES (?, ?, ?, ?, ?, ?)""",
-                (job_id, task_id, fingerprint, review_items, int(routed), time.time()),
+                """INSERT OR REPLACE INTO jobs (job_id, task_id, fingerprint, review_items, routed, updated,
+                                               finished_at, finished_flags)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    job_id,
+                    task_id,
+                    fingerprint,
+                    review_items,
+                    int(routed),
+                    time.time(),
+                    finished_at,
+                    finished_flags if finished_at is not None else None,
+                ),
             )
+
+    def record_finished(self, job_id: int, finished_at: str, flags: str) -> None:
+        """A recorded job was seen finished (nothing left to label under `flags`) at the
+        server's `updated_date` `finished_at`; a job without a record is left alone."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET finished_at = ?, finished_flags = ?, updated = ? WHERE job_id = ?",
+                (finished_at, flags, time.time(), job_id),
+            )
+
+    def finished_jobs(self, flags: str) -> dict[int, str]:
+        """Job id -> the `updated_date` at which each routed job was last seen finished under
+        `flags`."""
+        rows = self._query(
+            "SELECT job_id, finished_at FROM jobs WHERE routed = 1 AND finished_at IS NOT NULL"
+            " AND finished_flags = ?",
+            (flags,),
+        )
+        return {row["job_id"]: row["finished_at"] for row in rows}
 
     def job_routed(self, job_id: int) -> bool:
         """Whether the job's routing was applied once, under any model or thresholds.

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cvat_sdk import models
-from cvat_sdk.core.helpers import get_paginated_collection
 
 from connectors.cvat.errors import CvatError
 from connectors.cvat.labels import text_value
@@ -29,11 +28,10 @@ def resolve_reviewers(session: CvatSession, usernames: list[str]) -> list[Review
     """Look each username up; an unknown one is an error (raised before anything is written)."""
     reviewers = []
     for username in usernames:
-        found = session.call(
+        found = session.list_all(
             f"looking up reviewer {username!r}",
-            lambda username=username: get_paginated_collection(
-                session.client.api_client.users_api.list_endpoint, username=username
-            ),
+            session.client.api_client.users_api.list_endpoint,
+            username=username,
         )
         match = [user for user in found if user.username == username]
         if not match:
@@ -48,8 +46,9 @@ def resolve_reviewers(session: CvatSession, usernames: list[str]) -> list[Review
 
 def route_job(
     session: CvatSession, job_id: int, review_items: int, reviewers: list[Reviewer], config: ReviewConfig
-) -> dict[str, object]:
-    """Set the job's assignee, stage and state for its outcome; returns the fields written."""
+) -> tuple[dict[str, object], str | None]:
+    """Set the job's assignee, stage and state for its outcome; returns the fields written and
+    the job's `updated_date` after them (ISO 8601), as the server answered."""
     jobs_api = session.client.api_client.jobs_api
     job, _ = session.call(f"reading job {job_id}", lambda: jobs_api.retrieve(job_id))
     current_assignee = job.assignee.id if job.assignee else None
@@ -64,11 +63,12 @@ def route_job(
     changes = {key: value for key, value in wanted.items() if current[key] != value}
     if changes:
         request = models.PatchedJobWriteRequest(**changes)  # setting fields: safe to repeat
-        session.call(
+        job, _ = session.call(
             f"updating job {job_id}",
             lambda: jobs_api.partial_update(job_id, patched_job_write_request=request),
         )
-    return changes
+    date = getattr(job, "updated_date", None)
+    return changes, date.isoformat() if date is not None else None
 
 
 def _pick(session: CvatSession, job_id: int, current: int | None, reviewers: list[Reviewer], how: str) -> int:

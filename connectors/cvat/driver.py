@@ -6,6 +6,13 @@ need labels, check the candidate labels, then label each job and route it to rev
 Entry points only gather their inputs (a session, a target, a config, a pipeline maker)
 and call it.
 
+Planning streams (`jobs.plan_stream`): jobs are planned on `cvat.write_concurrency` threads,
+at most `cvat.plan_ahead` ahead of the labeling, so the first frame reaches the model after
+its job is planned, not after every job. The pipeline (the model) is built on a thread of
+its own from the moment the first job with frames to label is planned, while that job's
+first chunks download. A job the state file saw finished at the `updated_date` the listing
+still shows is not read again (the server stays the authority: any change re-reads it).
+
 Jobs share the download, decode and upload threads of the run (`ChunkDownloads`,
 `RunPools`), started once and stopped at its end: while one job finishes
 (its last chunks, its uploads, its routing), the first chunks of the next
@@ -19,12 +26,24 @@ again after a crash, or on different machines, without writing anything twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
 from connectors.cvat.assign import Reviewer, resolve_reviewers, route_job
 from connectors.cvat.frames import ChunkDownloads, JobFrameSource
-from connectors.cvat.jobs import JobPlan, Work, find_work
+from connectors.cvat.jobs import (
+    JobPlan,
+    Listing,
+    Planned,
+    Work,
+    collect,
+    plan_stream,
+    read_target,
+    updated_date,
+)
 from connectors.cvat.labels import CvatLabel, check_schema
 from connectors.cvat.overlap import RememberingSink, SharedFrames, count, decided_elsewhere
 from connectors.cvat.session import CvatSession
@@ -73,6 +92,8 @@ class JobOutcome:
     stats: RunStats
     result: JobResult
     job_changes: dict[str, object] = field(default_factory=dict)
+    written_at: float = 0.0
+    """`time.perf_counter()` when every write of the job's frames was done (before routing)."""
 
 
 @dataclass(frozen=True)
@@ -83,12 +104,17 @@ class TargetOutcome:
     jobs: list[JobOutcome]
     pipeline: Pipeline | None = None
     """The pipeline the jobs were labeled with (None: nothing needed one)."""
+    marks: dict[str, float] = field(default_factory=dict)
+    """Seconds from the run's start: ``model_ready_at`` (the pipeline was built) and
+    ``first_tag_at`` (the first job that created tags had written them all)."""
 
     @property
     def stats(self) -> RunStats:
+        """The jobs' stats added up; the stages include the `marks`."""
         total = RunStats()
         for outcome in self.jobs:
             total.merge(outcome.stats)
+        total.stages.update(self.marks)
         return total
 
     @property
@@ -120,7 +146,7 @@ def setup_hint(target: Target) -> str:
     return f"prelabel setup --{key.replace('_', '-')} {value}"
 
 
-def candidate_names(work: Work, config: Config, hint: str) -> list[str]:
+def candidate_names(work: Work | Listing, config: Config, hint: str) -> list[str]:
     """The CVAT label names to classify into, checked against the config and the schema.
 
     A config label that names no CVAT candidate label is an error, as is a target without
@@ -137,20 +163,54 @@ def candidate_names(work: Work, config: Config, hint: str) -> list[str]:
     return names
 
 
-def plan_target(
-    session: CvatSession, target: Target, config: Config, request: LabelRequest | None = None
-) -> TargetPlan:
-    """The target's jobs that need labels (read from the server), with the label names checked."""
-    request = request or LabelRequest()
-    work = find_work(
+def plan_flags(config: Config, request: LabelRequest) -> str:
+    """The planning settings under which a job counts as finished (recorded with it)."""
+    return f"include_tagged={int(request.include_tagged)} suggestions={int(config.review.upload_suggestion)}"
+
+
+def _stream(
+    session: CvatSession, listing: Listing, config: Config, request: LabelRequest, state: RunState | None
+) -> Iterator[Planned]:
+    """The listing's jobs, planned as `label_target` takes them; with a state file (and no
+    relabel), a job it saw finished at the `updated_date` the listing shows is not read."""
+    unchanged = None
+    if state is not None and not request.relabel:
+        seen = state.finished_jobs(plan_flags(config, request))
+
+        def unchanged(job) -> bool:
+            return job.id in seen and seen[job.id] == updated_date(job)
+
+    return plan_stream(
         session,
-        **target,
+        listing,
         include_tagged=request.include_tagged,
         relabel=request.relabel,
         suggestions=config.review.upload_suggestion,
         limit=request.limit,
+        threads=config.cvat.write_concurrency,
+        ahead=config.cvat.plan_ahead if request.limit is None else None,
+        unchanged=unchanged,
     )
-    return TargetPlan(target, work, candidate_names(work, config, setup_hint(target)))
+
+
+def plan_target(
+    session: CvatSession, target: Target, config: Config, request: LabelRequest | None = None
+) -> TargetPlan:
+    """The target's jobs that need labels (read from the server, planned concurrently), with the
+    label names checked first."""
+    request = request or LabelRequest()
+    listing = read_target(session, **target)
+    names = candidate_names(listing, config, setup_hint(target))
+    return TargetPlan(target, collect(listing, _stream(session, listing, config, request, None)), names)
+
+
+def _replay(work: Work) -> Iterator[Planned]:
+    """A planned `Work` as the stream that made it, in job-id order."""
+    finished = {plan.job_id for plan in work.finished_jobs}
+    items = [Planned(plan.job_id, plan) for plan in work.jobs]
+    items += [Planned(plan.job_id, plan, work.skipped_jobs.get(plan.job_id)) for plan in work.finished_jobs]
+    items += [Planned(job, None, why) for job, why in work.skipped_jobs.items() if job not in finished]
+    return iter(sorted(items, key=lambda item: item.job_id))
 
 
 def label_target(
@@ -163,58 +223,150 @@ def label_target(
     state: RunState | None = None,
     reviewers: list[Reviewer] | None = None,
     planned: TargetPlan | None = None,
+    listing: Listing | None = None,
     on_job: Callable[[JobOutcome], None] | None = None,
+    on_planned: Callable[[Planned], None] | None = None,
+    started: float | None = None,
 ) -> TargetOutcome:
     """Label what the target still needs and route each job; `on_job` hears about each job.
 
-    `planned` is the `plan_target` result when the caller already has it (to show it
-    first), `reviewers` the resolved `review.reviewers` (resolved here when None). With no
-    job to label or route, no pipeline is asked for.
+    Jobs are planned as they are labeled (`on_planned` hears of each, in job-id order),
+    unless `planned` is given (a `plan_target` result the caller already showed); `listing`
+    is the target's `read_target` when the caller already read it (and checked its labels).
+    `reviewers` are the resolved `review.reviewers` (resolved here when None). With no job
+    to label or route, no pipeline is asked for; otherwise it is built on a thread of its
+    own as soon as the first job to label is planned. `started` (`time.perf_counter()`) is
+    the run's start for the `marks` (default: now).
     """
+    started = time.perf_counter() if started is None else started
     request = request or LabelRequest()
-    planned = planned or plan_target(session, target, config, request)
-    work = planned.work
-    if not work.jobs and not work.finished_jobs:
-        return TargetOutcome(planned, [])
-    if reviewers is None:
-        reviewers = resolve_reviewers(session, config.review.reviewers)
-    labeling = Labeling(session, pipeline_for(planned.names), config, request, reviewers, state)
-    labels = {label.name: label for label in work.labels}
+    if planned is not None:
+        listing = Listing(planned.work.where, planned.work.labels, [], [])
+        names, stream = planned.names, _replay(planned.work)
+    else:
+        listing = listing or read_target(session, **target)
+        names = candidate_names(listing, config, setup_hint(target))
+        stream = _stream(session, listing, config, request, state)
+    labels = {label.name: label for label in listing.labels}
+    plans: list[JobPlan] = []
+    finished: list[JobPlan] = []
+    skipped: dict[int, str] = {}
+    outcomes: list[JobOutcome] = []
+    marks: dict[str, float] = {}
     shared = SharedFrames()  # this run's predictions, for the frames overlapping jobs share
-    outcomes = []
-    timers = {plan.job_id: StageTimer() for plan in work.jobs}
-    expected = _expected_frames(work.jobs)
-    with (
-        ChunkDownloads(session, quality=request.quality, threads=config.cvat.download_threads) as downloads,
-        run_pools(labeling) as pools,
-    ):
-        for position, plan in enumerate(work.jobs):
-            following = work.jobs[position + 1 : position + 1 + config.cvat.prefetch_jobs]
+    timers: dict[int, StageTimer] = {}
+    expected: dict[int, list[int]] = {}
+    seen: set[tuple[int, int]] = set()
+    pending: deque[JobPlan] = deque()
+    builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prelabel-model")
+    building: Future[Pipeline] | None = None
+    labeling: Labeling | None = None
 
-            def prefetch(following: list[JobPlan] = following) -> None:
-                for later in following:
-                    downloads.prefetch(
-                        later, expected[later.job_id], config.cvat.prefetch_chunks, timers[later.job_id]
-                    )
+    def start_pipeline() -> Future[Pipeline]:
+        nonlocal building
+        if building is None:
 
-            outcome = label_job(
-                labeling,
-                plan,
-                labels,
-                shared,
-                downloads=downloads,
-                pools=pools,
-                timer=timers[plan.job_id],
-                then=prefetch,
-            )
-            outcomes.append(outcome)
-            if on_job:
-                on_job(outcome)
-    if state is not None:  # jobs finished before an interruption may still await their routing
-        for plan in work.finished_jobs:
-            if not state.job_routed(plan.job_id):
-                _route(labeling, plan, review_items=plan.existing.open_issue_count(), wrote=False)
-    return TargetOutcome(planned, outcomes, labeling.pipeline)
+            def build() -> Pipeline:
+                pipeline = pipeline_for(names)
+                marks["model_ready_at"] = time.perf_counter() - started
+                return pipeline
+
+            building = builder.submit(build)
+        return building
+
+    def labeling_now() -> Labeling:
+        nonlocal labeling, reviewers
+        if labeling is None:
+            if reviewers is None:
+                reviewers = resolve_reviewers(session, config.review.reviewers)
+            labeling = Labeling(session, start_pipeline().result(), config, request, reviewers, state)
+        return labeling
+
+    def pools_now() -> RunPools:
+        """The run's decode and upload threads, started with the first job labeled."""
+        nonlocal pools
+        if pools is None:
+            pools = threads.enter_context(run_pools(labeling_now()))
+        return pools
+
+    pools: RunPools | None = None
+    try:
+        with (
+            ExitStack() as threads,
+            ChunkDownloads(
+                session, quality=request.quality, threads=config.cvat.download_threads
+            ) as downloads,
+        ):
+
+            def take() -> bool:
+                """Take the next planned job from the stream; False when there is none."""
+                item = next(stream, None)
+                if item is None:
+                    return False
+                if on_planned is not None:
+                    on_planned(item)
+                if item.skipped is not None:
+                    skipped[item.job_id] = item.skipped
+                if item.finished:
+                    finished.append(item.plan)
+                elif item.plan is not None and item.skipped is None:
+                    plan = item.plan
+                    plans.append(plan)
+                    pending.append(plan)
+                    timers[plan.job_id] = StageTimer()
+                    expected[plan.job_id] = [f for f in plan.frames if (plan.task_id, f) not in seen]
+                    seen.update((plan.task_id, frame) for frame in plan.frames)
+                    if building is None:  # the first job: its chunks download while the model loads
+                        start_pipeline()
+                        downloads.prefetch(
+                            plan, expected[plan.job_id], config.cvat.prefetch_chunks, timers[plan.job_id]
+                        )
+                return True
+
+            more = True
+            while True:
+                while more and len(pending) <= config.cvat.prefetch_jobs:
+                    more = take()
+                if not pending:
+                    break
+                plan = pending.popleft()
+                following = list(pending)[: config.cvat.prefetch_jobs]
+
+                def prefetch(following: list[JobPlan] = following) -> None:
+                    for later in following:
+                        downloads.prefetch(
+                            later, expected[later.job_id], config.cvat.prefetch_chunks, timers[later.job_id]
+                        )
+
+                outcome = label_job(
+                    labeling_now(),
+                    plan,
+                    labels,
+                    shared,
+                    downloads=downloads,
+                    pools=pools_now(),
+                    timer=timers.pop(plan.job_id),
+                    then=prefetch,
+                )
+                expected.pop(plan.job_id, None)
+                if "first_tag_at" not in marks and outcome.result.tags_created:
+                    marks["first_tag_at"] = outcome.written_at - started
+                outcomes.append(outcome)
+                if on_job:
+                    on_job(outcome)
+        if state is not None:  # jobs finished before an interruption may still await their routing
+            for plan in finished:
+                if not state.job_routed(plan.job_id):
+                    _route(labeling_now(), plan, review_items=plan.existing.open_issue_count(), wrote=False)
+                elif not request.relabel and plan.updated_date is not None:
+                    state.record_finished(plan.job_id, plan.updated_date, plan_flags(config, request))
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()
+        builder.shutdown(wait=True, cancel_futures=True)
+    work = Work(listing.where, listing.labels, plans, skipped, finished)
+    pipeline = labeling.pipeline if labeling is not None else None
+    return TargetOutcome(TargetPlan(target, work, names), outcomes, pipeline, marks)
 
 
 def run_pools(labeling: Labeling) -> RunPools:
@@ -305,21 +457,46 @@ def label_job(
     routing = time.perf_counter()
     changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
     stats.stages["route"] = time.perf_counter() - routing
-    return JobOutcome(plan, stats, sink.result, changes)
+    return JobOutcome(plan, stats, sink.result, changes, written_at=routing)
 
 
 def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool) -> dict[str, object]:
     """Route the job once: after any write to it, or when the state has no record of routing it.
 
     A job that was already routed and got no new writes is left alone, so that a person
-    can move it on without a rerun moving it back.
+    can move it on without a rerun moving it back. The state records the job's
+    `updated_date` after its writes and routing as the moment it was seen finished (a job
+    finished when planned: the listing's date, unless routing just changed the job), unless
+    `--limit` left frames out or the run relabels.
     """
     state = labeling.state
     changes: dict[str, object] = {}
+    date = None
     if wrote or state is None or not state.job_routed(plan.job_id):
-        changes = route_job(
+        changes, date = route_job(
             labeling.session, plan.job_id, review_items, labeling.reviewers, labeling.config.review
         )
     if state is not None:
-        state.record_job(plan.job_id, plan.task_id, labeling.pipeline.fingerprint, review_items, routed=True)
+        finished = not plan.truncated and not labeling.request.relabel
+        if not plan.frames:  # finished when planned: as the listing showed it, unless routing changed it
+            date = None if changes else plan.updated_date
+        elif finished and date is None:
+            date = _updated_date(labeling.session, plan.job_id)
+        state.record_job(
+            plan.job_id,
+            plan.task_id,
+            labeling.pipeline.fingerprint,
+            review_items,
+            routed=True,
+            finished_at=date if finished else None,
+            finished_flags=plan_flags(labeling.config, labeling.request),
+        )
     return changes
+
+
+def _updated_date(session: CvatSession, job_id: int) -> str | None:
+    """The job's `updated_date` now (one request)."""
+    job, _ = session.call(
+        f"reading job {job_id}", lambda: session.client.api_client.jobs_api.retrieve(job_id)
+    )
+    return updated_date(job)

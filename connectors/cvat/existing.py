@@ -9,10 +9,9 @@ the local state file, so a tag written just before a crash is never written twic
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-
-from cvat_sdk.core.helpers import get_paginated_collection
 
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, text_value
 from connectors.cvat.session import CvatSession
@@ -85,19 +84,22 @@ class JobOnServer:
         return False
 
 
-def read_job(session: CvatSession, job_id: int, labels: dict[int, CvatLabel]) -> JobOnServer:
-    """Read a job's tags, issues and first comments, and sort them by author."""
+def read_job(
+    session: CvatSession, job_id: int, labels: dict[int, CvatLabel], issues: list | None = None
+) -> JobOnServer:
+    """Read a job's tags, issues and first comments, and sort them by author.
+
+    `issues` are the job's issues when the caller already read them (see `TaskIssues`);
+    comments are read only for a job that has issues.
+    """
     api = session.client.api_client
     doing = f"reading the annotations and issues of job {job_id}"
     annotations, _ = session.call(doing, lambda: api.jobs_api.retrieve_annotations(job_id))
-    issues = session.call(
-        doing, lambda: get_paginated_collection(api.issues_api.list_endpoint, job_id=job_id)
-    )
+    if issues is None:
+        issues = session.list_all(doing, api.issues_api.list_endpoint, job_id=job_id)
     comments = []
     if issues:
-        comments = session.call(
-            doing, lambda: get_paginated_collection(api.comments_api.list_endpoint, job_id=job_id)
-        )
+        comments = session.list_all(doing, api.comments_api.list_endpoint, job_id=job_id)
     state = JobOnServer()
     for tag in annotations.tags:
         label = labels.get(tag.label_id)
@@ -124,6 +126,37 @@ def read_job(session: CvatSession, job_id: int, labels: dict[int, CvatLabel]) ->
             if message.startswith(f"{MESSAGE_PREFIX} unreadable"):
                 state.unreadable_frames.add(issue.frame)
     return state
+
+
+class TaskIssues:
+    """The issues of each task, read once per task (`GET /api/issues?task_id=`) when a job of it
+    first needs them, then handed out job by job; safe to use from several threads.
+
+    One request per task instead of one per job. A job's issues are handed out once: they
+    describe the server when its task was read, and a job is planned once.
+    """
+
+    def __init__(self, session: CvatSession) -> None:
+        self.session = session
+        self._lock = threading.Lock()
+        self._tasks: dict[int, threading.Lock] = {}
+        self._issues: dict[int, dict[int, list]] = {}
+
+    def of_job(self, task_id: int, job_id: int) -> list:
+        """The job's issues, as they were when its task's issues were read."""
+        with self._lock:
+            task_lock = self._tasks.setdefault(task_id, threading.Lock())
+        with task_lock:
+            if task_id not in self._issues:
+                api = self.session.client.api_client
+                found = self.session.list_all(
+                    f"reading the issues of task {task_id}", api.issues_api.list_endpoint, task_id=task_id
+                )
+                by_job: dict[int, list] = defaultdict(list)
+                for issue in found:
+                    by_job[issue.job].append(issue)
+                self._issues[task_id] = by_job
+            return self._issues[task_id].pop(job_id, [])
 
 
 def _probability(value: str | None) -> float:

@@ -1,5 +1,10 @@
 """Selecting work: which jobs of a project, task or job need pre-labels, and which frames.
 
+Planning streams: `read_target` reads the target, its labels and its job listing, then
+`plan_stream` plans the jobs on a few threads, a bounded number ahead of whoever consumes
+them, and hands them out in job-id order (`find_work` collects them all). A job the caller
+knows to be unchanged since prelabel finished it (`unchanged`) is not read at all.
+
 A job needs pre-labels when it is an annotation job (not ground truth, not a consensus
 replica) and some of its frames are neither deleted nor tagged. A frame that carries any
 tag, manual or auto, is skipped unless `include_tagged` is set; a human's tag is never
@@ -9,12 +14,12 @@ every frame from its `start_frame` to its `stop_frame`, whatever the task's fram
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from cvat_sdk.core.helpers import get_paginated_collection
-
-from connectors.cvat.existing import JobOnServer, read_job
+from connectors.cvat.existing import JobOnServer, TaskIssues, read_job
 from connectors.cvat.labels import CvatLabel, candidate_labels
 from connectors.cvat.numbering import frame_step
 from connectors.cvat.session import CvatSession
@@ -58,6 +63,10 @@ class JobPlan:
     """Frames skipped because prelabel already tagged them or queued them for review."""
     neighbours: tuple[Neighbour, ...] = field(default=(), repr=False)
     """The task's other annotation jobs that share frames with this one."""
+    updated_date: str | None = field(default=None, repr=False)
+    """The job's `updated_date` in the listing the plan was made from (ISO 8601)."""
+    truncated: bool = False
+    """`--limit` left some of the job's frames out."""
 
     @property
     def job_frames(self) -> range:
@@ -83,6 +92,47 @@ class Work:
         return sum(len(job.frames) for job in self.jobs)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A target as its listing shows it: name, candidate labels and jobs (by id)."""
+
+    where: str
+    labels: list[CvatLabel]
+    jobs: list
+    """The target's jobs (cvat-sdk `JobRead`), in id order."""
+    siblings: list
+    """The jobs whose frames may overlap the target's: its task's jobs, for a job target."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One job of a target as planning found it."""
+
+    job_id: int
+    plan: JobPlan | None
+    """Its plan (no frames: finished); None when the job was not read."""
+    skipped: str | None = None
+    """Why it is not labeled; None when it has frames to label."""
+
+    @property
+    def finished(self) -> bool:
+        """An annotation job that was read and has nothing left to label."""
+        return self.plan is not None and not self.plan.frames
+
+
+NOTHING_LEFT = "nothing to label (every frame is tagged, queued for review or deleted)"
+UNCHANGED = "nothing to label (unchanged since prelabel finished it)"
+
+Unchanged = Callable[[object], bool]
+"""Whether a listed job (`JobRead`) is known finished and unchanged since: it is not read."""
+
+
+def updated_date(job) -> str | None:
+    """A job's `updated_date` as ISO 8601 text (None when the server gave none)."""
+    value = getattr(job, "updated_date", None)
+    return value.isoformat() if value is not None and hasattr(value, "isoformat") else value
+
+
 def find_work(
     session: CvatSession,
     *,
@@ -93,6 +143,9 @@ def find_work(
     relabel: bool = False,
     suggestions: bool = True,
     limit: int | None = None,
+    threads: int = 4,
+    ahead: int | None = None,
+    unchanged: Unchanged | None = None,
 ) -> Work:
     """Read the target's labels and jobs, and plan each job that needs pre-labels.
 
@@ -100,53 +153,206 @@ def find_work(
     reviewer resolved prelabel's issue on it, or prelabel already finished it (see
     `relabel`). A frame prelabel left half-done (a tag without its issue, say) is planned,
     and only its missing pieces will be written. `limit` caps the total number of frames
-    (jobs are taken in id order).
+    (jobs are taken in id order). Jobs are planned on `threads` threads (see `plan_stream`).
     """
-    where, labels, jobs = _read_target(session, project_id, task_id, job_id, with_jobs=True)
-    siblings = jobs
-    if job_id is not None and jobs:
-        siblings = _task_jobs(session, jobs[0].task_id)
+    listing = read_target(session, project_id=project_id, task_id=task_id, job_id=job_id)
+    stream = plan_stream(
+        session,
+        listing,
+        include_tagged=include_tagged,
+        relabel=relabel,
+        suggestions=suggestions,
+        limit=limit,
+        threads=threads,
+        ahead=ahead,
+        unchanged=unchanged,
+    )
+    return collect(listing, stream)
+
+
+def collect(listing: Listing, stream: Iterator[Planned]) -> Work:
+    """The whole `Work` of a plan stream."""
     plans: list[JobPlan] = []
     finished: list[JobPlan] = []
     skipped: dict[int, str] = {}
-    budget = limit
-    for job in sorted(jobs, key=lambda job: job.id):
-        if job.type != "annotation":
-            skipped[job.id] = f"a {job.type.replace('_', ' ')} job"
-            continue
-        if budget is not None and budget <= 0:
-            skipped[job.id] = "beyond --limit"
-            continue
-        plan = _plan_job(
-            session,
-            job,
-            labels,
-            include_tagged=include_tagged,
-            relabel=relabel,
-            suggestions=suggestions,
-            budget=budget,
-        )
-        if not plan.frames:
-            skipped[job.id] = "nothing to label (every frame is tagged, queued for review or deleted)"
-            finished.append(plan)
-            continue
-        plans.append(plan)
-        if budget is not None:
-            budget -= len(plan.frames)
-    known = {plan.job_id: plan.existing for plan in [*plans, *finished]}
-    plans = [_with_neighbours(session, plan, siblings, known, labels) for plan in plans]
-    return Work(where=where, labels=labels, jobs=plans, skipped_jobs=skipped, finished_jobs=finished)
-
-
-def _task_jobs(session: CvatSession, task_id: int) -> list:
-    return session.call(
-        f"listing the jobs of task {task_id}",
-        lambda: get_paginated_collection(session.client.api_client.jobs_api.list_endpoint, task_id=task_id),
+    for item in stream:
+        if item.skipped is not None:
+            skipped[item.job_id] = item.skipped
+        if item.finished:
+            finished.append(item.plan)
+        elif item.plan is not None and item.skipped is None:
+            plans.append(item.plan)
+    return Work(
+        where=listing.where, labels=listing.labels, jobs=plans, skipped_jobs=skipped, finished_jobs=finished
     )
 
 
+def read_target(
+    session: CvatSession,
+    *,
+    project_id: int | None = None,
+    task_id: int | None = None,
+    job_id: int | None = None,
+) -> Listing:
+    """The target's name, candidate labels and job listing (read once, largest pages)."""
+    where, labels, jobs = _read_target(session, project_id, task_id, job_id, with_jobs=True)
+    jobs = sorted(jobs, key=lambda job: job.id)
+    siblings = jobs
+    if job_id is not None and jobs:
+        siblings = _task_jobs(session, jobs[0].task_id)
+    return Listing(where, labels, jobs, siblings)
+
+
+def plan_stream(
+    session: CvatSession,
+    listing: Listing,
+    *,
+    include_tagged: bool = False,
+    relabel: bool = False,
+    suggestions: bool = True,
+    limit: int | None = None,
+    threads: int = 4,
+    ahead: int | None = None,
+    unchanged: Unchanged | None = None,
+) -> Iterator[Planned]:
+    """Every job of the listing, planned, in job-id order: read on `threads` threads, at most
+    `ahead` jobs (default: twice `threads`) read before the consumer takes them.
+
+    The `limit` budget is spent in order as jobs are taken (a job that exceeds it is
+    truncated, the ones after it are not read). Each plan with frames carries its
+    overlapping neighbours: the jobs taken before it, or read now (never a job skipped
+    as `unchanged`: its state was not read). Closing the iterator stops the planning.
+    """
+    labels = {label.id: label for label in listing.labels}
+    budget = limit
+    known: dict[int, JobOnServer] = {}
+    """The taken jobs of the current task: their `existing`, for their neighbours."""
+    known_task: int | None = None
+    jobs = listing.jobs
+    if budget is not None and budget <= 0:
+        yield from (Planned(job.id, None, _type_skip(job) or "beyond --limit") for job in jobs)
+        return
+    if budget is not None:
+        ahead = 1 if ahead is None else ahead  # never read much beyond the budget
+    planned = _planned_ahead(
+        session,
+        jobs,
+        labels,
+        include_tagged=include_tagged,
+        relabel=relabel,
+        suggestions=suggestions,
+        threads=threads,
+        ahead=ahead if ahead is not None else 2 * threads,
+        unchanged=unchanged,
+    )
+    taken = 0
+    try:
+        for item in planned:
+            taken += 1
+            plan = item.plan
+            if plan is None:
+                yield item
+                continue
+            if plan.task_id != known_task:
+                known, known_task = {}, plan.task_id
+            known[plan.job_id] = plan.existing
+            if not plan.frames:
+                yield replace(item, skipped=NOTHING_LEFT)
+                continue
+            if budget is not None:
+                if len(plan.frames) > budget:
+                    plan = replace(plan, frames=plan.frames[:budget], truncated=True)
+                budget -= len(plan.frames)
+            yield Planned(plan.job_id, _with_neighbours(session, plan, listing.siblings, known, labels))
+            if budget is not None and budget <= 0:
+                break
+    finally:
+        planned.close()
+    for job in jobs[taken:]:  # after the budget ran out: not read
+        yield Planned(job.id, None, _type_skip(job) or "beyond --limit")
+
+
+def _type_skip(job) -> str | None:
+    """Why a job is never labeled (its type), or None for an annotation job."""
+    return None if job.type == "annotation" else f"a {job.type.replace('_', ' ')} job"
+
+
+def _planned_ahead(
+    session: CvatSession,
+    jobs: list,
+    labels: dict[int, CvatLabel],
+    *,
+    include_tagged: bool,
+    relabel: bool,
+    suggestions: bool,
+    threads: int,
+    ahead: int,
+    unchanged: Unchanged | None,
+) -> Iterator[Planned]:
+    """Each job's `Planned` (no budget, no neighbours), in order, read on a bounded thread pool."""
+    issues = TaskIssues(session)
+
+    def plan(job) -> Planned:
+        return Planned(
+            job.id,
+            _plan_job(
+                session,
+                job,
+                labels,
+                include_tagged=include_tagged,
+                relabel=relabel,
+                suggestions=suggestions,
+                issues=issues,
+            ),
+        )
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="prelabel-plan")
+    window: deque[Planned | Future[Planned]] = deque()
+    reading = 0
+    remaining = iter(jobs)
+
+    def fill() -> None:
+        nonlocal reading
+        while reading < max(1, ahead):
+            job = next(remaining, None)
+            if job is None:
+                return
+            why = _type_skip(job)
+            if why is None and not relabel and unchanged is not None and unchanged(job):
+                why = UNCHANGED
+            if why is not None:
+                window.append(Planned(job.id, None, why))
+            else:
+                window.append(pool.submit(plan, job))
+                reading += 1
+
+    try:
+        fill()
+        while window:
+            item = window.popleft()
+            if isinstance(item, Future):
+                reading -= 1
+                fill()
+                item = item.result()
+            else:
+                fill()
+            yield item
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _task_jobs(session: CvatSession, task_id: int) -> list:
+    api = session.client.api_client
+    doing = f"listing the jobs of task {task_id}"
+    return session.list_all(doing, api.jobs_api.list_endpoint, task_id=task_id)
+
+
 def _with_neighbours(
-    session: CvatSession, plan: JobPlan, jobs: list, known: dict[int, JobOnServer], labels: list[CvatLabel]
+    session: CvatSession,
+    plan: JobPlan,
+    jobs: list,
+    known: dict[int, JobOnServer],
+    labels: dict[int, CvatLabel],
 ) -> JobPlan:
     """The plan with the task's other annotation jobs that share its frames (read if not yet)."""
     found = []
@@ -157,7 +363,7 @@ def _with_neighbours(
             continue
         existing = known.get(job.id)
         if existing is None:
-            existing = read_job(session, job.id, {label.id: label for label in labels})
+            existing = read_job(session, job.id, labels)
         found.append(Neighbour(job.id, range(job.start_frame, job.stop_frame + 1), existing))
     return replace(plan, neighbours=tuple(found)) if found else plan
 
@@ -190,35 +396,30 @@ def _read_target(
         where, key, value = f"job {job_id}", "job_id", job_id
         retrieve = session.client.jobs.retrieve
     target = session.call(f"reading {where}", lambda: retrieve(value))
-    labels = session.call(
-        f"reading the labels of {where}",
-        lambda: get_paginated_collection(api.labels_api.list_endpoint, **{key: value}),
-    )
+    labels = session.list_all(f"reading the labels of {where}", api.labels_api.list_endpoint, **{key: value})
     jobs = []
     if with_jobs and key == "job_id":
         jobs = [target._model]
     elif with_jobs:
-        jobs = session.call(
-            f"listing the jobs of {where}",
-            lambda: get_paginated_collection(api.jobs_api.list_endpoint, **{key: value}),
-        )
+        jobs = session.list_all(f"listing the jobs of {where}", api.jobs_api.list_endpoint, **{key: value})
     return where, candidate_labels(labels), jobs
 
 
 def _plan_job(
     session: CvatSession,
     job,
-    labels: list[CvatLabel],
+    labels: dict[int, CvatLabel],
     *,
     include_tagged: bool,
     relabel: bool,
     suggestions: bool,
-    budget: int | None,
+    issues: TaskIssues | None = None,
 ) -> JobPlan:
     meta, _ = session.call(
         f"reading job {job.id}", lambda: session.client.api_client.jobs_api.retrieve_data_meta(job.id)
     )
-    existing = read_job(session, job.id, {label.id: label for label in labels})
+    found = issues.of_job(job.task_id, job.id) if issues is not None else None
+    existing = read_job(session, job.id, labels, found)
     job_frames = range(job.start_frame, job.stop_frame + 1)
     deleted = set(meta.deleted_frames or ())
     live = [frame for frame in job_frames if frame not in deleted and not existing.reviewed(frame)]
@@ -227,8 +428,6 @@ def _plan_job(
         live = [frame for frame in live if frame not in existing.human_frames]
     done = [frame for frame in live if existing.complete(frame, suggestions=suggestions)]
     wanted = live if relabel else [frame for frame in live if frame not in set(done)]
-    if budget is not None:
-        wanted = wanted[:budget]
     return plan_for(
         job,
         meta,
@@ -263,6 +462,7 @@ def plan_for(job, meta, frames: Sequence[int], existing: JobOnServer, **counts: 
         names=names,
         sizes=sizes,
         existing=existing,
+        updated_date=updated_date(job),
         **counts,
     )
 

@@ -13,11 +13,17 @@ from typing import TypeVar
 
 import tenacity
 from cvat_sdk import Client
+from cvat_sdk.core.helpers import get_paginated_collection
 
 from connectors.cvat import retry
 from prelabel.config import RetryConfig
 
 T = TypeVar("T")
+
+LIST_PAGE_SIZE = 1000
+"""Items per page when reading a list. CVAT sets no maximum (its `CustomPagination` honours any
+positive ``page_size``), so this only bounds one response's size: a project of 2,000 jobs is
+listed in 2 requests instead of 200 at CVAT's default of 10."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,12 @@ class CvatSession:
     def call(self, doing: str, func: Callable[[], T]) -> T:
         """Run an idempotent server call with retries; a failure is one `CvatError` naming `doing`."""
         return retry.call(doing, func, self.retry, self.on_retry)
+
+    def list_all(self, doing: str, endpoint, **filters: object) -> list:
+        """Every item of a paginated list endpoint (`LIST_PAGE_SIZE` a page), with retries."""
+        return self.call(
+            doing, lambda: get_paginated_collection(endpoint, page_size=LIST_PAGE_SIZE, **filters)
+        )
 
     def retrying(self, doing: str) -> tenacity.Retrying:
         """A retry loop for an operation that checks the server itself before repeating a write."""

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from cvat_sdk.core.helpers import get_paginated_collection
-
 from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.labels import candidate_labels
 from connectors.cvat.session import CvatSession
@@ -28,11 +26,10 @@ def sync_reviews(session: CvatSession, state: RunState, job_ids: list[int] | Non
     counts: Counter[str] = Counter()
     for job_id in job_ids or state.job_ids():
         labels = candidate_labels(
-            session.call(
+            session.list_all(
                 f"reading the labels of job {job_id}",
-                lambda job_id=job_id: get_paginated_collection(
-                    session.client.api_client.labels_api.list_endpoint, job_id=job_id
-                ),
+                session.client.api_client.labels_api.list_endpoint,
+                job_id=job_id,
             )
         )
         existing = read_job(session, job_id, {label.id: label for label in labels})

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from cvat_sdk import models
-from cvat_sdk.core.helpers import get_paginated_collection
 
 from connectors.cvat.session import CvatSession
 
@@ -191,11 +190,11 @@ def remove_webhook(session: CvatSession, project_id: int) -> list[int]:
 
 
 def _ours(session: CvatSession, project_id: int, url: str | None) -> list:
-    webhooks = session.call(
+    webhooks = session.list_all(
         f"listing the webhooks of project {project_id}",
-        lambda: get_paginated_collection(
-            session.client.api_client.webhooks_api.list_endpoint, project_id=project_id, type="project"
-        ),
+        session.client.api_client.webhooks_api.list_endpoint,
+        project_id=project_id,
+        type="project",
     )
     return sorted(
         (w for w in webhooks if w.description == DESCRIPTION or (url is not None and w.target_url == url)),

@@ -137,13 +137,17 @@ def run_command(
     Running it again writes nothing new; after a crash it completes what is missing.
     Frames a person tagged are skipped, and no human annotation is ever changed.
     """
+    import time
+
     from prelabel.config import load_config
 
+    started = time.perf_counter()
     target = one_target(target)
     config = load_config(config_path, overrides)
 
     from connectors.cvat.assign import resolve_reviewers  # cvat-sdk and torch: slow
-    from connectors.cvat.driver import LabelRequest, label_target, plan_target
+    from connectors.cvat.driver import LabelRequest, candidate_names, label_target, plan_target, setup_hint
+    from connectors.cvat.jobs import read_target
     from prelabel.state import RunState
 
     request = LabelRequest(
@@ -158,11 +162,15 @@ def run_command(
             raise click.UsageError("--dry-run does not apply with --queue; run it without --queue")
         return run_on_queue(queue_url, target, config, server, request)
     session = connect_to(config, server, target, writes=None if dry_run else "run")
-    planned = plan_target(session, target, config, request)
-    reviewers = resolve_reviewers(session, config.review.reviewers)
-    print_plan(planned.work, planned.names, dry_run)
-    if dry_run:
+    if dry_run:  # the whole plan, planned concurrently
+        planned = plan_target(session, target, config, request)
+        resolve_reviewers(session, config.review.reviewers)
+        print_plan(planned.work, planned.names, dry_run)
         return
+    listing = read_target(session, **target)  # then each job is planned as the labeling takes it
+    names = candidate_names(listing, config, setup_hint(target))
+    reviewers = resolve_reviewers(session, config.review.reviewers)
+    click.echo(f"{listing.where}: labels {', '.join(names)}")
 
     from prelabel.assemble import build_pipeline
     from prelabel.pipeline.runner import format_summary
@@ -194,31 +202,45 @@ def run_command(
             request=request,
             state=state,
             reviewers=reviewers,
-            planned=planned,
+            listing=listing,
             on_job=report,
+            on_planned=print_planned,
+            started=started,
         )
+        work = outcome.plan.work
+        click.echo(f"  {work.frame_count} frames in {len(work.jobs)} jobs")
         total = outcome.stats
         expected = outcome.pipeline.label_shares if outcome.pipeline is not None else None
-        click.echo(
-            format_summary(total, title=f"{planned.work.where}", labels=planned.names, expected=expected)
-        )
+        click.echo(format_summary(total, title=f"{work.where}", labels=names, expected=expected))
         write_profile(profile_path, total, per_job)
         click.echo("  review queue: prelabel review list")
 
 
 def print_plan(work, names: list[str], dry_run: bool) -> None:
-    """What `run` (or `enqueue`) is about to do, job by job."""
+    """What `run --dry-run` (or `enqueue`) is about to do, job by job."""
     prefix = "dry run: would label" if dry_run else "labeling"
     click.echo(f"{work.where}: labels {', '.join(names)}")
     for plan in work.jobs:
-        click.echo(
-            f"  job {plan.job_id} (task {plan.task_id}): {prefix} {len(plan.frames)} frames"
-            f" ({plan.already_done} done before, {plan.already_tagged} tagged by people,"
-            f" {plan.deleted} deleted)"
-        )
+        click.echo(_job_line(plan, prefix))
     for job_id, why in sorted(work.skipped_jobs.items()):
         click.echo(f"  job {job_id}: skipped, {why}")
     click.echo(f"  {work.frame_count} frames in {len(work.jobs)} jobs")
+
+
+def print_planned(item) -> None:
+    """One job as `run` plans it (a `connectors.cvat.jobs.Planned`), just before labeling it."""
+    if item.skipped is not None:
+        click.echo(f"  job {item.job_id}: skipped, {item.skipped}")
+    elif item.plan is not None:
+        click.echo(_job_line(item.plan, "labeling"))
+
+
+def _job_line(plan, prefix: str) -> str:
+    return (
+        f"  job {plan.job_id} (task {plan.task_id}): {prefix} {len(plan.frames)} frames"
+        f" ({plan.already_done} done before, {plan.already_tagged} tagged by people,"
+        f" {plan.deleted} deleted)"
+    )
 
 
 def write_profile(path: Path | None, total, per_job: dict | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,15 @@ def _int(value: str | None) -> int | None:
         return None
 
 
+def _page_size(value: str | None) -> int:
+    """CVAT's `CustomPagination.get_page_size` (cvat/apps/engine/pagination.py): ``all`` or any
+    positive number is honoured as is (no maximum); anything else gives the default."""
+    if value == "all":
+        return sys.maxsize
+    size = _int(value)
+    return size if size is not None and size > 0 else DEFAULT_PAGE_SIZE
+
+
 class Api:
     """The CVAT 2.73 endpoints used by prelabel and cvat-sdk, over a `State`."""
 
@@ -155,7 +165,7 @@ class Api:
     def paginate(self, ctx: Ctx, items: list[Any], render: Callable[[Any], Any]) -> Reply:
         """DRF PageNumberPagination: count/next/previous/results (404 on a bad page)."""
         page = _int(ctx.query.get("page")) or 1
-        size = _int(ctx.query.get("page_size")) or DEFAULT_PAGE_SIZE
+        size = _page_size(ctx.query.get("page_size"))
         pages = max(1, -(-len(items) // size))
         if page < 1 or page > pages:
             raise ApiError(404, {"detail": "Invalid page."})

@@ -665,7 +665,8 @@ class State:
                     new = [o for o in store[kind] if o["id"] in ids]
                     store[kind] = [o for o in store[kind] if o["id"] not in ids]
                 result[kind] = copy.deepcopy(new)
-            job["updated_date"] = now()
+            if any(result[kind] for kind in ANNOTATION_KINDS):
+                self.touch_job(job_id)
             return result
 
     def job_put(self, job_id: int, data: dict[str, Any]) -> dict[str, Any]:
@@ -673,13 +674,28 @@ class State:
         with self.lock:
             job = self.jobs[job_id]
             self._validate(job["task_id"], data, [job])
-            self.annotations[job_id] = {kind: [] for kind in ANNOTATION_KINDS}
+            self.job_clear(job_id)
             return self.job_patch(job_id, "create", data, validate=False)
 
     def job_clear(self, job_id: int) -> None:
         """DELETE /api/jobs/{id}/annotations."""
         with self.lock:
+            if any(self.annotations[job_id][kind] for kind in ANNOTATION_KINDS):
+                self.touch_job(job_id)
             self.annotations[job_id] = {kind: [] for kind in ANNOTATION_KINDS}
+
+    def touch_job(self, job_id: int) -> None:
+        """Bump the `updated_date` of a job, its task and its project, as CVAT does on every
+        annotation write that creates, changes or deletes something (`JobAnnotation.
+        _set_updated_date` in cvat/apps/engine/annotation.py); an empty write touches nothing."""
+        with self.lock:
+            job = self.jobs[job_id]
+            ts = now()
+            job["updated_date"] = ts
+            task = self.tasks[job["task_id"]]
+            task["updated_date"] = ts
+            if task.get("project_id") is not None and task["project_id"] in self.projects:
+                self.projects[task["project_id"]]["updated_date"] = ts
 
     def job_annotations(self, job_id: int) -> dict[str, Any]:
         """A copy of a job's annotations."""
