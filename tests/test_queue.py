@@ -120,7 +120,7 @@ def start_workers(queue: str, project: Project, folder: Path, count: int) -> lis
     return workers
 
 
-def wait_all(workers: list[subprocess.Popen], timeout: float = 150) -> None:
+def wait_all(workers: list[subprocess.Popen], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     for process in workers:
         process.wait(timeout=max(1, deadline - time.monotonic()))
