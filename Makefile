@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review bench bench-memory eval calibrate workers bench-scale
+.PHONY: install test demo lint clean prelabel setup review bench bench-memory eval calibrate workers bench-scale bench-big
 
 install: $(VENV)/.installed
 
@@ -110,3 +110,10 @@ workers: install
 # docs/benchmarks.md. make bench-scale ARGS="--jobs 48 --standin 0.25"
 bench-scale: install
 	$(BIN)/python -m benchmarks.scale $(ARGS)
+
+# Big projects (issue 18): enqueue, status, run and rerun of a 200- and a 2,000-job project on
+# the latency-modelled test server, through the CLI; appends to docs/benchmarks.md.
+# make bench-big ARGS="--jobs 20,60 --timeout 300"
+bench-big: install
+	$(BIN)/python -m benchmarks.big_project $(ARGS)
+

@@ -59,7 +59,9 @@ _KINDS = (
 )
 _TAG_WRITE = re.compile(r"^/api/jobs/\d+/annotations/?$")
 _FIRST_TAG = re.compile(r"first[ _-]?tag\D{0,30}?(\d+(?:\.\d+)?)\s*s\b", re.IGNORECASE)
-_MODEL_LOADED = re.compile(r"model[ _-]?(?:loaded|load|ready)\D{0,30}?(\d+(?:\.\d+)?)\s*s\b", re.IGNORECASE)
+_MODEL_LOADED = re.compile(
+    r"(?:model[ _-]?(?:loaded|load|ready)|load(?:ed)?[ _-]model)\D{0,30}?(\d+(?:\.\d+)?)\s*s\b", re.IGNORECASE
+)
 _QUEUED = re.compile(r"queued (\d+)")
 
 TARGETS = {
