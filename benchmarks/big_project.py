@@ -259,12 +259,13 @@ def table(results: Sequence[SizeResult]) -> list[str]:
         rerun_per_job = (
             f"{planning_requests(r.rerun.requests) / r.jobs:.2f}" if r.rerun and not r.rerun.failed else "n/a"
         )
+        killed = " (until killed)" if r.run.process.timed_out else ""
         by_kind = "/".join(str(r.run.requests[kind]) for kind in PLANNING)
         lines.append(
             f"| {r.jobs:,} ({r.tasks}) | {r.frames:,} | {_timed(r.run)} | {_seconds(r.first_tag, 2)} "
             f"| {_seconds(r.cli_first_tag, 2)} / {_seconds(r.cli_model_loaded, 2)} "
             f"| {planning:,} ({planning / r.jobs:.2f}) | {by_kind} "
-            f"| {r.run.requests['all']:,} | {mib(r.run.process.peak_rss_bytes)} | {_timed(r.rerun)} "
+            f"| {r.run.requests['all']:,} | {mib(r.run.process.peak_rss_bytes)}{killed} | {_timed(r.rerun)} "
             f"| {rerun_per_job} | {_timed(r.enqueue)} ({_count(r.queued)}) "
             f"| {_timed(r.status, 2)} | {percent(r.other_load)} |"
         )
@@ -319,7 +320,8 @@ def targets(results: Sequence[SizeResult]) -> list[str]:
             f"{at_least}{_seconds(run_ratio, 2)}x, at most {run_limit:g}x: **{_verdict(run_ok)}**"
         )
         lines.append(
-            f"- peak RSS {large.jobs:,} vs {small.jobs:,} jobs: {_seconds(rss_ratio, 2)}x, "
+            f"- peak RSS {large.jobs:,} vs {small.jobs:,} jobs: {_seconds(rss_ratio, 2)}"
+            f"{'' if rss_ratio is None else 'x'}, "
             f"at most {TARGETS['rss_ratio']:g}x: "
             f"**{_verdict(None if rss_ratio is None else rss_ratio <= TARGETS['rss_ratio'])}**"
         )
