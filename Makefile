@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review bench bench-memory eval calibrate workers bench-scale bench-queue
+.PHONY: install test demo lint clean prelabel setup review bench bench-memory eval calibrate workers bench-scale bench-queue bench-big
 
 install: $(VENV)/.installed
 
@@ -115,3 +115,9 @@ bench-scale: install
 # the figures. make bench-queue ARGS="--jobs 2000 --frames 100000"
 bench-queue: install
 	$(BIN)/python -m benchmarks.queue_scale $(ARGS)
+
+# Big projects (issue 18): enqueue, status, run and rerun of a 200- and a 2,000-job project on
+# the latency-modelled test server, through the CLI; appends to docs/benchmarks.md.
+# make bench-big ARGS="--jobs 20,60 --timeout 300"
+bench-big: install
+	$(BIN)/python -m benchmarks.big_project $(ARGS)

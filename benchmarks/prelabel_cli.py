@@ -140,6 +140,60 @@ def cli_env(project: BenchProject) -> dict[str, str]:
     return {**os.environ, **project.env(), "PYTHONPATH": path}
 
 
+@dataclass(frozen=True)
+class MeasuredProcess:
+    """One child process run to its end (or killed at its timeout), as the kernel saw it."""
+
+    returncode: int
+    """Its exit code; negative: killed by that signal (e.g. -9 at the timeout)."""
+    timed_out: bool
+    started: float
+    """`time.perf_counter()` just before it started (the test server's request log uses the same clock)."""
+    seconds: float
+    """From its start to its exit."""
+    peak_rss_bytes: int
+    """Its ``ru_maxrss`` from ``os.wait4`` (what ``/usr/bin/time -v`` reports)."""
+    stdout: str
+    stderr: str
+
+
+def run_measured(
+    command: list[str], *, cwd: Path, env: dict[str, str], timeout: float, output: Path
+) -> MeasuredProcess:
+    """Run `command`, wait for it with ``os.wait4``, kill it after `timeout` seconds.
+
+    Its stdout and stderr go to files in the folder `output` (not pipes, which could fill
+    up and stall it) and are read back afterwards.
+    """
+    stdout_path, stderr_path = output / "stdout", output / "stderr"
+    with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            process.kill()
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            watchdog.cancel()
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return MeasuredProcess(
+        returncode=process.returncode,
+        timed_out=killed.is_set(),
+        started=start,
+        seconds=seconds,
+        peak_rss_bytes=usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),  # Linux: KiB
+        stdout=stdout_path.read_text(),
+        stderr=stderr_path.read_text(),
+    )
+
+
 def setup_project(project: BenchProject) -> None:
     """``prelabel setup`` on the project, once: adds the attributes prelabel writes."""
     with tempfile.TemporaryDirectory(prefix="bench-setup-") as tmp:
@@ -188,24 +242,13 @@ def run_prelabel(
             "--profile", str(Path(tmp) / "profile.json"),
             *variant.flags,
         ]  # fmt: skip
-        workdir, stdout_path, stderr_path = Path(tmp) / "cwd", Path(tmp) / "stdout", Path(tmp) / "stderr"
+        workdir = Path(tmp) / "cwd"
         workdir.mkdir()
         watch = _RequestWatch(project, job_ids)
         watch.start()
-        env = cli_env(project)
-        with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
-            start = time.perf_counter()
-            process = subprocess.Popen(command, cwd=workdir, env=env, stdout=stdout, stderr=stderr)
-            watchdog = threading.Timer(timeout, process.kill)
-            watchdog.start()
-            try:
-                _, status, usage = os.wait4(process.pid, 0)
-            finally:
-                watchdog.cancel()
-            seconds = time.perf_counter() - start
-            process.returncode = os.waitstatus_to_exitcode(status)
+        process = run_measured(command, cwd=workdir, env=cli_env(project), timeout=timeout, output=Path(tmp))
         watch.stop()
-        out, err = stdout_path.read_text(), stderr_path.read_text()
+        start, seconds, out, err = process.started, process.seconds, process.stdout, process.stderr
         profile_path = Path(tmp) / "profile.json"
         profile = json.loads(profile_path.read_text()) if profile_path.exists() else {}
 
@@ -229,7 +272,7 @@ def run_prelabel(
         frames=frames,
         process_seconds=seconds,
         in_run_seconds=watch.last_patch - watch.first_chunk,
-        peak_rss_bytes=usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),  # Linux: KiB
+        peak_rss_bytes=process.peak_rss_bytes,
         cli_summary=summary[0].strip(),
         cli_stages=stages[1].strip() if stages else "",
         review=sum(int(match[3]) for match in _JOB_LINE.finditer(out)),
