@@ -101,4 +101,3 @@ def test_a_long_lived_process_keeps_the_text_tower_for_later_label_sets(tmp_path
     second = cache.get(config, ["cat", "a label never built before"])
     assert second.loaded is first.loaded and first.loaded.has_text_tower
     assert second.classifier.labels == ("cat", "a label never built before")
-
