@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, special, stats
 
 TEMPERATURE_BOUNDS = (0.02, 50.0)
 
@@ -31,6 +30,8 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, *, sigmoid: bool = 
     is an [N, C] 0/1 matrix and each entry is an independent Bernoulli. One scalar for all
     labels, as in Guo et al. (2017); it never changes which label ranks first.
     """
+    from scipy import optimize, special  # where used: labeling runs never load scipy
+
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets)
     if len(logits) == 0:
@@ -51,6 +52,8 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, *, sigmoid: bool = 
 
 def precision_lower_bound(correct: int, total: int, confidence: float = 0.95) -> float:
     """One-sided Clopper-Pearson lower bound on a proportion: `correct` of `total`."""
+    from scipy import stats  # where used: labeling runs never load scipy
+
     if total <= 0 or correct <= 0:
         return 0.0
     return float(stats.beta.ppf(1.0 - confidence, correct, total - correct + 1))

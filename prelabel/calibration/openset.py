@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from prelabel.calibration.maths import ThresholdChoice, adjusted_level, choose_threshold
 
@@ -103,6 +102,8 @@ def choose_floor(
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve: the chance that a random positive scores above a random
     negative (ties count half). None when either class is empty."""
+    from scipy import stats  # where used: labeling runs never load scipy
+
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())

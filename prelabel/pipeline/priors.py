@@ -15,7 +15,8 @@ the zero-shot model carries a label bias, as if it believed in a skewed prior. T
   ``mean_i softmax(l_i - b) = t``. EM itself cannot remove a hub: a biased model's posteriors
   make the hub look frequent, and EM would raise its prior further.
 
-Everything works on plain arrays; softmax (CLIP-style) models only.
+Everything works on plain arrays; softmax (CLIP-style) models only. scipy is imported where
+it is used: a labeling run, which only counts shares here, never loads it (about 50 MB of RSS).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, special
 
 HUB_RATIO = 2.0
 """A label predicted for more than this many times its expected share is flagged."""
@@ -36,6 +36,8 @@ _SHIFT_BOUND = 30.0
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    from scipy import special
+
     return special.softmax(np.asarray(logits, dtype=np.float64), axis=1)
 
 
@@ -66,6 +68,8 @@ def fit_prior_shift(logits: np.ndarray, target: np.ndarray | None = None) -> np.
     `logits` are [N, C] (already divided by any temperature); `target` is the expected label
     distribution (default uniform). Zero shift when there are no frames.
     """
+    from scipy import optimize, special
+
     logits = np.asarray(logits, dtype=np.float64)
     n, n_labels = logits.shape
     target = np.full(n_labels, 1.0 / n_labels) if target is None else np.asarray(target, dtype=np.float64)

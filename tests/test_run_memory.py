@@ -1,8 +1,12 @@
-"""Labeling runs release the text tower once their classifiers exist; scores do not change."""
+"""A labeling run's memory: the text tower is released once the classifiers exist (scores do not
+change), and calibration-only libraries are never loaded."""
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -16,6 +20,8 @@ from prelabel.errors import ModelError
 from prelabel.interface import Decision
 from prelabel.pipeline.runner import Pipeline, run
 from tests.conftest import LABELS, TINY_MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class ListSink:
@@ -101,3 +107,22 @@ def test_a_long_lived_process_keeps_the_text_tower_for_later_label_sets(tmp_path
     second = cache.get(config, ["cat", "a label never built before"])
     assert second.loaded is first.loaded and first.loaded.has_text_tower
     assert second.classifier.labels == ("cat", "a label never built before")
+
+
+def test_a_labeling_run_never_imports_scipy(tmp_path: Path, photo_dir: Path):
+    """scipy (about 50 MB of RSS) is for calibration only; `prelabel folder` does without it."""
+    probe = (
+        "import sys\n"
+        "from prelabel.cli.group import run_command_line\n"
+        "code = run_command_line(sys.argv[1:])\n"
+        "print('exit', code, 'scipy', 'scipy' in sys.modules)\n"
+    )
+    args = [photo_dir, "--labels", ",".join(LABELS), "--out", tmp_path / "out", "--model", TINY_MODEL]
+    args += ["--pretrained", "none", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "folder", *map(str, args)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.stdout.strip().splitlines()[-1] == "exit 0 scipy False", done.stdout + done.stderr
+    assert (tmp_path / "out" / "annotations.xml").is_file()
