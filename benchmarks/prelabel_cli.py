@@ -16,8 +16,10 @@ holds the stall at the job's start while its first chunk is fetched.
 The CLI runs in a temporary working directory, so that whatever it keeps there by default
 (its run state, review lists) starts empty each time and never lands in the repository.
 
-Peak RSS comes from the kernel: the child's ``ru_maxrss`` as returned by ``os.wait4``
-(what ``/usr/bin/time -v`` reports as "Maximum resident set size").
+Peak RSS comes from the kernel: the CLI process's own ``ru_maxrss`` ("Maximum resident set
+size" of ``/usr/bin/time -v``), through `benchmarks.peak_rss`. Taken directly with ``os.wait4``,
+it would be at least this process's RSS (a loaded model, the test server): Linux carries
+the high-water mark of the spawning process's memory over into the child's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.dataset import REPO, BenchProject
+from benchmarks.peak_rss import run_measured
 
 POLL_SECONDS = 0.005
 _JOB_CHUNK = re.compile(r"^/api/jobs/(\d+)/data/?$")
@@ -195,24 +198,19 @@ def run_prelabel(
         env = cli_env(project)
         with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
             start = time.perf_counter()
-            process = subprocess.Popen(command, cwd=workdir, env=env, stdout=stdout, stderr=stderr)
-            watchdog = threading.Timer(timeout, process.kill)
-            watchdog.start()
-            try:
-                _, status, usage = os.wait4(process.pid, 0)
-            finally:
-                watchdog.cancel()
+            measured = run_measured(
+                command, timeout=timeout, cwd=workdir, env=env, stdout=stdout, stderr=stderr
+            )
             seconds = time.perf_counter() - start
-            process.returncode = os.waitstatus_to_exitcode(status)
         watch.stop()
         out, err = stdout_path.read_text(), stderr_path.read_text()
         profile_path = Path(tmp) / "profile.json"
         profile = json.loads(profile_path.read_text()) if profile_path.exists() else {}
 
     who = f"prelabel run ({variant.name})"
-    if process.returncode != 0:
+    if measured.returncode != 0:
         tail = "\n".join(err.strip().splitlines()[-10:])
-        raise RuntimeError(f"{who} on task {task_id} exited with {process.returncode}:\n{tail}")
+        raise RuntimeError(f"{who} on task {task_id} exited with {measured.returncode}:\n{tail}")
     if watch.first_chunk is None or watch.last_patch is None:
         raise RuntimeError(f"{who} on task {task_id}: no chunk request or no tag upload was seen")
     project.check_one_tag_per_frame(task_id, who)
@@ -229,7 +227,7 @@ def run_prelabel(
         frames=frames,
         process_seconds=seconds,
         in_run_seconds=watch.last_patch - watch.first_chunk,
-        peak_rss_bytes=usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),  # Linux: KiB
+        peak_rss_bytes=measured.peak_rss_bytes,
         cli_summary=summary[0].strip(),
         cli_stages=stages[1].strip() if stages else "",
         review=sum(int(match[3]) for match in _JOB_LINE.finditer(out)),
