@@ -3,9 +3,10 @@
 For each model (the tiny test model, fast over many frames, and ViT-B-32 with random
 weights) and each connector (a folder of JPEGs, and a task on the CVAT test server without
 latency), prelabel runs as a subprocess on N and on 8N frames (the N benchmark frames, 1280x720,
-repeated under new names). It reports the peak RSS of each (the child's ``ru_maxrss`` from
-``os.wait4``) and the slope (RSS at 8N - RSS at N) / 7N in bytes per frame: a pipeline with
-bounded memory has a slope near 0.
+repeated under new names). It reports the peak RSS of each (the child's own ``ru_maxrss``
+through `benchmarks.peak_rss`, not this process's, which holds the frames and the test server)
+and the slope (RSS at 8N - RSS at N) / 7N in bytes per frame: a pipeline with bounded memory
+has a slope near 0.
 
 With ``--trace`` the same two runs go again under memray, and the allocations alive at each
 run's high-water mark are summed by where they were made (the innermost Python frame, and the
@@ -24,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from benchmarks.dataset import LABELS, REPO, BenchProject, FrameSpec, make_jpegs
 from benchmarks.machine import Machine
+from benchmarks.peak_rss import run_measured
 from benchmarks.prelabel_cli import run_prelabel, setup_project
 from benchmarks.report import mib
 from tests.cvat_server import CvatTestServer
@@ -93,20 +94,15 @@ def say(message: str) -> None:
 
 
 def _wait(command: list[str], env: dict[str, str], cwd: Path, timeout: float) -> int:
-    """Run `command`, fail on a non-zero exit, return the child's peak RSS in bytes."""
+    """Run `command`, fail on a non-zero exit, return the child's own peak RSS in bytes."""
     with (cwd / "stderr").open("w") as stderr:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        watchdog = threading.Timer(timeout, process.kill)
-        watchdog.start()
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            watchdog.cancel()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
+        measured = run_measured(
+            command, timeout=timeout, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    if measured.returncode != 0:
         tail = "\n".join((cwd / "stderr").read_text().strip().splitlines()[-10:])
-        raise RuntimeError(f"{' '.join(command[:6])} ... exited with {code}:\n{tail}")
-    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        raise RuntimeError(f"{' '.join(command[:6])} ... exited with {measured.returncode}:\n{tail}")
+    return measured.peak_rss_bytes
 
 
 def _memray(trace: Path | None) -> tuple[str, ...]:

@@ -16,8 +16,10 @@ holds the stall at the job's start while its first chunk is fetched.
 The CLI runs in a temporary working directory, so that whatever it keeps there by default
 (its run state, review lists) starts empty each time and never lands in the repository.
 
-Peak RSS comes from the kernel: the child's ``ru_maxrss`` as returned by ``os.wait4``
-(what ``/usr/bin/time -v`` reports as "Maximum resident set size").
+Peak RSS comes from the kernel: the CLI process's own ``ru_maxrss`` ("Maximum resident set
+size" of ``/usr/bin/time -v``), through `benchmarks.peak_rss`. Taken directly with ``os.wait4``,
+it would be at least this process's RSS (a loaded model, the test server): Linux carries
+the high-water mark of the spawning process's memory over into the child's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import peak_rss
 from benchmarks.dataset import REPO, BenchProject
 
 POLL_SECONDS = 0.005
@@ -152,7 +155,7 @@ class MeasuredProcess:
     seconds: float
     """From its start to its exit."""
     peak_rss_bytes: int
-    """Its ``ru_maxrss`` from ``os.wait4`` (what ``/usr/bin/time -v`` reports)."""
+    """Its own ``ru_maxrss`` (what ``/usr/bin/time -v`` reports), through `benchmarks.peak_rss`."""
     stdout: str
     stderr: str
 
@@ -160,7 +163,7 @@ class MeasuredProcess:
 def run_measured(
     command: list[str], *, cwd: Path, env: dict[str, str], timeout: float, output: Path
 ) -> MeasuredProcess:
-    """Run `command`, wait for it with ``os.wait4``, kill it after `timeout` seconds.
+    """Run `command` to its end (`benchmarks.peak_rss`: its own peak RSS), killed after `timeout` s.
 
     Its stdout and stderr go to files in the folder `output` (not pipes, which could fill
     up and stall it) and are read back afterwards.
@@ -168,27 +171,16 @@ def run_measured(
     stdout_path, stderr_path = output / "stdout", output / "stderr"
     with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
         start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
-        killed = threading.Event()
-
-        def kill() -> None:
-            killed.set()
-            process.kill()
-
-        watchdog = threading.Timer(timeout, kill)
-        watchdog.start()
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            watchdog.cancel()
+        measured = peak_rss.run_measured(
+            command, timeout=timeout, cwd=cwd, env=env, stdout=stdout, stderr=stderr
+        )
         seconds = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
     return MeasuredProcess(
-        returncode=process.returncode,
-        timed_out=killed.is_set(),
+        returncode=measured.returncode,
+        timed_out=measured.timed_out,
         started=start,
         seconds=seconds,
-        peak_rss_bytes=usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),  # Linux: KiB
+        peak_rss_bytes=measured.peak_rss_bytes,
         stdout=stdout_path.read_text(),
         stderr=stderr_path.read_text(),
     )

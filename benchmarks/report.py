@@ -62,7 +62,9 @@ Columns:
   (`wait_decode` of `prelabel run --profile`), job by job, median over the repetitions.
   It holds the stall at each job's start while its first chunk is built and fetched.
 - **RSS at N, 4N**: peak resident memory of the prelabel process on an N- and a 4N-frame task
-  (the child's `ru_maxrss` from `os.wait4`, what `/usr/bin/time -v` reports).
+  (its own `ru_maxrss`, what `/usr/bin/time -v` reports, through `benchmarks/peak_rss.py`;
+  rows before 2026-12-01 took `ru_maxrss` straight from `os.wait4`, which is at least the
+  benchmark process's own RSS, so they are too high where that held a model).
 - **other load**: the share of the machine's CPU time that other processes used during the
   benchmark (`/proc/stat` minus the benchmark's own `getrusage`). Figures measured next to a
   busy neighbour are too low; trust rows where this is near 0%.
@@ -165,7 +167,7 @@ class Row:
             "  first tag PATCH or issue POST, s after start    "
             f"{self.first_write.format(2) if self.first_write is not None else '–':>22}",
             f"  model idle waiting for frames, per job, s: {idle_per_job(self.model_idle_per_job)}",
-            f"  peak RSS of prelabel (ru_maxrss via wait4): {mib(self.rss_n)} at {self.frames} frames"
+            f"  peak RSS of prelabel (its own ru_maxrss): {mib(self.rss_n)} at {self.frames} frames"
             + (f", {mib(self.rss_4n)} at {4 * self.frames} frames" if self.rss_4n is not None else ""),
             f"  CPU used by other processes meanwhile: {percent(self.other_load)} of the machine",
         ]

@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rss_only:
         for variant in variants:
             say(
-                f"peak RSS of prelabel ({variant.name}; ru_maxrss via wait4): "
+                f"peak RSS of prelabel ({variant.name}; its own ru_maxrss): "
                 f"{mib(runs[variant.name, cases[0].name][0].peak_rss_bytes)} at {spec.count} frames, "
                 f"{mib(large[variant.name].peak_rss_bytes)} at {4 * spec.count} frames"
             )

@@ -107,4 +107,5 @@ def create(
         {**overrides, "model.batch_size": 1, "decode.workers": 1, "decode.prefetch_batches": 0},
     )
     names = split_labels(labels) or [label.name for label in settings.labels]
-    return PrelabelFunction(build_pipeline(settings, names), attributes=attributes)
+    # One label set for the function's life: the text tower is not needed once its classifier exists.
+    return PrelabelFunction(build_pipeline(settings, names).images_only(), attributes=attributes)

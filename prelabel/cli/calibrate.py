@@ -77,7 +77,7 @@ def _labeled_set(config, source, names, state, *, fresh: bool, progress: bool):
                 "fewshot": config.fewshot.model_copy(update={"enabled": False}),
             }
         )
-    pipeline = build_pipeline(config, names)
+    pipeline = build_pipeline(config, names).images_only()  # no other classifier is built
     labeled = embed_examples(source, pipeline.loaded, pipeline.options, state, progress=progress)
     if labeled.unreadable:
         click.echo(f"  {len(labeled.unreadable)} labeled frames could not be read and are left out")

@@ -51,7 +51,7 @@ def folder(
     from prelabel.assemble import build_pipeline  # imports torch: slow
     from prelabel.pipeline.runner import format_summary, run
 
-    pipeline = build_pipeline(config, names)
+    pipeline = build_pipeline(config, names).images_only()  # no other classifier is built
     sink = FolderSink(
         out_dir,
         labels=names,
@@ -198,7 +198,7 @@ def run_command(
             session,
             target,
             config,
-            lambda names: build_pipeline(config, names),
+            lambda names: build_pipeline(config, names).images_only(),  # one label set per target
             request=request,
             state=state,
             reviewers=reviewers,

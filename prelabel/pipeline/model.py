@@ -3,6 +3,9 @@
 `load_model` returns the model in eval mode on its device, with its own preprocessing
 transform and tokenizer, and an `identity` string that names the weights exactly; the
 identity goes into every fingerprint and into each tag written to CVAT.
+
+Once the text classifiers a run needs are built, `LoadedModel.images_only` gives the same
+model without its text tower (a third of ViT-B-32's weights), for runs that score images only.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,11 +52,53 @@ class LoadedModel:
     def random_weights(self) -> bool:
         return f"/random-seed{RANDOM_SEED}" in self.identity
 
+    @property
+    def has_text_tower(self) -> bool:
+        """False once `images_only` released it: text can no longer be encoded."""
+        return not isinstance(self.model, ImageTower)
+
+    def images_only(self) -> LoadedModel:
+        """This model without its text tower: the image tower and the logit scale (and bias) only.
+
+        Image embeddings (`encode_image`) are unchanged, and so is the identity; encoding text
+        raises `ModelError`. The text tower's memory is freed once nothing else holds the full
+        model (this `LoadedModel` or a `Pipeline` built on it), so drop those. Models whose
+        image path is not the plain image tower (CoCa) are returned as they are.
+        """
+        if not isinstance(self.model, (open_clip.model.CLIP, open_clip.model.CustomTextCLIP)):
+            return self
+        return replace(self, model=ImageTower(self.model))
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context for inference on this model's device (a no-op on CPU)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+class ImageTower(torch.nn.Module):
+    """What image scoring needs of an OpenCLIP model: its image tower and logit scale (and bias).
+
+    Holds the same parameter objects as the full model (no copy); the text tower is not kept.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.visual = model.visual
+        self.logit_scale = model.logit_scale
+        self.logit_bias = getattr(model, "logit_bias", None)
+        self.output_dict = False
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """As open_clip's ``CLIP.encode_image``."""
+        features = self.visual(image)
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        raise ModelError(
+            "this model's text tower was released after its classifiers were built (images only)",
+            hint="build every text classifier before calling LoadedModel.images_only",
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,8 +158,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
             raise ConfigError("model.quantize: int8 runs on the CPU only; use autocast precision on CUDA")
         # The image tower only: it does the per-frame work, while the text tower runs once
         # per label set and open_clip's text path reads its float weight dtype.
+        # In place: a copy would hold the fp32 image tower and its int8 twin at once.
         model.visual = torch.ao.quantization.quantize_dynamic(
-            model.visual, {torch.nn.Linear}, dtype=torch.qint8
+            model.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
         )
         identity += "+int8"
     elif device.type == "cuda" and not isinstance(model.visual, open_clip.transformer.VisionTransformer):

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -42,6 +42,12 @@ class Pipeline:
     """The calibration file applied, if any."""
     label_shares: dict[str, float] | None = None
     """Each label's expected share (from the calibration's ground truth; None: uniform)."""
+
+    def images_only(self) -> Pipeline:
+        """This pipeline on its model without the text tower (`LoadedModel.images_only`): for a
+        process that labels with this pipeline and builds no other classifier. Scores, the
+        fingerprint and the model identity are unchanged."""
+        return replace(self, loaded=self.loaded.images_only())
 
     @property
     def fingerprint(self) -> str:
