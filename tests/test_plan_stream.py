@@ -106,7 +106,8 @@ def test_the_first_tag_is_written_before_the_last_jobs_are_read(many_jobs, tmp_p
     assert first_chunk < first_tag < last_read
     # at most plan_ahead (2) jobs are read beyond the ones being labeled: when job 1's tags
     # were written, jobs 5 and later were not read yet
-    read_before = {_job_of(r) for r in log if r.started < first_tag and r.path.endswith("/data/meta")}
+    read_before = {_job_of(r) for r in log if r.started < first_tag and r.path.endswith("/annotations")}
+    read_before.discard(None)
     assert read_before <= set(jobs[:4]), read_before
     for job in jobs:  # every frame got its tag
         assert len(server.annotations(job)["tags"]) == 2
@@ -121,10 +122,12 @@ def test_dry_run_plans_every_job(many_jobs):
         assert f"job {job} (task " in result.stdout
     assert f"{2 * JOBS} frames in {JOBS} jobs" in result.stdout
     assert server.write_count == 0
-    # one page for the job listing, one issues read for the task (not one per job)
+    # one page for the job listing, one data meta and one issues read for the task (not one
+    # per job), and each job's annotations
     assert sum(r.path == "/api/jobs" for r in server.requests) == 1
     assert sum(r.path == "/api/issues" for r in server.requests) == 1
-    assert all(len(_per_job(server)[job]) == 2 for job in jobs)  # data meta and annotations
+    assert sum(r.path.rstrip("/").endswith("/data/meta") for r in server.requests) == 1
+    assert all(_per_job(server)[job] == [f"GET /api/jobs/{job}/annotations"] for job in jobs)
 
 
 def test_a_rerun_reads_only_what_changed(many_jobs, tmp_path: Path):
@@ -181,7 +184,7 @@ def test_without_the_state_file_every_job_is_read_and_nothing_is_written_twice(m
     _run(server, project_id, env, config, state)
     per_job = _per_job(server)
     assert set(per_job) == set(jobs)
-    assert all(f"GET /api/jobs/{job}/data/meta" in per_job[job] for job in jobs)
+    assert all(f"GET /api/jobs/{job}/annotations" in per_job[job] for job in jobs)
     assert server.write_count == 0
     assert {job: server.annotations(job) for job in jobs} == before and server.issues() == issues
 
@@ -193,7 +196,7 @@ def test_relabel_never_skips(many_jobs, tmp_path: Path):
     server.reset_counters()
     _run(server, project_id, env, config, state, "--relabel")
     per_job = _per_job(server)
-    assert all(f"GET /api/jobs/{job}/data/meta" in per_job.get(job, []) for job in jobs)
+    assert all(f"GET /api/jobs/{job}/annotations" in per_job.get(job, []) for job in jobs)
     for job in jobs:  # relabeled: still one tag per frame
         assert sorted(tag["frame"] for tag in server.annotations(job)["tags"]) == sorted(
             {tag["frame"] for tag in server.annotations(job)["tags"]}
@@ -227,3 +230,47 @@ def test_page_size_as_cvat_reads_it(many_jobs):
 def _label_name(server, tag: dict) -> str:
     with server.state.lock:
         return server.state.labels[tag["label_id"]]["name"]
+
+
+def test_a_job_s_meta_cut_from_its_task_s_is_the_job_s_own_meta():
+    """One task meta read serves every job of an image or video task (deleted frames, overlap,
+    a step and a start frame included); an image task with a frame filter reads each job's."""
+    from connectors.cvat.meta import TaskMetas, read_job_meta
+    from connectors.cvat.session import CvatSession
+    from tests.cvat_server import sample_frames
+
+    with CvatTestServer() as server:
+        server.add_user("annotator", PASSWORD)
+        project_id = server.add_project("metas", owner="annotator", labels=[{"name": "cat", "type": "tag"}])
+        tasks = {
+            "images": server.add_image_task(
+                project_id, sample_jpegs(10, prefix="a_"), name="a", segment_size=4, chunk_size=3,
+                deleted_frames=[1, 5, 9],
+            ),
+            "overlapping images": server.add_image_task(
+                project_id, sample_jpegs(9, prefix="b_"), name="b", segment_size=4, overlap=1
+            ),
+            "stepped images": server.add_image_task(
+                project_id, sample_jpegs(12, prefix="c_"), name="c", segment_size=3, frame_step=2,
+                start_frame=1,
+            ),
+            "video": server.add_video_task(
+                project_id, sample_frames(15, (64, 48)), name="v", segment_size=5, frame_step=2,
+                start_frame=1, deleted_frames=[2],
+            ),
+        }  # fmt: skip
+        session = CvatSession(make_client(server.url, credentials=("annotator", PASSWORD)))
+        with session.client:
+            metas = TaskMetas(session)
+            for kind, task_id in tasks.items():
+                jobs = session.client.api_client.jobs_api.list(task_id=task_id)[0].results
+                assert len(jobs) >= 2, kind
+                server.reset_counters()
+                for job in jobs:
+                    assert metas.of_job(job) == read_job_meta(session, job.id), (kind, job.id)
+                reads = [r.path.rstrip("/") for r in server.requests if r.path.endswith("/data/meta")]
+                task_reads = reads.count(f"/api/tasks/{task_id}/data/meta")
+                # the task's meta once; per job, read_job_meta's for the comparison, and for the
+                # stepped images (a frame filter: the task's frames are not cut) of_job's own
+                assert task_reads == 1, (kind, reads)
+                assert len(reads) - task_reads == len(jobs) * (2 if kind == "stepped images" else 1), kind

@@ -25,6 +25,7 @@ from connectors.cvat.existing import JobOnServer, read_job
 from connectors.cvat.frames import CvatFrameRef, JobFrameSource
 from connectors.cvat.jobs import JobPlan, _read_target, plan_for
 from connectors.cvat.labels import CvatLabel
+from connectors.cvat.meta import read_job_meta
 from connectors.cvat.session import CvatSession
 from prelabel.interface import Example, Frame
 from prelabel.state import RunState
@@ -84,12 +85,10 @@ class CvatGroundTruth:
 def _job_truth(
     session: CvatSession, job, labels: dict[int, CvatLabel], deleted_by_us: set[int]
 ) -> tuple[JobPlan, dict[int, tuple[tuple[str, ...], str]]]:
-    meta, _ = session.call(
-        f"reading job {job.id}", lambda: session.client.api_client.jobs_api.retrieve_data_meta(job.id)
-    )
+    meta = read_job_meta(session, job.id)
     existing = read_job(session, job.id, labels)
     job_frames = range(job.start_frame, job.stop_frame + 1)  # relative: the step never enters
-    deleted = set(meta.deleted_frames or ())
+    deleted = set(meta.deleted_frames)
     accepted_job = job.stage == "acceptance" or job.state == "completed"
     truths = {}
     for frame in job_frames:

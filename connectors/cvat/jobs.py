@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from connectors.cvat.existing import JobOnServer, TaskIssues, read_job
 from connectors.cvat.labels import CvatLabel, candidate_labels
+from connectors.cvat.meta import JobMeta, TaskMetas, read_job_meta
 from connectors.cvat.numbering import frame_step
 from connectors.cvat.session import CvatSession
 
@@ -290,7 +291,7 @@ def _planned_ahead(
     unchanged: Unchanged | None,
 ) -> Iterator[Planned]:
     """Each job's `Planned` (no budget, no neighbours), in order, read on a bounded thread pool."""
-    issues = TaskIssues(session)
+    issues, metas = TaskIssues(session), TaskMetas(session)
 
     def plan(job) -> Planned:
         return Planned(
@@ -303,6 +304,7 @@ def _planned_ahead(
                 relabel=relabel,
                 suggestions=suggestions,
                 issues=issues,
+                metas=metas,
             ),
         )
 
@@ -414,14 +416,13 @@ def _plan_job(
     relabel: bool,
     suggestions: bool,
     issues: TaskIssues | None = None,
+    metas: TaskMetas | None = None,
 ) -> JobPlan:
-    meta, _ = session.call(
-        f"reading job {job.id}", lambda: session.client.api_client.jobs_api.retrieve_data_meta(job.id)
-    )
+    meta = metas.of_job(job) if metas is not None else read_job_meta(session, job.id)
     found = issues.of_job(job.task_id, job.id) if issues is not None else None
     existing = read_job(session, job.id, labels, found)
     job_frames = range(job.start_frame, job.stop_frame + 1)
-    deleted = set(meta.deleted_frames or ())
+    deleted = set(meta.deleted_frames)
     live = [frame for frame in job_frames if frame not in deleted and not existing.reviewed(frame)]
     human = [frame for frame in live if frame in existing.human_frames]
     if not include_tagged:
@@ -439,12 +440,11 @@ def _plan_job(
     )
 
 
-def plan_for(job, meta, frames: Sequence[int], existing: JobOnServer, **counts: int) -> JobPlan:
+def plan_for(job, meta: JobMeta, frames: Sequence[int], existing: JobOnServer, **counts: int) -> JobPlan:
     """A `JobPlan` for these task frames of `job`, from the job and its data meta.
 
-    The job gives relative frame numbers, its data meta absolute media frames: only the
-    former are used for numbering (the meta's `frames` lists one entry per job frame, or
-    one for a whole video).
+    The job gives relative frame numbers, which are the only ones used for numbering (the
+    meta's `frames` lists one entry per job frame, or one for a whole video).
     """
     step = _step(meta.frame_filter)
     job_frames = range(job.start_frame, job.stop_frame + 1)
