@@ -214,8 +214,8 @@ class CvatConfig(_Strict):
     """Jobs whose first `prefetch_chunks` chunks are requested while the current job finishes
     (0: none); each holds that many more chunks in memory."""
     plan_ahead: Annotated[int, Field(gt=0, le=256)] = 8
-    """Jobs planned (data meta, annotations, issues read, on `write_concurrency` threads) ahead of
-    the job being labeled; bounds the plans held in memory."""
+    """Jobs planned (their annotations read; data meta and issues once per task), on
+    `write_concurrency` threads, ahead of the job being labeled; bounds the plans in memory."""
 
 
 class WebhookConfig(_Strict):
