@@ -12,8 +12,9 @@ from benchmarks.machine import Machine, percent
 
 COLUMNS = (
     "date", "machine", "torch", "device", "model", "latency", "variant", "case", "review", "N", "batch",
-    "a ceiling", "b process", "b in-run", "c cvat-sdk", "b/a", "b/c", "b/c process",
-    "first write s", "model idle per job s", "RSS at N", "RSS at 4N", "other load",
+    "a ceiling", "b process", "b in-run", "c in-process", "c process", "b/a", "b in-run / c in-process",
+    "b process / c in-process", "b process / c process", "first write s", "model idle per job s",
+    "RSS at N", "RSS at 4N", "c process RSS", "other load",
 )  # fmt: skip
 
 INTRO = """\
@@ -50,12 +51,17 @@ Columns:
   N / (process start to exit). Interpreter start, imports, planning and model load included.
 - **b in-run**: the same runs, N / (first chunk request to last tag upload), timed by
   polling the server's request log (5 ms resolution). Start-up and model load left out.
-- **c cvat-sdk**: the baseline, `cvat_sdk.auto_annotation.annotate_task` with the same model
+- **c in-process**: the baseline, `cvat_sdk.auto_annotation.annotate_task` with the same model
   and classifier wrapped as a DetectionFunction (one `detect` call per image, top-1 tag):
   N / (call to return), in the benchmark's process with the model already loaded.
+- **c process**: the same baseline as a whole process, `python -m benchmarks.sdk_baseline`
+  (imports cvat-sdk and open_clip, logs in as the CLI does, loads the same model, builds the
+  same classifier, runs `annotate_task`): N / (process start to exit), on its own fresh task.
 - **b/a**: b in-run / a, the share of the model's speed that reaches CVAT.
-- **b/c**: b in-run / c, the speed-up over cvat-sdk, both with the model already loaded.
-- **b/c process**: b process / c, the same but charging prelabel its start-up and model load.
+- **b in-run / c in-process**: the speed-up over cvat-sdk, both with the model already loaded.
+- **b process / c in-process**: the same but charging prelabel alone its start-up and model load.
+- **b process / c process**: both whole processes, start-up included on both sides (the
+  issue's target).
 - **first write s**: seconds from the prelabel process start to its first tag PATCH or
   issue POST (time to the first tag), median over the repetitions.
 - **model idle per job s**: seconds the model waited for decoded frames in each job
@@ -64,7 +70,8 @@ Columns:
 - **RSS at N, 4N**: peak resident memory of the prelabel process on an N- and a 4N-frame task
   (its own `ru_maxrss`, what `/usr/bin/time -v` reports, through `benchmarks/peak_rss.py`;
   rows before 2026-12-01 took `ru_maxrss` straight from `os.wait4`, which is at least the
-  benchmark process's own RSS, so they are too high where that held a model).
+  benchmark process's own RSS, so they are too high where that held a model). **c process
+  RSS**: the same for the whole-process baseline, at N.
 - **other load**: the share of the machine's CPU time that other processes used during the
   benchmark (`/proc/stat` minus the benchmark's own `getrusage`). Figures measured next to a
   busy neighbour are too low; trust rows where this is near 0%.
@@ -118,6 +125,9 @@ class Row:
     b_over_a: Spread
     b_over_c: Spread
     b_over_c_process: Spread
+    baseline_process: Spread | None
+    b_process_over_c_process: Spread | None
+    rss_baseline_process: int | None
     first_write: Spread | None
     model_idle_per_job: tuple[float, ...]
     rss_n: int
@@ -141,13 +151,16 @@ class Row:
             self.process.format(),
             self.in_run.format(),
             self.baseline.format(),
+            _format(self.baseline_process),
             self.b_over_a.format(2),
             self.b_over_c.format(2),
             self.b_over_c_process.format(2),
+            _format(self.b_process_over_c_process, 2),
             self.first_write.format(2) if self.first_write is not None else "–",
             idle_per_job(self.model_idle_per_job),
             mib(self.rss_n),
             mib(self.rss_4n) if self.rss_4n is not None else "–",
+            mib(self.rss_baseline_process) if self.rss_baseline_process else "–",
             percent(self.other_load),
         ]
 
@@ -161,17 +174,26 @@ class Row:
             f"  (b) prelabel, process start to exit             {self.process.format():>22}",
             f"  (b) prelabel, first chunk GET to last tag PATCH {self.in_run.format():>22}",
             f"  (c) cvat-sdk annotate_task, call to return      {self.baseline.format():>22}",
+            f"  (c) cvat-sdk script, process start to exit      {_format(self.baseline_process):>22}",
             f"  b/a  (b in-run / a)                             {self.b_over_a.format(2):>22}",
-            f"  b/c  (b in-run / c)                             {self.b_over_c.format(2):>22}",
-            f"  b/c  (b process / c)                            {self.b_over_c_process.format(2):>22}",
+            f"  b in-run / c in-process                         {self.b_over_c.format(2):>22}",
+            f"  b process / c in-process                        {self.b_over_c_process.format(2):>22}",
+            "  b process / c process                           "
+            f"{_format(self.b_process_over_c_process, 2):>22}",
             "  first tag PATCH or issue POST, s after start    "
             f"{self.first_write.format(2) if self.first_write is not None else '–':>22}",
             f"  model idle waiting for frames, per job, s: {idle_per_job(self.model_idle_per_job)}",
             f"  peak RSS of prelabel (its own ru_maxrss): {mib(self.rss_n)} at {self.frames} frames"
             + (f", {mib(self.rss_4n)} at {4 * self.frames} frames" if self.rss_4n is not None else ""),
+            "  peak RSS of the cvat-sdk process: "
+            + (mib(self.rss_baseline_process) if self.rss_baseline_process else "–"),
             f"  CPU used by other processes meanwhile: {percent(self.other_load)} of the machine",
         ]
         return "\n".join(lines)
+
+
+def _format(spread: Spread | None, digits: int = 1) -> str:
+    return spread.format(digits) if spread is not None else "–"
 
 
 def idle_per_job(seconds: Sequence[float]) -> str:

@@ -7,7 +7,8 @@ turns it off), with chunks built on their first request:
 (a) the ceiling: the bare image encoder on ready tensors;
 (b) prelabel end to end: ``prelabel run`` as a subprocess, by process time and in-run time,
     once per routing case (all accepted, 30% to review, all to review; benchmarks/routing.py);
-(c) the baseline: cvat-sdk's ``annotate_task`` with the same model and classifier;
+(c) the baseline: cvat-sdk's ``annotate_task`` with the same model and classifier, in this
+    process with the model loaded, and as a whole process (start-up and model load included);
 
 then the peak memory of (b) on a task four times as large. It prints a table and appends
 one row per prelabel variant to docs/benchmarks.md, which explains every column.
@@ -30,7 +31,7 @@ from benchmarks.prelabel_cli import DEFAULT_VARIANTS, PrelabelRun, Variant, run_
 from benchmarks.quantization import int8_agreement
 from benchmarks.report import Row, Spread, append_rows, mib, today
 from benchmarks.routing import CASES, Case, case_by_name, routing_flags, threshold_for, top1_probabilities
-from benchmarks.sdk_baseline import BaselineRun, OpenClipTagger, run_baseline
+from benchmarks.sdk_baseline import BaselineRun, OpenClipTagger, run_baseline, run_baseline_process
 from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
 from tests.cvat_server import CvatTestServer
@@ -185,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ceilings: list[float] = []
         runs: dict[tuple[str, str], list[PrelabelRun]] = {(v.name, c.name): [] for v, c in measured}
         baselines: list[BaselineRun] = []
+        baseline_processes: list[BaselineRun] = []
         if args.rss_only:
             for variant in variants:
                 runs[variant.name, cases[0].name].append(prelabel(fresh_task(), variant))
@@ -205,6 +207,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(
                     f"  (c) cvat-sdk: {baselines[-1].seconds:.1f}s "
                     f"({baselines[-1].images_per_second:.2f} images/s), other load {percent(meter.share())}"
+                )
+                task_id, meter = fresh_task(), OtherLoad()
+                done = run_baseline_process(
+                    project, task_id, model=args.model, device=args.device, timeout=600 + 2 * spec.count * 4
+                )
+                baseline_processes.append(done)
+                say(
+                    f"  (c) cvat-sdk, whole process: {done.seconds:.1f}s ({done.images_per_second:.2f} "
+                    f"images/s), peak RSS {mib(done.peak_rss_bytes or 0)}, "
+                    f"other load {percent(meter.share())}"
                 )
         agreement = None
         if not args.rss_only and any(v.name == "int8" for v in variants):
@@ -235,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         process = [run.process_images_per_second for run in done]
         in_run = [run.in_run_images_per_second for run in done]
         baseline = [run.images_per_second for run in baselines]
+        baseline_process = [run.images_per_second for run in baseline_processes]
         firsts = [run.first_write_seconds for run in done if run.first_write_seconds is not None]
         idle = [run.model_idle_per_job for run in done if run.model_idle_per_job]
         row = Row(
@@ -254,6 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             b_over_a=Spread.of([b / a for b, a in zip(in_run, ceilings, strict=True)]),
             b_over_c=Spread.of([b / c for b, c in zip(in_run, baseline, strict=True)]),
             b_over_c_process=Spread.of([b / c for b, c in zip(process, baseline, strict=True)]),
+            baseline_process=Spread.of(baseline_process),
+            b_process_over_c_process=Spread.of(
+                [b / c for b, c in zip(process, baseline_process, strict=True)]
+            ),
+            rss_baseline_process=max(run.peak_rss_bytes or 0 for run in baseline_processes),
             first_write=Spread.of(firsts) if firsts else None,
             model_idle_per_job=tuple(statistics.median(job) for job in zip(*idle, strict=True))
             if idle
