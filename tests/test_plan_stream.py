@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 from cvat_sdk import make_client, models
 
+from connectors.cvat.meta import TaskMetas, read_job_meta
+from connectors.cvat.session import CvatSession
 from tests.conftest import run_cli
 from tests.cvat_fixtures import LABELS, PASSWORD, tiny_args
-from tests.cvat_server import CvatTestServer, sample_jpegs
+from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
 
 JOBS = 12
 """Jobs of 2 frames in one image task."""
@@ -235,10 +237,6 @@ def _label_name(server, tag: dict) -> str:
 def test_a_job_s_meta_cut_from_its_task_s_is_the_job_s_own_meta():
     """One task meta read serves every job of an image or video task (deleted frames, overlap,
     a step and a start frame included); an image task with a frame filter reads each job's."""
-    from connectors.cvat.meta import TaskMetas, read_job_meta
-    from connectors.cvat.session import CvatSession
-    from tests.cvat_server import sample_frames
-
     with CvatTestServer() as server:
         server.add_user("annotator", PASSWORD)
         project_id = server.add_project("metas", owner="annotator", labels=[{"name": "cat", "type": "tag"}])
