@@ -115,6 +115,23 @@ def test_the_first_tag_is_written_before_the_last_jobs_are_read(many_jobs, tmp_p
         assert len(server.annotations(job)["tags"]) == 2
 
 
+def test_a_job_is_routed_while_the_next_one_is_labeled(many_jobs, tmp_path: Path):
+    server, project_id, env, jobs, config = many_jobs
+    first, second = jobs[0], jobs[1]
+    server.delay(rf"^/api/jobs/{first}/?$", 2.0, method="PATCH")  # the first job's routing is slow
+    server.reset_counters()
+    _run(server, project_id, env, config, tmp_path / "state.db")
+    log = server.requests
+    routed = next(r for r in log if r.method == "PATCH" and r.path.rstrip("/") == f"/api/jobs/{first}")
+    tagged = next(
+        r for r in log if r.method == "PATCH" and r.path.rstrip("/") == f"/api/jobs/{second}/annotations"
+    )
+    assert tagged.started < routed.finished  # the second job's tags went out during the first's routing
+    assert server.job(first)["stage"] == "validation"  # and the routing was done all the same
+    for job in jobs:
+        assert len(server.annotations(job)["tags"]) == 2
+
+
 def test_dry_run_plans_every_job(many_jobs):
     server, project_id, env, jobs, config = many_jobs
     server.reset_counters()

@@ -17,6 +17,8 @@ Jobs share the download, decode and upload threads of the run (`ChunkDownloads`,
 `RunPools`), started once and stopped at its end: while one job finishes
 (its last chunks, its uploads, its routing), the first chunks of the next
 `cvat.prefetch_jobs` jobs are already being built and downloaded, so no job starts cold.
+A job is routed (assignee, stage, state) on a thread of its own while the next job is
+labeled, one routing at a time and in job order.
 
 The job is the unit of work. Labeling one job depends only on the job, the config and the
 server's state (the local state file is a record), so jobs can be processed in any order,
@@ -289,7 +291,16 @@ def label_target(
             pools = threads.enter_context(run_pools(labeling_now()))
         return pools
 
+    def finish(outcome: JobOutcome) -> None:
+        if "first_tag_at" not in marks and outcome.result.tags_created:
+            marks["first_tag_at"] = outcome.written_at - started
+        outcomes.append(outcome)
+        if on_job:
+            on_job(outcome)
+
     pools: RunPools | None = None
+    router = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prelabel-route")
+    routing: deque[Future[JobOutcome]] = deque()
     try:
         with (
             ExitStack() as threads,
@@ -338,7 +349,7 @@ def label_target(
                             later, expected[later.job_id], config.cvat.prefetch_chunks, timers[later.job_id]
                         )
 
-                outcome = label_job(
+                route = label_job(
                     labeling_now(),
                     plan,
                     labels,
@@ -349,11 +360,11 @@ def label_target(
                     then=prefetch,
                 )
                 expected.pop(plan.job_id, None)
-                if "first_tag_at" not in marks and outcome.result.tags_created:
-                    marks["first_tag_at"] = outcome.written_at - started
-                outcomes.append(outcome)
-                if on_job:
-                    on_job(outcome)
+                routing.append(router.submit(route))  # in job order, while the next job is labeled
+                while len(routing) > 1 or (routing and routing[0].done()):
+                    finish(routing.popleft().result())
+            while routing:
+                finish(routing.popleft().result())
         if state is not None:  # jobs finished before an interruption may still await their routing
             for plan in finished:
                 if not state.job_routed(plan.job_id):
@@ -364,6 +375,7 @@ def label_target(
         if hasattr(stream, "close"):
             stream.close()
         builder.shutdown(wait=True, cancel_futures=True)
+        router.shutdown(wait=True)  # a job labeled before a failure is still routed
     work = Work(listing.where, listing.labels, plans, skipped, finished)
     pipeline = labeling.pipeline if labeling is not None else None
     return TargetOutcome(TargetPlan(target, work, names), outcomes, pipeline, marks)
@@ -398,8 +410,9 @@ def label_job(
     pools: RunPools | None = None,
     timer: StageTimer | None = None,
     then: Callable[[], None] | None = None,
-) -> JobOutcome:
-    """Label the planned frames of one job, then route the job (assignee, stage, state).
+) -> Callable[[], JobOutcome]:
+    """Label the planned frames of one job; returns the job's routing (assignee, stage, state),
+    to be called once, which gives its outcome.
 
     Accepted frames get tags; the others get a review issue (and a suggestion tag, if
     configured). Only what the job does not hold yet is written. A frame the job shares
@@ -409,6 +422,7 @@ def label_job(
     ahead of time), `pools` its shared decode and upload threads (this job's writes are all
     done when it returns); `then` is called once every chunk of this job has been asked for. The
     stage times include ``wait_job`` (from the job's start to its first frame) and ``route``.
+    Routing is returned rather than done so that the next job need not wait for it.
     """
     started = time.perf_counter()
     config, request, pipeline = labeling.config, labeling.request, labeling.pipeline
@@ -454,10 +468,15 @@ def label_job(
         raise
     stats = run(source, remembering, pipeline, progress=request.progress, timer=timer, pools=pools)
     count(stats, list(copied.values()))
-    routing = time.perf_counter()
-    changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
-    stats.stages["route"] = time.perf_counter() - routing
-    return JobOutcome(plan, stats, sink.result, changes, written_at=routing)
+    written_at = time.perf_counter()
+
+    def route() -> JobOutcome:
+        routing = time.perf_counter()
+        changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
+        stats.stages["route"] = time.perf_counter() - routing
+        return JobOutcome(plan, stats, sink.result, changes, written_at=written_at)
+
+    return route
 
 
 def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool) -> dict[str, object]:
