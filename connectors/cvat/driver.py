@@ -389,17 +389,6 @@ def run_pools(labeling: Labeling) -> RunPools:
     )
 
 
-def _expected_frames(plans: list[JobPlan]) -> dict[int, list[int]]:
-    """Job id -> the planned frames it will score itself: those no earlier job of the run plans
-    (a frame shared with an earlier job gets that job's decision)."""
-    seen: set[tuple[int, int]] = set()
-    expected = {}
-    for plan in plans:
-        expected[plan.job_id] = [frame for frame in plan.frames if (plan.task_id, frame) not in seen]
-        seen.update((plan.task_id, frame) for frame in plan.frames)
-    return expected
-
-
 def label_job(
     labeling: Labeling,
     plan: JobPlan,
