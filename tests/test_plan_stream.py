@@ -289,3 +289,17 @@ def test_a_job_s_meta_cut_from_its_task_s_is_the_job_s_own_meta():
                 # stepped images (a frame filter: the task's frames are not cut) of_job's own
                 assert task_reads == 1, (kind, reads)
                 assert len(reads) - task_reads == len(jobs) * (2 if kind == "stepped images" else 1), kind
+
+
+def test_a_single_job_reads_its_own_meta_and_issues_not_its_task_s(many_jobs):
+    server, _project_id, env, jobs, config = many_jobs
+    job = jobs[3]
+    server.reset_counters()
+    result = run_cli("run", "--job-id", str(job), "--dry-run", "--config", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"job {job} (task " in result.stdout
+    reads = [(r.path.rstrip("/"), dict(r.query)) for r in server.requests if r.method == "GET"]
+    assert (f"/api/jobs/{job}/data/meta", {}) in reads
+    assert not any(path.startswith("/api/tasks/") and path.endswith("/data/meta") for path, _ in reads)
+    issue_reads = [query for path, query in reads if path == "/api/issues"]
+    assert issue_reads and all(query.get("job_id") == str(job) for query in issue_reads), issue_reads

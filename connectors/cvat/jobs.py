@@ -14,7 +14,7 @@ every frame from its `start_frame` to its `stop_frame`, whatever the task's fram
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -291,7 +291,9 @@ def _planned_ahead(
     unchanged: Unchanged | None,
 ) -> Iterator[Planned]:
     """Each job's `Planned` (no budget, no neighbours), in order, read on a bounded thread pool."""
-    issues, metas = TaskIssues(session), TaskMetas(session)
+    annotation_jobs = Counter(job.task_id for job in jobs if _type_skip(job) is None)
+    issues = TaskIssues(session, jobs_per_task=annotation_jobs)
+    metas = TaskMetas(session, jobs_per_task=annotation_jobs)
 
     def plan(job) -> Planned:
         return Planned(
