@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from connectors.cvat.labels import NEEDS_REVIEW_ATTRIBUTE, CvatLabel, text_value
@@ -134,24 +133,17 @@ class TaskIssues:
     first needs them, then handed out job by job; safe to use from several threads.
 
     One request per task instead of one per job. A job's issues are handed out once: they
-    describe the server when its task was read, and a job is planned once. `jobs_per_task`
-    (task id -> jobs that will ask) keeps a task with a single such job to that job's issues
-    (`?job_id=`); None: every task is read whole.
+    describe the server when its task was read, and a job is planned once.
     """
 
-    def __init__(self, session: CvatSession, jobs_per_task: Mapping[int, int] | None = None) -> None:
+    def __init__(self, session: CvatSession) -> None:
         self.session = session
-        self.jobs_per_task = jobs_per_task
         self._lock = threading.Lock()
         self._tasks: dict[int, threading.Lock] = {}
         self._issues: dict[int, dict[int, list]] = {}
 
     def of_job(self, task_id: int, job_id: int) -> list:
         """The job's issues, as they were when its task's issues were read."""
-        if self.jobs_per_task is not None and self.jobs_per_task.get(task_id, 0) < 2:
-            api = self.session.client.api_client
-            doing = f"reading the issues of job {job_id}"
-            return self.session.list_all(doing, api.issues_api.list_endpoint, job_id=job_id)
         with self._lock:
             task_lock = self._tasks.setdefault(task_id, threading.Lock())
         with task_lock:

@@ -144,9 +144,6 @@ def find_work(
     relabel: bool = False,
     suggestions: bool = True,
     limit: int | None = None,
-    threads: int = 4,
-    ahead: int | None = None,
-    unchanged: Unchanged | None = None,
 ) -> Work:
     """Read the target's labels and jobs, and plan each job that needs pre-labels.
 
@@ -154,7 +151,7 @@ def find_work(
     reviewer resolved prelabel's issue on it, or prelabel already finished it (see
     `relabel`). A frame prelabel left half-done (a tag without its issue, say) is planned,
     and only its missing pieces will be written. `limit` caps the total number of frames
-    (jobs are taken in id order). Jobs are planned on `threads` threads (see `plan_stream`).
+    (jobs are taken in id order). Jobs are planned concurrently (see `plan_stream`).
     """
     listing = read_target(session, project_id=project_id, task_id=task_id, job_id=job_id)
     stream = plan_stream(
@@ -164,9 +161,6 @@ def find_work(
         relabel=relabel,
         suggestions=suggestions,
         limit=limit,
-        threads=threads,
-        ahead=ahead,
-        unchanged=unchanged,
     )
     return collect(listing, stream)
 
@@ -291,11 +285,13 @@ def _planned_ahead(
     unchanged: Unchanged | None,
 ) -> Iterator[Planned]:
     """Each job's `Planned` (no budget, no neighbours), in order, read on a bounded thread pool."""
-    annotation_jobs = Counter(job.task_id for job in jobs if _type_skip(job) is None)
-    issues = TaskIssues(session, jobs_per_task=annotation_jobs)
-    metas = TaskMetas(session, jobs_per_task=annotation_jobs)
+    # A task's meta and issues are read whole only for a task several jobs of this run share:
+    # a single job's own are smaller (a task of 100,000 frames lists every one in its meta).
+    per_task = Counter(job.task_id for job in jobs if _type_skip(job) is None)
+    issues, metas = TaskIssues(session), TaskMetas(session)
 
     def plan(job) -> Planned:
+        shared = per_task[job.task_id] > 1
         return Planned(
             job.id,
             _plan_job(
@@ -305,8 +301,8 @@ def _planned_ahead(
                 include_tagged=include_tagged,
                 relabel=relabel,
                 suggestions=suggestions,
-                issues=issues,
-                metas=metas,
+                issues=issues if shared else None,
+                metas=metas if shared else None,
             ),
         )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -55,29 +55,18 @@ class _TaskMeta:
 
 class TaskMetas:
     """Each job's meta, cut from its task's meta read once (the last `TASKS_KEPT` tasks
-    kept); safe to use from several threads.
+    kept); safe to use from several threads."""
 
-    `jobs_per_task` (task id -> jobs that will ask) limits this to tasks with more than one
-    such job: for a single job, its own meta is smaller than its task's (a task of 100,000
-    frames lists them all). None: every task.
-    """
-
-    def __init__(
-        self, session: CvatSession, kept: int = TASKS_KEPT, jobs_per_task: Mapping[int, int] | None = None
-    ) -> None:
+    def __init__(self, session: CvatSession, kept: int = TASKS_KEPT) -> None:
         self.session = session
         self.kept = kept
-        self.jobs_per_task = jobs_per_task
         self._lock = threading.Lock()
         self._reading: dict[int, threading.Lock] = {}
         self._tasks: OrderedDict[int, _TaskMeta] = OrderedDict()
 
     def of_job(self, job) -> JobMeta:
         """The meta of `job` (a cvat-sdk job): from its task's meta, or read alone when the
-        task's cannot be cut (an image task with a frame filter), or the job is its task's only
-        one here."""
-        if self.jobs_per_task is not None and self.jobs_per_task.get(job.task_id, 0) < 2:
-            return read_job_meta(self.session, job.id)
+        task's cannot be cut (an image task with a frame filter)."""
         task = self._task(job.task_id)
         job_frames = range(job.start_frame, job.stop_frame + 1)
         deleted = frozenset(frame for frame in task.deleted_frames if frame in job_frames)
