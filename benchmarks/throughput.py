@@ -34,6 +34,7 @@ from benchmarks.routing import CASES, Case, case_by_name, routing_flags, thresho
 from benchmarks.sdk_baseline import BaselineRun, OpenClipTagger, run_baseline, run_baseline_process
 from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
+from prelabel.pipeline.memory import tune_allocator
 from tests.cvat_server import CvatTestServer
 from tests.cvat_server.latency import PROFILES, profile
 
@@ -108,6 +109,7 @@ def say(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_allocator()  # the ceiling (a) runs under the allocator settings that prelabel's CLI uses
     logging.getLogger("cvat_sdk").setLevel(logging.ERROR)  # not its server-version warning per client
     spec = FrameSpec(count=args.frames, segment_size=args.segment_size, chunk_size=args.chunk_size)
     config = load_config(

@@ -22,6 +22,7 @@ from prelabel.calibration.fitting import Calibration, apply_calibration, read_ca
 from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.pipeline.classifier import TextClassifier, build_classifier, label_prompts
+from prelabel.pipeline.memory import release_free_memory
 from prelabel.pipeline.model import LoadedModel, load_model
 from prelabel.pipeline.router import RoutingPolicy
 from prelabel.pipeline.runner import Pipeline
@@ -83,6 +84,18 @@ def build_pipeline(
         calibration, classifier, policy, model_identity=loaded.identity, path=origin
     )
     return Pipeline(loaded, classifier, policy, options, origin, calibration.label_shares or None)
+
+
+def build_image_pipeline(config: Config, labels: Sequence[str]) -> Pipeline:
+    """`build_pipeline` for one label set, on its model without the text tower.
+
+    For a process that builds no other classifier (one run, one calibration): the text
+    tower is dropped (`Pipeline.images_only`) and the memory that loading left free is
+    handed back to the OS (`release_free_memory`) before the first frame is scored.
+    """
+    pipeline = build_pipeline(config, labels).images_only()
+    release_free_memory()  # the full pipeline, and with it the text tower, is gone by now
+    return pipeline
 
 
 PipelineBuilder = Callable[..., Pipeline]

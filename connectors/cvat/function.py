@@ -25,7 +25,7 @@ from cvat_sdk.attributes import number_attribute_values
 from PIL import Image
 
 from connectors.cvat_xml import CONFIDENCE_ATTRIBUTE, MODEL_ATTRIBUTE, confidence_value
-from prelabel.assemble import build_pipeline
+from prelabel.assemble import build_image_pipeline
 from prelabel.config import load_config, model_overrides, split_labels
 from prelabel.interface import Frame
 from prelabel.pipeline.router import route
@@ -108,4 +108,4 @@ def create(
     )
     names = split_labels(labels) or [label.name for label in settings.labels]
     # One label set for the function's life: the text tower is not needed once its classifier exists.
-    return PrelabelFunction(build_pipeline(settings, names).images_only(), attributes=attributes)
+    return PrelabelFunction(build_image_pipeline(settings, names), attributes=attributes)

@@ -67,7 +67,7 @@ def _load(config, ground_truth, labels, target, server, state):
 
 def _labeled_set(config, source, names, state, *, fresh: bool, progress: bool):
     """Load the pipeline (`fresh`: ignoring any calibration and cache) and embed the truth."""
-    from prelabel.assemble import build_pipeline
+    from prelabel.assemble import build_image_pipeline
     from prelabel.calibration.ground_truth import embed_examples
 
     if fresh:
@@ -77,7 +77,7 @@ def _labeled_set(config, source, names, state, *, fresh: bool, progress: bool):
                 "fewshot": config.fewshot.model_copy(update={"enabled": False}),
             }
         )
-    pipeline = build_pipeline(config, names).images_only()  # no other classifier is built
+    pipeline = build_image_pipeline(config, names)  # no other classifier is built
     labeled = embed_examples(source, pipeline.loaded, pipeline.options, state, progress=progress)
     if labeled.unreadable:
         click.echo(f"  {len(labeled.unreadable)} labeled frames could not be read and are left out")

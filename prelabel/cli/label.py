@@ -48,10 +48,10 @@ def folder(
     names = labels or [label.name for label in config.labels]
     source = FolderSource(images_dir)
 
-    from prelabel.assemble import build_pipeline  # imports torch: slow
+    from prelabel.assemble import build_image_pipeline  # imports torch: slow
     from prelabel.pipeline.runner import format_summary, run
 
-    pipeline = build_pipeline(config, names).images_only()  # no other classifier is built
+    pipeline = build_image_pipeline(config, names)  # no other classifier is built
     sink = FolderSink(
         out_dir,
         labels=names,
@@ -172,7 +172,7 @@ def run_command(
     reviewers = resolve_reviewers(session, config.review.reviewers)
     click.echo(f"{listing.where}: labels {', '.join(names)}")
 
-    from prelabel.assemble import build_pipeline
+    from prelabel.assemble import build_image_pipeline
     from prelabel.pipeline.runner import format_summary
 
     with RunState(Path(state_path or config.state.path)) as state:
@@ -198,7 +198,7 @@ def run_command(
             session,
             target,
             config,
-            lambda names: build_pipeline(config, names).images_only(),  # one label set per target
+            lambda names: build_image_pipeline(config, names),  # one label set per target
             request=request,
             state=state,
             reviewers=reviewers,

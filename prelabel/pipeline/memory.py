@@ -1,22 +1,38 @@
-"""Keeping a long run's memory down: glibc settings that hand freed memory back to the OS.
+"""How the process allocates: glibc settings that keep torch's per-batch memory in place.
 
-By default glibc raises its mmap threshold after large blocks are freed, so torch's
-per-batch activations end up in heap arenas that grow and fragment over a long run. A
-fixed threshold makes those blocks mmapped (returned on free), and fewer arenas fragment
-less. Measured in one process on ViT-B-32, 128 frames: peak RSS 1555 MiB without it, 1452
-MiB with it; without it, freeing the text tower (`LoadedModel.images_only`) hands back 96 of
-its 240 MiB. On anything but glibc this is a no-op.
+A forward pass of ViT-B-32 at batch 32 allocates and frees blocks of 5-20 MB dozens of
+times (the residual stream, the qkv projection, the MLP's hidden layer). If such blocks
+come from mmap, every batch maps them afresh and the kernel zero-fills them page by page:
+with every block over 1 MiB mapped, a 512-frame run on 2 cores took 5 million page
+faults and 15-18 s of system time, a fifth of the CPU, lost to the model's two threads. So blocks up to 32 MiB (glibc's
+own ceiling for its adaptive threshold, fixed here so that it holds from the first
+batch) come from the heap and are reused batch after batch, and the heap keeps up to
+128 MiB of free memory at its top instead of trimming it after every batch.
+
+What that heap would keep for good is the one-off garbage of loading the model (the
+random initialisation a checkpoint overwrites, the text tower a labeling run frees):
+`release_free_memory` hands it back once, after the model is ready. Fewer arenas (4) keep
+the worker threads' free memory from multiplying. Figures: docs/benchmarks.md ("Page
+faults"). On anything but glibc this is a no-op.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 from functools import cache
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+
+MMAP_THRESHOLD = 32 << 20
+"""Blocks this large or larger are mapped on their own and unmapped when freed."""
+TRIM_THRESHOLD = 128 << 20
+"""Free memory at the heap's top beyond this goes back to the OS."""
+ARENA_MAX = 4
 
 
 @cache
@@ -26,14 +42,27 @@ def _libc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(name)
-        return libc if hasattr(libc, "mallopt") else None
     except OSError:
         return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def tune_allocator() -> None:
     """Call once at start-up, before the worker threads exist."""
     libc = _libc()
     if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)  # blocks over 1 MiB come from mmap
-        libc.mallopt(_M_ARENA_MAX, 4)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
+
+
+def release_free_memory() -> None:
+    """Collect garbage, then hand every free page of the heap back to the OS (`malloc_trim`).
+
+    For after a large one-off release, such as loading the model and dropping its text
+    tower; not per batch, where the freed memory is about to be used again.
+    """
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
