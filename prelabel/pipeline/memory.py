@@ -4,10 +4,11 @@ A forward pass of ViT-B-32 at batch 32 allocates and frees blocks of 5-20 MB doz
 times (the residual stream, the qkv projection, the MLP's hidden layer). If such blocks
 come from mmap, every batch maps them afresh and the kernel zero-fills them page by page:
 with every block over 1 MiB mapped, a 512-frame run on 2 cores took 5 million page
-faults and 15-18 s of system time, a fifth of the CPU, lost to the model's two threads. So blocks up to 32 MiB (glibc's
-own ceiling for its adaptive threshold, fixed here so that it holds from the first
-batch) come from the heap and are reused batch after batch, and the heap keeps up to
-128 MiB of free memory at its top instead of trimming it after every batch.
+faults and 15-18 s of system time, a fifth of the CPU, lost to the model's two threads.
+So blocks up to 32 MiB (glibc's own ceiling for its adaptive threshold, fixed here so
+that it holds from the first batch) come from the heap and are reused batch after
+batch, and the heap keeps up to 128 MiB of free memory at its top instead of trimming
+it after every batch.
 
 What that heap would keep for good is the one-off garbage of loading the model (the
 random initialisation a checkpoint overwrites, the text tower a labeling run frees):
