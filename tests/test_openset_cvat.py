@@ -116,7 +116,11 @@ def test_none_of_these_frames_teach_the_floor_and_route_to_review(big_project: P
     assert second.returncode == 0, second.stderr
     (new_job,) = server.jobs(new_task)
     now = predictions(project, config, task_id=new_task)
-    misfit = {frame for (_, frame), p in now.items() if p.fit < learned["fit_floor"] - 1e-6}
+    # A frame within `near` of the floor may fall either side of it: the run scores batches
+    # of 32, this check batches of 8, and batched float sums differ in the last digits.
+    near = 1e-4
+    misfit = {frame for (_, frame), p in now.items() if p.fit < learned["fit_floor"] - near}
+    fits = {frame for (_, frame), p in now.items() if p.fit > learned["fit_floor"] + near}
     assert misfit, "no frame of the new task is below the learned floor"
     issues = {issue["frame"]: issue for issue in server.issues(new_job["id"])}
     tags = {tag["frame"] for tag in server.annotations(new_job["id"])["tags"]}
@@ -124,7 +128,7 @@ def test_none_of_these_frames_teach_the_floor_and_route_to_review(big_project: P
         assert frame in issues and frame not in tags  # reviewed, and no suggestion tag
         (comment,) = server.comments(issues[frame]["id"])
         assert "no label fits (fit " in comment["message"], comment["message"]
-    for frame in set(issues) - misfit:
+    for frame in set(issues) & fits:
         (comment,) = server.comments(issues[frame]["id"])
         assert "no label fits" not in comment["message"]
     assert "no label fits:" in second.stdout

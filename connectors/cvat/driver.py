@@ -73,7 +73,7 @@ class LabelRequest:
     """Also frames a person tagged (their tags are never changed)."""
     relabel: bool = False
     """Again the frames prelabel already did, replacing only prelabel's own tags and open issues."""
-    quality: str = "compressed"
+    quality: str = "original"
     limit: int | None = None
     """At most this many frames (trials)."""
     progress: bool = True

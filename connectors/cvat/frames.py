@@ -65,7 +65,7 @@ class ChunkDownloads:
     by `discard`. Downloads run in the order they were asked for.
     """
 
-    def __init__(self, session: CvatSession, *, quality: str = "compressed", threads: int = 2) -> None:
+    def __init__(self, session: CvatSession, *, quality: str = "original", threads: int = 2) -> None:
         self.session = session
         self.quality = quality
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="download")
@@ -116,7 +116,7 @@ class ChunkDownloads:
             payload = self.session.call(f"downloading chunk {index} of job {plan.job_id}", download)
         try:
             with timer.stage("unpack"):
-                return _Chunk(index, _decode_chunk(payload, plan.chunk_type))
+                return _Chunk(index, _decode_chunk(payload, plan.chunk_type_of(self.quality)))
         except Exception as exc:  # a bad chunk fails its frames, not the job
             return _Chunk(index, [], f"chunk {index} cannot be decoded: {' '.join(str(exc).split())[:200]}")
 
@@ -135,7 +135,7 @@ class JobFrameSource:
         session: CvatSession,
         plan: JobPlan,
         *,
-        quality: str = "compressed",
+        quality: str = "original",
         io_threads: int = 2,
         prefetch_chunks: int = 2,
         timer: StageTimer | None = None,

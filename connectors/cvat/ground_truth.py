@@ -42,7 +42,7 @@ class CvatGroundTruth:
         task_id: int | None = None,
         job_id: int | None = None,
         state: RunState | None = None,
-        quality: str = "compressed",
+        quality: str = "original",
     ) -> None:
         self.session = session
         self.quality = quality

@@ -50,7 +50,9 @@ class JobPlan:
     """The task's frame step: media frames between two task frames (never needed to find a frame)."""
     chunk_size: int
     chunk_type: str
-    """``imageset`` (zip chunks of images) or ``video`` (mp4 chunks)."""
+    """``imageset`` (zip chunks of images) or ``video`` (mp4 chunks): the compressed chunks'."""
+    original_chunk_type: str
+    """The same for the original-quality chunks (a video task with zip chunks has both kinds)."""
     frames: tuple[int, ...]
     """Task frame numbers to label, ascending."""
     names: dict[int, str] = field(repr=False)
@@ -68,6 +70,10 @@ class JobPlan:
     """The job's `updated_date` in the listing the plan was made from (ISO 8601)."""
     truncated: bool = False
     """`--limit` left some of the job's frames out."""
+
+    def chunk_type_of(self, quality: str) -> str:
+        """The type of this job's chunks of `quality` (``original`` or ``compressed``)."""
+        return self.original_chunk_type if quality == "original" else self.chunk_type
 
     @property
     def job_frames(self) -> range:
@@ -456,6 +462,7 @@ def plan_for(job, meta: JobMeta, frames: Sequence[int], existing: JobOnServer, *
         step=step,
         chunk_size=meta.chunk_size,
         chunk_type=job.data_compressed_chunk_type,
+        original_chunk_type=getattr(job, "data_original_chunk_type", None) or job.data_compressed_chunk_type,
         frames=tuple(frames),
         names=names,
         sizes=sizes,

@@ -36,7 +36,7 @@ class Entry:
     """The validated config, as JSON data (the worker may override device and batch size)."""
     relabel: bool = False
     include_tagged: bool = False
-    quality: str = "compressed"
+    quality: str = "original"
     target: str = ""
     """What was enqueued (``project 3``), for messages."""
     calibration: dict[str, Any] | None = None

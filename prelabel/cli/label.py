@@ -106,9 +106,10 @@ def setup(target, config_path, server):
 @click.option(
     "--quality",
     type=click.Choice(["compressed", "original"]),
-    default="compressed",
+    default="original",
     show_default=True,
-    help="Which frame quality to download.",
+    help="Which chunks to download: the uploaded files (original, as cvat-sdk reads them) or "
+    "CVAT's re-encoded JPEGs (compressed).",
 )
 @click.option(
     "--include-tagged",

@@ -81,7 +81,7 @@ def enqueue_target(connection, session, target, config, request, options):
 @queue_option
 @click.option("--relabel", is_flag=True, help="Label again what prelabel already did (see `run`).")
 @click.option("--include-tagged", is_flag=True, help="Also label frames a person tagged (see `run`).")
-@click.option("--quality", type=click.Choice(["compressed", "original"]), default="compressed")
+@click.option("--quality", type=click.Choice(["compressed", "original"]), default="original")
 @queue_run_options
 def enqueue(
     target, config_path, overrides, profile_path, server, queue_url, relabel, include_tagged, quality,
