@@ -233,3 +233,36 @@ def test_a_shared_frame_gets_the_decision_the_other_job_holds_on_the_server(step
         if frame in shared:
             assert tag["label_id"] == tags[first["id"]][frame]["label_id"]
     assert server.violations == []
+
+
+@pytest.mark.parametrize("quality", ["original", "compressed"])
+def test_a_video_task_with_zip_chunks_is_read_in_either_quality(quality: str):
+    """CVAT gives a video task made with `use_zip_chunks` compressed chunks of JPEGs but
+    original chunks of video (cvat/apps/engine/task.py): each quality is decoded as what it
+    is, and every frame is the image the single-frame endpoint shows for it."""
+    with CvatTestServer() as server:
+        server.add_user("annotator", PASSWORD)
+        labels = [{"name": name, "type": "tag", "attributes": []} for name in LABELS]
+        project_id = server.add_project("zipped", owner="annotator", labels=labels)
+        task_id = server.add_video_task(
+            project_id, sample_frames(9, (160, 120)), name="clip", chunk_size=4, use_zip_chunks=True
+        )
+        session = CvatSession(make_client(server.url, credentials=("annotator", PASSWORD)))
+        (plan,) = find_work(session, task_id=task_id).jobs
+        assert (plan.chunk_type, plan.original_chunk_type) == ("imageset", "video")
+        expected = {}
+        for number in plan.job_frames:
+            _, response = session.client.api_client.jobs_api.retrieve_data(
+                plan.job_id, type="frame", number=number, quality="original", _parse_response=False
+            )
+            expected[number] = np.asarray(Image.open(io.BytesIO(response.data)).convert("RGB"), np.int16)
+        frames = list(JobFrameSource(session, plan, quality=quality).frames())
+        assert [frame.ref.frame for frame in frames] == list(plan.job_frames)
+        for frame in frames:
+            assert frame.error is None, frame.error
+            data = frame.data if isinstance(frame.data, Image.Image) else Image.open(io.BytesIO(frame.data))
+            image = np.asarray(data.convert("RGB"), np.int16)
+            errors = {number: np.abs(image - other).mean() for number, other in expected.items()}
+            assert min(errors, key=errors.__getitem__) == frame.ref.frame, (frame.ref, errors)
+        requests = [r for r in server.requests if r.query.get("type") == "chunk"]
+        assert requests and all(r.query.get("quality") == quality for r in requests)

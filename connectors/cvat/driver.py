@@ -52,6 +52,7 @@ from connectors.cvat.session import CvatSession
 from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
 from prelabel.errors import ConfigError
+from prelabel.pipeline.memory import release_free_memory
 from prelabel.pipeline.runner import Pipeline, RunStats, run
 from prelabel.pipeline.stream import RunPools
 from prelabel.pipeline.timing import StageTimer
@@ -458,6 +459,7 @@ def label_job(
     stats = run(source, remembering, pipeline, progress=request.progress, timer=timer, pools=pools)
     count(stats, list(copied.values()))
     written_at = time.perf_counter()
+    release_free_memory()  # what the job's chunks and batches left free: a long run stays flat
 
     def route() -> JobOutcome:
         routing = time.perf_counter()

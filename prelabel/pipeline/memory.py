@@ -12,8 +12,10 @@ it after every batch.
 
 What that heap would keep for good is the one-off garbage of loading the model (the
 random initialisation a checkpoint overwrites, the text tower a labeling run frees):
-`release_free_memory` hands it back once, after the model is ready. Fewer arenas (4) keep
-the worker threads' free memory from multiplying. Figures: docs/benchmarks.md ("Page
+`release_free_memory` hands it back once, after the model is ready; a CVAT run also calls
+it after each job, so that what the job's chunks and batches left scattered in the heap
+does not add up over many jobs. Fewer arenas (4) keep the worker threads' free memory from
+multiplying. Figures: docs/benchmarks.md ("Page
 faults"). On anything but glibc this is a no-op.
 """
 
@@ -60,8 +62,8 @@ def tune_allocator() -> None:
 def release_free_memory() -> None:
     """Collect garbage, then hand every free page of the heap back to the OS (`malloc_trim`).
 
-    For after a large one-off release, such as loading the model and dropping its text
-    tower; not per batch, where the freed memory is about to be used again.
+    For after a large release, such as loading the model and dropping its text tower, or
+    at the end of a job; not per batch, where the freed memory is about to be used again.
     """
     gc.collect()
     libc = _libc()

@@ -458,7 +458,7 @@ class Api:
             raise bad_request(
                 f"Invalid chunk number '{index}'. The chunk number should be in the [0, {count - 1}] range"
             )
-        video = task["media_type"] == "video"
+        video = self.ser.chunk_type(task, "compressed" if compressed else "original") == "video"
         key = (task["id"], tuple(frames), compressed and not video, task["chunks_updated_date"])
 
         def build() -> bytes:

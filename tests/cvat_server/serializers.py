@@ -68,9 +68,12 @@ class Serializer:
             "task_subsets": sorted({t["subset"] for t in tasks if t["subset"]}),
         }
 
-    def chunk_type(self, task: dict[str, Any]) -> str:
-        """`imageset` for image tasks, `video` for video tasks."""
-        return "video" if task["media_type"] == "video" else "imageset"
+    def chunk_type(self, task: dict[str, Any], quality: str = "original") -> str:
+        """`imageset` for image tasks, `video` for video tasks, except a video task's compressed
+        chunks with `use_zip_chunks` (images), as CVAT sets them in cvat/apps/engine/task.py."""
+        if task["media_type"] != "video" or (quality == "compressed" and task.get("use_zip_chunks")):
+            return "imageset"
+        return "video"
 
     def task_status(self, task_id: int) -> str:
         """Task status derived from its jobs, as Task.status in CVAT."""
@@ -107,7 +110,7 @@ class Serializer:
             "status": self.task_status(t["id"]),
             "data_chunk_size": t["chunk_size"],
             "data_original_chunk_type": self.chunk_type(t),
-            "data_compressed_chunk_type": self.chunk_type(t),
+            "data_compressed_chunk_type": self.chunk_type(t, "compressed"),
             "data_cloud_storage_id": None,
             "guide_id": None,
             "size": len(t["frames"]),
@@ -159,7 +162,7 @@ class Serializer:
             "start_frame": j["start_frame"],
             "stop_frame": j["stop_frame"],
             "data_chunk_size": task["chunk_size"],
-            "data_compressed_chunk_type": self.chunk_type(task),
+            "data_compressed_chunk_type": self.chunk_type(task, "compressed"),
             "data_original_chunk_type": self.chunk_type(task),
             "created_date": j["created_date"],
             "updated_date": j["updated_date"],

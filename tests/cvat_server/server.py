@@ -226,10 +226,12 @@ class CvatTestServer:
         stop_frame: int | None = None,
         frame_step: int = 1,
         overlap: int | None = None,
+        use_zip_chunks: bool = False,
     ) -> int:
         """A video task from mp4 bytes or a list of frames (PIL images or JPEG bytes).
 
-        Chunks are H.264 mp4 segments (`data_compressed_chunk_type` "video").
+        Chunks are H.264 mp4 segments (`data_compressed_chunk_type` "video"); with
+        `use_zip_chunks`, as in CVAT, the compressed ones are zips of JPEGs instead.
         segment_size 0 means one job for the whole video. `start_frame`, `stop_frame`
         and `frame_step` filter the video as CVAT's data options do; jobs overlap by
         `overlap` frames, 5 by default as in CVAT (at most half the segment size).
@@ -254,6 +256,7 @@ class CvatTestServer:
             data_start=start_frame,
             frame_step=frame_step,
             overlap=overlap,
+            use_zip_chunks=use_zip_chunks,
         )
 
     def add_ground_truth_job(self, task_id: int, frames: Sequence[int]) -> int:

@@ -352,6 +352,7 @@ class State:
         data_start: int = 0,
         frame_step: int = 1,
         overlap: int | None = None,
+        use_zip_chunks: bool = False,
     ) -> int:
         """Create a task with data and its annotation jobs split by segment_size.
 
@@ -381,6 +382,7 @@ class State:
                 "chunk_size": chunk_size,
                 "image_quality": image_quality,
                 "media_type": media_type,
+                "use_zip_chunks": use_zip_chunks,
                 "frames": list(frames),
                 "deleted_frames": sorted(set(deleted_frames)),
                 "fps": fps,
