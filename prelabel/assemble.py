@@ -94,7 +94,7 @@ def build_image_pipeline(config: Config, labels: Sequence[str]) -> Pipeline:
     handed back to the OS (`release_free_memory`) before the first frame is scored.
     """
     pipeline = build_pipeline(config, labels).images_only()
-    release_free_memory()  # the full pipeline, and with it the text tower, is gone by now
+    release_free_memory(collect_garbage=True)  # the full pipeline and its text tower are gone by now
     return pipeline
 
 

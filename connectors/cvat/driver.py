@@ -459,10 +459,10 @@ def label_job(
     stats = run(source, remembering, pipeline, progress=request.progress, timer=timer, pools=pools)
     count(stats, list(copied.values()))
     written_at = time.perf_counter()
-    release_free_memory()  # what the job's chunks and batches left free: a long run stays flat
 
     def route() -> JobOutcome:
         routing = time.perf_counter()
+        release_free_memory()  # what the job's chunks and batches left free: a long run stays flat
         changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
         stats.stages["route"] = time.perf_counter() - routing
         return JobOutcome(plan, stats, sink.result, changes, written_at=written_at)
