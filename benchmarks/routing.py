@@ -2,8 +2,9 @@
 
 A frame goes to review when its top-1 probability is below ``--accept-threshold`` (the margin
 is left at 0). To send a given share, the benchmark scores the frames once in its own process
-exactly as the CLI will see them (the server's re-encoded "compressed" JPEGs, prelabel's
-decode and preprocessing, the same seeded random weights and classifier), and puts the
+exactly as the CLI will see them (the uploaded files, which its default original-quality
+chunks hold, through prelabel's own `predict` with the same seeded random weights and
+classifier), and puts the
 threshold between the two top-1 probabilities at that share. Float differences between batch
 sizes can move a frame that sits right at the threshold, so the share reached is measured
 from the CLI's own report and printed next to the case.
@@ -14,14 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from prelabel.config import Config
 from prelabel.interface import Frame as PrelabelFrame
-from prelabel.pipeline.decode import decode
 from prelabel.pipeline.runner import Pipeline
-from prelabel.pipeline.worker import score_batch
-from tests.cvat_server.media import Frame, encode_jpeg
+from prelabel.pipeline.worker import predict
+from tests.cvat_server.media import Frame
 
 
 @dataclass(frozen=True)
@@ -63,17 +60,7 @@ def threshold_for(case: Case, top1: Sequence[float]) -> float:
     return (ranked[below - 1] + ranked[below]) / 2
 
 
-def top1_probabilities(
-    frames: Sequence[Frame], pipeline: Pipeline, config: Config, image_quality: int, batch_size: int
-) -> list[float]:
-    """The top-1 probability of each frame as served in a "compressed" chunk."""
-    loaded, values = pipeline.loaded, []
-    for start in range(0, len(frames), batch_size):
-        pixels = []
-        for frame in frames[start : start + batch_size]:
-            served = PrelabelFrame(frame.name, frame.name, encode_jpeg(frame.image, image_quality))
-            image, _ = decode(served, loaded.image_size, draft=config.decode.draft)
-            pixels.append(loaded.preprocess(image))
-        probabilities = score_batch(torch.stack(pixels), loaded, pipeline.classifier)
-        values += probabilities.max(dim=1).values.tolist()
-    return values
+def top1_probabilities(frames: Sequence[Frame], pipeline: Pipeline) -> list[float]:
+    """The top-1 probability of each frame as served in an original-quality chunk."""
+    served = (PrelabelFrame(frame.name, frame.name, frame.data) for frame in frames)
+    return [p.scores[0][1] for p in predict(served, pipeline.loaded, pipeline.classifier, pipeline.options)]

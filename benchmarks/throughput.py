@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = args.cases
         thresholds = {case.name: threshold_for(case, []) for case in cases if case.review_share in (0, 1)}
         if len(thresholds) < len(cases):
-            top1 = top1_probabilities(project.frames, pipeline, config, spec.image_quality, batch_size)
+            top1 = top1_probabilities(project.frames, pipeline)
             thresholds = {case.name: threshold_for(case, top1) for case in cases}
         measured = [(v, c) for v in variants for c in cases if v.name != "int8" or c.name == "accepted"]
         say("cases: " + ", ".join(f"{c.name} (accept threshold {thresholds[c.name]:.6g})" for c in cases))

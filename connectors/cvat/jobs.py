@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from connectors.cvat.existing import JobOnServer, TaskIssues, read_job
 from connectors.cvat.labels import CvatLabel, candidate_labels
-from connectors.cvat.meta import JobMeta, TaskMetas, read_job_meta
+from connectors.cvat.meta import JobMeta, TaskMetas, read_job_meta, whole_video
 from connectors.cvat.numbering import frame_step
 from connectors.cvat.session import CvatSession
 
@@ -452,7 +452,7 @@ def plan_for(job, meta: JobMeta, frames: Sequence[int], existing: JobOnServer, *
     """
     step = _step(meta.frame_filter)
     job_frames = range(job.start_frame, job.stop_frame + 1)
-    names, sizes = _frame_info(meta, job_frames, job.data_compressed_chunk_type)
+    names, sizes = _frame_info(meta, job_frames, whole_video(job, meta.frames))
     return JobPlan(
         job_id=job.id,
         task_id=job.task_id,
@@ -473,11 +473,11 @@ def plan_for(job, meta: JobMeta, frames: Sequence[int], existing: JobOnServer, *
 
 
 def _frame_info(
-    meta, job_frames: Sequence[int], chunk_type: str
+    meta: JobMeta, job_frames: Sequence[int], video: bool
 ) -> tuple[dict[int, str], dict[int, tuple[int, int]]]:
     """Names and sizes by task frame number; a video's frames share its one entry."""
-    entries = list(meta.frames)
-    if chunk_type == "video" or len(entries) == 1 < len(job_frames):
+    entries = meta.frames
+    if video:
         entry = entries[0]
         return (
             {frame: f"{entry.name}#{frame}" for frame in job_frames},

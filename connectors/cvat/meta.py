@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -70,7 +70,7 @@ class TaskMetas:
         task = self._task(job.task_id)
         job_frames = range(job.start_frame, job.stop_frame + 1)
         deleted = frozenset(frame for frame in task.deleted_frames if frame in job_frames)
-        if job.data_compressed_chunk_type == "video" or len(task.frames) == 1 < len(job_frames):
+        if whole_video(job, task.frames):
             return JobMeta(task.chunk_size, task.frame_filter, deleted, task.frames[:1])
         if not task.frame_filter and len(task.frames) == task.size and job.stop_frame < task.size:
             frames = task.frames[job.start_frame : job.stop_frame + 1]
@@ -102,6 +102,13 @@ class TaskMetas:
                 while len(self._tasks) > self.kept:
                     self._tasks.popitem(last=False)
             return meta
+
+
+def whole_video(job, entries: Sequence[FrameEntry]) -> bool:
+    """Whether a meta's frame `entries` stand for a whole video (one entry for every frame of
+    `job`, a cvat-sdk job) rather than one entry per frame."""
+    frames = job.stop_frame - job.start_frame + 1
+    return job.data_compressed_chunk_type == "video" or len(entries) == 1 < frames
 
 
 def read_job_meta(session: CvatSession, job_id: int) -> JobMeta:
