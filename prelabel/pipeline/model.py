@@ -11,6 +11,7 @@ model without its text tower (a third of ViT-B-32's weights), for runs that scor
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 
 RANDOM_SEED = 0
 """Seed for `pretrained: none`, so that random-weight runs are reproducible."""
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -134,17 +133,20 @@ def load_model(config: ModelConfig) -> LoadedModel:
     else:
         identity = _identity_and_check(name, config.pretrained, is_schema, config.cache_dir)
 
-    pretrained = None if random_weights or is_schema else config.pretrained
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _no_random_init_warning(not random_weights):
             torch.manual_seed(RANDOM_SEED)
+            # Built with random weights on the CPU; a checkpoint is then loaded in place.
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name,
-                pretrained=pretrained,
-                load_weights=not random_weights,
-                device=device,
+                pretrained=None if random_weights or is_schema else config.pretrained,
+                load_weights=False,
+                pretrained_text=random_weights,  # no base text-tower download under a checkpoint
                 cache_dir=config.cache_dir,
             )
+        if not random_weights:
+            _load_in_place(model, _checkpoint_file(name, config.pretrained, config.cache_dir))
+        model.to(device)
         tokenizer = open_clip.get_tokenizer(name, cache_dir=config.cache_dir)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as exc:
         raise ModelError(
@@ -180,14 +182,14 @@ def _identity_and_check(name: str, pretrained: str, is_schema: bool, cache_dir: 
     """Name the weights exactly, and fail fast when they cannot be had."""
     if name.startswith("local-dir:"):
         folder = Path(name.removeprefix("local-dir:"))
-        weights = [p for p in folder.glob("*") if p.suffix in _WEIGHT_SUFFIXES]
-        if not weights:
+        weights = _weights_in(folder)
+        if weights is None:
             raise ModelError(
-                f"no weights file in {folder} (open_clip looks for open_clip_model.safetensors "
-                "or open_clip_pytorch_model.bin)",
+                f"no weights file in {folder} (open_clip looks for *.safetensors, *.bin or *.pth, "
+                "open_clip_model.safetensors or open_clip_pytorch_model.bin first)",
                 hint="add the weights, or pass --pretrained none for random weights (tests only)",
             )
-        return f"{name}/{_file_stamp(weights[0])}"
+        return f"{name}/{_file_stamp(weights)}"
     if is_schema:
         return name
     if os.path.isfile(pretrained):
@@ -200,6 +202,76 @@ def _identity_and_check(name: str, pretrained: str, is_schema: bool, cache_dir: 
         )
     _check_downloadable(name, pretrained, cache_dir)
     return f"{name}/{pretrained}"
+
+
+def _checkpoint_file(name: str, pretrained: str, cache_dir: str | None) -> str:
+    """The weights file open_clip loads for `name` and `pretrained`, downloaded if need be."""
+    if name.startswith("local-dir:"):
+        found = _weights_in(Path(name.removeprefix("local-dir:")))
+        if found is None:
+            raise FileNotFoundError(f"no weights file in {name.removeprefix('local-dir:')}")
+        return str(found)
+    if name.startswith("hf-hub:"):
+        repo = name.removeprefix("hf-hub:")
+        return open_clip.pretrained.download_pretrained_from_hf(repo, cache_dir=cache_dir)
+    if os.path.isfile(pretrained):
+        return pretrained
+    return open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, pretrained), cache_dir=cache_dir)
+
+
+@contextlib.contextmanager
+def _no_random_init_warning(active: bool) -> Iterator[None]:
+    """Silence open_clip's "initialized randomly" warning while a model whose checkpoint is
+    loaded next is built."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+    root = logging.getLogger()  # open_clip logs through the root logger
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _weights_in(folder: Path) -> Path | None:
+    """The weights file of a `local-dir:` folder that open_clip loads, if any."""
+    found = open_clip.factory._find_checkpoint_in_dir(folder)  # the same choice as open_clip's
+    return Path(found) if found else None
+
+
+def _load_in_place(model: torch.nn.Module, checkpoint: str) -> None:
+    """Load `checkpoint` into `model` (as `open_clip.load_checkpoint`, strict), holding one
+    copy of the weights rather than two.
+
+    open_clip copies a checkpoint into the model's own tensors, so for a moment the process
+    holds the random weights and the file's: ViT-B-32 peaked at 1.95 GB against 1.4 GB with
+    random weights alone. Here the random tensors are dropped first (their shapes stay, on
+    the meta device) and the checkpoint's tensors become the model's
+    (``load_state_dict(assign=True)``), cast to float32 where the file holds half precision.
+    """
+    if Path(checkpoint).suffix in (".npz", ".npy"):  # big_vision weights: open_clip copies them itself
+        open_clip.load_checkpoint(model, checkpoint)
+        return
+    for module in model.modules():
+        for key, parameter in list(module.named_parameters(recurse=False)):
+            setattr(module, key, torch.nn.Parameter(parameter.to("meta"), parameter.requires_grad))
+        for key, buffer in list(module.named_buffers(recurse=False)):
+            if key not in module._non_persistent_buffers_set:  # those are not in a checkpoint
+                setattr(module, key, buffer.to("meta"))
+    # open_clip adapts the checkpoint (old formats, position embeddings) and then calls the
+    # model's load_state_dict: for this one call, that assigns instead of copying.
+    model.load_state_dict = functools.partial(model.load_state_dict, assign=True)
+    try:
+        open_clip.load_checkpoint(model, checkpoint, strict=True)
+    finally:
+        del model.load_state_dict
+    model.float()
+    missing = [key for key, tensor in model.state_dict().items() if tensor.is_meta]
+    if missing:
+        raise RuntimeError(f"the checkpoint left {len(missing)} weights unloaded (first: {missing[0]})")
 
 
 def _check_downloadable(name: str, tag: str, cache_dir: str | None) -> None:
@@ -248,9 +320,13 @@ def _as_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(size[0]), int(size[1]))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The error's first line, and its second where the first only introduces it (ends in ':')."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not text:
+        return type(exc).__name__
+    line = f"{text[0]} {text[1]}" if text[0].endswith(":") and len(text) > 1 else text[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

@@ -1,0 +1,110 @@
+"""Loading a checkpoint: the file's weights, in float32, with one copy of them in memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from prelabel.config import ModelConfig
+from prelabel.errors import ModelError
+from prelabel.pipeline.model import load_model
+from tests.conftest import REPO, TINY_MODEL
+
+TINY_DIR = Path(TINY_MODEL.removeprefix("local-dir:"))
+
+
+def _local_dir(folder: Path, model_cfg: dict, state: dict[str, torch.Tensor]) -> str:
+    """A `local-dir:` model folder holding `model_cfg` and the weights `state`."""
+    folder.mkdir()
+    tiny = json.loads((TINY_DIR / "open_clip_config.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({**tiny, "model_cfg": model_cfg}))
+    torch.save(state, folder / "open_clip_pytorch_model.bin")
+    return f"local-dir:{folder}"
+
+
+def _tiny_state(shift: float) -> dict[str, torch.Tensor]:
+    model = load_model(ModelConfig(name=TINY_MODEL, pretrained="none")).model
+    with torch.no_grad():  # weights that differ from the seeded random init
+        for parameter in model.parameters():
+            parameter.add_(shift)
+    return {key: tensor.clone() for key, tensor in model.state_dict().items()}
+
+
+def test_a_half_precision_checkpoint_loads_as_its_values_in_float32(tmp_path: Path, caplog):
+    state = {key: tensor.half() for key, tensor in _tiny_state(0.01).items()}
+    model_cfg = json.loads((TINY_DIR / "open_clip_config.json").read_text())["model_cfg"]
+    caplog.clear()
+    loaded = load_model(ModelConfig(name=_local_dir(tmp_path / "half", model_cfg, state), pretrained="x"))
+    assert not [r for r in caplog.records if "randomly" in r.getMessage()]  # it is not random
+    weights = loaded.model.state_dict()
+    assert weights.keys() == state.keys()
+    for key, tensor in state.items():
+        assert weights[key].dtype == torch.float32, key
+        assert torch.equal(weights[key], tensor.float()), key
+    # What the checkpoint leaves out is still built: the text tower's causal mask.
+    assert not loaded.model.attn_mask.is_meta and torch.isinf(loaded.model.attn_mask).any()
+    assert loaded.model.encode_text(loaded.tokenizer(["a cat"])).isfinite().all()
+
+
+def test_a_checkpoint_missing_weights_is_an_error_not_a_half_built_model(tmp_path: Path):
+    state = _tiny_state(0.0)
+    del state["visual.proj"]
+    model_cfg = json.loads((TINY_DIR / "open_clip_config.json").read_text())["model_cfg"]
+    with pytest.raises(ModelError, match=r"cannot load model .*visual\.proj"):
+        load_model(ModelConfig(name=_local_dir(tmp_path / "partial", model_cfg, state), pretrained="x"))
+
+
+_PEAK = textwrap.dedent(
+    """
+    import resource, sys
+    from prelabel.config import ModelConfig
+    from prelabel.pipeline.memory import tune_allocator
+    from prelabel.pipeline.model import load_model
+
+    tune_allocator()
+    loaded = load_model(ModelConfig(name=sys.argv[1], pretrained=sys.argv[2]))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """
+)
+
+
+def _peak_rss(name: str, pretrained: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, name, pretrained],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB")
+def test_loading_a_checkpoint_peaks_near_random_weights_not_at_twice_the_weights(tmp_path: Path):
+    # Wide enough that one copy of its weights (about 200 MB) stands out of the process's noise.
+    model_cfg = {
+        "embed_dim": 256,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 512, "patch_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 4},
+    }
+    folder = tmp_path / "wide"
+    random_dir = _local_dir(folder, model_cfg, {})
+    (folder / "open_clip_pytorch_model.bin").unlink()
+    random_peak = _peak_rss(random_dir, "none")
+    import open_clip
+
+    model = open_clip.CLIP(**model_cfg)
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    del model
+    assert weights > 190e6
+    checkpoint_peak = _peak_rss(random_dir, "unused")
+    # open_clip's own load copies the file into the random weights: one more copy at its peak.
+    assert checkpoint_peak - random_peak < 0.25 * weights, (checkpoint_peak, random_peak, weights)
