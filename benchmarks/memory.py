@@ -15,6 +15,10 @@ between 8N and N over 7N frames is what grows per frame, printed largest first. 
 a few batches (the default 64 with batches of 32), so that the N run is already in its
 steady state. memray sees native allocations too (PIL,
 numpy, torch's CPU allocator), which tracemalloc would miss.
+
+Unless ``--no-checkpoint``, each model is also loaded from a checkpoint file (its random
+weights saved to a ``.safetensors`` and a ``.bin``, as real weights come) and run over N
+frames of a folder: the peak of a real model's load, which random weights do not show.
 """
 
 from __future__ import annotations
@@ -77,6 +81,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="model batch size (default 32)")
     parser.add_argument("--trace", action="store_true", help="also find what grows, with memray")
     parser.add_argument("--top", type=int, default=8, help="growth lines to print per run (default 8)")
+    parser.add_argument(
+        "--checkpoint",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also load each model from a checkpoint file (default on)",
+    )
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.connectors = [c.strip() for c in args.connectors.split(",") if c.strip()]
@@ -110,7 +120,12 @@ def _memray(trace: Path | None) -> tuple[str, ...]:
 
 
 def folder_run(
-    jpegs: Sequence[tuple[str, bytes]], times: int, model: str, batch: int, trace: Path | None
+    jpegs: Sequence[tuple[str, bytes]],
+    times: int,
+    model: str,
+    batch: int,
+    trace: Path | None,
+    pretrained: str = "none",
 ) -> int:
     """Peak RSS of ``prelabel folder`` over the frames repeated `times` times."""
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
@@ -122,7 +137,7 @@ def folder_run(
         command = [
             sys.executable, *_memray(trace), "-m", "prelabel", "folder", str(images),
             "--labels", ",".join(LABELS), "--out", str(Path(tmp) / "out"),
-            "--model", model, "--pretrained", "none", "--device", "cpu", "--batch-size", str(batch),
+            "--model", model, "--pretrained", pretrained, "--device", "cpu", "--batch-size", str(batch),
             "--no-progress",
         ]  # fmt: skip
         env = {
@@ -144,6 +159,28 @@ def cvat_run(project: BenchProject, times: int, model: str, batch: int, trace: P
         timeout=3600,
     )
     return run.peak_rss_bytes
+
+
+def checkpoint_runs(jpegs: Sequence[tuple[str, bytes]], model: str, batch: int) -> dict[str, int]:
+    """Peak RSS of ``prelabel folder`` over the frames with `model`'s random weights loaded
+    from a checkpoint file, per file format (a local-dir model is left out: its folder
+    names its own weights)."""
+    if model.startswith("local-dir:"):
+        return {}
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    peaks = {}
+    with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
+        state = open_clip.create_model(model).state_dict()
+        files = {"safetensors": Path(tmp) / "weights.safetensors", "bin": Path(tmp) / "weights.bin"}
+        save_file({key: tensor.contiguous() for key, tensor in state.items()}, files["safetensors"])
+        torch.save(state, files["bin"])
+        del state
+        for kind, path in files.items():
+            peaks[kind] = folder_run(jpegs, 1, model, batch, None, pretrained=str(path))
+    return peaks
 
 
 def growth(small: Path, large: Path, extra_frames: int, top: int) -> list[tuple[str, float]]:
@@ -228,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 for where, per_frame in found:
                     say(f"      +{per_frame / 1024:8.1f} KiB/frame at the high-water mark: {where}")
+            if args.checkpoint:
+                for kind, peak in checkpoint_runs(jpegs, model, args.batch_size).items():
+                    say(f"{model_name:>8} from a .{kind} checkpoint, folder: peak RSS {mib(peak)} at N")
     say(f"(memory benchmark took {time.perf_counter() - started:.0f}s)")
     return 0
 

@@ -74,3 +74,35 @@ def test_per_batch_blocks_are_reused_not_faulted_in_again():
 def test_release_free_memory_hands_the_heap_garbage_back():
     tuned = _probe("tuned")
     assert tuned["released"] > 64 * 2**20, tuned
+
+
+_PERIODIC = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from prelabel.pipeline.memory import PeriodicRelease, tune_allocator
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+    tune_allocator()
+    later, now = PeriodicRelease(every=3600), PeriodicRelease(every=0)
+    garbage = [torch.ones(2_000_000) for _ in range(60)]
+    del garbage
+    held = rss()
+    later()  # not due for an hour: keeps the heap as it is
+    kept = held - rss()
+    now()
+    print(json.dumps({"not_due": kept, "due": held - rss()}))
+    """
+)
+
+
+def test_periodic_release_hands_back_only_when_due():
+    done = subprocess.run(
+        [sys.executable, "-c", _PERIODIC], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    released = json.loads(done.stdout)
+    assert abs(released["not_due"]) < 8 * 2**20, released
+    assert released["due"] > 64 * 2**20, released

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from prelabel.interface import DecisionSink, FrameSource
 from prelabel.pipeline.classifier import TextClassifier
+from prelabel.pipeline.memory import PeriodicRelease
 from prelabel.pipeline.model import LoadedModel
 from prelabel.pipeline.priors import hub_warnings, predicted_shares
 from prelabel.pipeline.router import RoutingPolicy, route
@@ -120,10 +121,12 @@ def run(
 
     The sink is closed at the end, also when the run fails part-way, so that what was
     decided so far is kept. Frames are decoded on `pools.decode` (the threads of a run of
-    several sources), else on threads started and stopped here.
+    several sources), else on threads started and stopped here. Free heap memory goes back
+    to the OS every few seconds (`PeriodicRelease`), so that a long run stays flat.
     """
     timer = timer or StageTimer()
     stats = RunStats()
+    release = PeriodicRelease()
     start = time.perf_counter()
     bar = tqdm(total=len(source), unit="img", disable=not progress, leave=False)
     try:
@@ -149,6 +152,7 @@ def run(
                 stats.unreadable += prediction.error is not None
                 stats.no_fit += decision.code == "no_fit"
             bar.update()
+            release()
     finally:
         bar.close()
         with timer.stage("sink"):
