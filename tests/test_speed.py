@@ -92,6 +92,16 @@ def test_review_issues_are_created_concurrently_and_before_their_suggestion_tags
         assert server.violations == []
 
 
+def test_a_jobs_first_tags_go_up_after_one_model_batch_not_after_a_full_upload_batch(tmp_path: Path) -> None:
+    frames = 40
+    with CvatTestServer() as server:
+        project_id, (job,) = _project(server, frames, segment_size=frames)
+        _run(server, project_id, tmp_path, "first", accept_threshold=0.0, upload_batch_size=100)
+        tags = [r for r in server.requests if r.method == "PATCH" and r.query.get("action") == "create"]
+        # 32 tags first (the sink's first_batch_size), the other 8 when the job closes.
+        assert len(tags) == 2 and len(server.annotations(job)["tags"]) == frames
+
+
 def test_the_next_jobs_first_chunk_is_requested_before_the_current_job_is_written(tmp_path: Path) -> None:
     order = {}
     for prefetch_jobs in (1, 0):

@@ -10,7 +10,8 @@ again, and a create whose answer was lost is retried only for what a re-read of 
 does not show (a create that timed out may still be running there: it is given the client
 timeout once more to land before that re-read); so a run that follows a crash completes
 half-done frames instead of duplicating them. Tags are created in bounded batches with
-``PATCH .../annotations?action=create``.
+``PATCH .../annotations?action=create``; a job's first batch is smaller, so that its first
+tags reach CVAT after about one model batch, not after `batch_size` frames.
 Up to `write_concurrency` writes (tag batches, issues, --relabel removals) are in flight at
 once; the writes that touch one frame run in the order they were made (its old tags and issue
 removed, then its issue, then the batch with its suggestion tag).
@@ -52,6 +53,8 @@ class SinkSettings:
     suggestions: bool = True
     message_length: int = 500
     batch_size: int = 100
+    first_batch_size: int = 32
+    """Tags in a job's first upload (at most `batch_size`): a model batch's worth."""
     relabel: bool = False
     upload_queue: int = 2
     """Writes (tag batches, issues) that may wait for an upload thread before `write` blocks."""
@@ -113,6 +116,7 @@ class CvatSink:
         self.result = JobResult()
         self.timer = timer or StageTimer()
         self._pending: list[dict] = []
+        self._flushed = False
         self._job_frames = set(plan.job_frames)
         self._writer = ConcurrentWriter(
             workers=settings.write_concurrency,
@@ -187,12 +191,15 @@ class CvatSink:
             self.labels[label], frame, probability, self.settings.model_identity, needs_review=needs_review
         )
         self._pending.append(payload)
-        if len(self._pending) >= self.settings.batch_size:
+        size = self.settings.batch_size
+        if not self._flushed:
+            size = min(size, self.settings.first_batch_size)
+        if len(self._pending) >= size:
             self._flush()
 
     def _flush(self) -> None:
         if self._pending:
-            batch, self._pending = self._pending, []
+            batch, self._pending, self._flushed = self._pending, [], True
             self._writer.submit(lambda: self._upload(batch), keys={tag["frame"] for tag in batch})
 
     def _upload(self, batch: list[dict]) -> None:
