@@ -109,7 +109,7 @@ class TargetOutcome:
     """The pipeline the jobs were labeled with (None: nothing needed one)."""
     marks: dict[str, float] = field(default_factory=dict)
     """Seconds from the run's start: ``model_ready_at`` (the pipeline was built) and
-    ``first_tag_at`` (the first job that created tags had written them all)."""
+    ``first_tag_at`` (the server had stored the run's first tag)."""
 
     @property
     def stats(self) -> RunStats:
@@ -293,8 +293,9 @@ def label_target(
         return pools
 
     def finish(outcome: JobOutcome) -> None:
-        if "first_tag_at" not in marks and outcome.result.tags_created:
-            marks["first_tag_at"] = outcome.written_at - started
+        if outcome.result.first_tag_at is not None:
+            first = outcome.result.first_tag_at - started
+            marks["first_tag_at"] = min(marks.get("first_tag_at", first), first)
         outcomes.append(outcome)
         if on_job:
             on_job(outcome)

@@ -85,6 +85,8 @@ class JobResult:
     review: list[ReviewItem] = field(default_factory=list)
     open_issues: int = 0
     """Frames of the job with an open prelabel issue once the sink closed (new ones included)."""
+    first_tag_at: float | None = None
+    """`time.perf_counter()` when the server had stored this run's first tag in the job."""
 
     @property
     def writes(self) -> int:
@@ -253,6 +255,8 @@ class CvatSink:
             by_frame.setdefault(tag["frame"], []).append(tag["id"])
         with self._lock:
             self.result.tags_created.extend(tag["id"] for tag in created)
+            if created and self.result.first_tag_at is None:
+                self.result.first_tag_at = time.perf_counter()
         if self.state is not None:
             for frame, ids in by_frame.items():
                 self.state.record_upload(self.plan.job_id, frame, tag_ids=ids)
