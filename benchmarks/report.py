@@ -57,7 +57,9 @@ Columns:
 - **c process**: the same baseline as a whole process, `python -m benchmarks.sdk_baseline`
   (imports cvat-sdk and open_clip, logs in as the CLI does, loads the same model, builds the
   same classifier, runs `annotate_task`): N / (process start to exit), on its own fresh task.
-- **b/a**: b in-run / a, the share of the model's speed that reaches CVAT.
+- **b/a**: b in-run / a, the share of the model's speed that reaches CVAT. From 2026-12-01
+  06:30 each b run is divided by the mean of the ceilings measured just before and just
+  after it (before: by the repetition's one ceiling, measured before all its runs).
 - **b in-run / c in-process**: the speed-up over cvat-sdk, both with the model already loaded.
 - **b process / c in-process**: the same but charging prelabel alone its start-up and model load.
 - **b process / c process**: both whole processes, start-up included on both sides (the

@@ -4,7 +4,9 @@ Measures, in alternating repetitions on one machine and one test server that is 
 a real CVAT 2.73 (its latency model, `tests/cvat_server/latency.py`; ``--latency none``
 turns it off), with chunks built on their first request:
 
-(a) the ceiling: the bare image encoder on ready tensors;
+(a) the ceiling: the bare image encoder on ready tensors, measured before each (b) run and
+    once after the last, so that each (b) is compared with the mean of the two around it
+    (this machine's speed drifts by a quarter within minutes);
 (b) prelabel end to end: ``prelabel run`` as a subprocess, by process time and in-run time,
     once per routing case (all accepted, 30% to review, all to review; benchmarks/routing.py);
 (c) the baseline: cvat-sdk's ``annotate_task`` with the same model and classifier, in this
@@ -187,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ceilings: list[float] = []
         runs: dict[tuple[str, str], list[PrelabelRun]] = {(v.name, c.name): [] for v, c in measured}
+        around: dict[tuple[str, str], list[float]] = {(v.name, c.name): [] for v, c in measured}
+        """Per (b) run: the mean of the ceilings measured just before and just after it."""
         baselines: list[BaselineRun] = []
         baseline_processes: list[BaselineRun] = []
         if args.rss_only:
@@ -196,14 +200,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             tagger = OpenClipTagger(loaded, pipeline.classifier)
             for repeat in range(1, args.repeats + 1):
                 say(f"repetition {repeat} of {args.repeats}")
-                meter = OtherLoad()
-                ceilings.append(encode_throughput(loaded, batch_size, args.ceiling_batches))
-                say(
-                    f"  (a) ceiling: {ceilings[-1]:.2f} images/s ({args.ceiling_batches} batches), "
-                    f"other load {percent(meter.share())}"
-                )
+
+                def ceiling() -> float:
+                    meter = OtherLoad()
+                    ceilings.append(encode_throughput(loaded, batch_size, args.ceiling_batches))
+                    say(
+                        f"  (a) ceiling: {ceilings[-1]:.2f} images/s ({args.ceiling_batches} batches), "
+                        f"other load {percent(meter.share())}"
+                    )
+                    return ceilings[-1]
+
+                before = ceiling()
                 for variant, case in measured:
                     runs[variant.name, case.name].append(prelabel(fresh_task(), variant, case))
+                    after = ceiling()
+                    around[variant.name, case.name].append((before + after) / 2)
+                    before = after
                 task_id, meter = fresh_task(), OtherLoad()
                 baselines.append(run_baseline(project, task_id, tagger))
                 say(
@@ -266,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             process=Spread.of(process),
             in_run=Spread.of(in_run),
             baseline=Spread.of(baseline),
-            b_over_a=Spread.of([b / a for b, a in zip(in_run, ceilings, strict=True)]),
+            b_over_a=Spread.of([b / a for b, a in zip(in_run, around[variant.name, case.name], strict=True)]),
             b_over_c=Spread.of([b / c for b, c in zip(in_run, baseline, strict=True)]),
             b_over_c_process=Spread.of([b / c for b, c in zip(process, baseline, strict=True)]),
             baseline_process=Spread.of(baseline_process),
