@@ -6,7 +6,8 @@ latency), prelabel runs as a subprocess on N and on 8N frames (the N benchmark f
 repeated under new names). It reports the peak RSS of each (the child's own ``ru_maxrss``
 through `benchmarks.peak_rss`, not this process's, which holds the frames and the test server)
 and the slope (RSS at 8N - RSS at N) / 7N in bytes per frame: a pipeline with bounded memory
-has a slope near 0.
+has a slope near 0. With ``--repeats R`` each is the median of R runs (the peak of one run
+moves by up to 100 MiB from run to run).
 
 With ``--trace`` the same two runs go again under memray, and the allocations alive at each
 run's high-water mark are summed by where they were made (the innermost Python frame, and the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +84,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trace", action="store_true", help="also find what grows, with memray")
     parser.add_argument("--top", type=int, default=8, help="growth lines to print per run (default 8)")
     parser.add_argument(
+        "--repeats", type=int, default=1, help="runs at N and at 8N each, alternating; medians (default 1)"
+    )
+    parser.add_argument(
         "--checkpoint",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -94,8 +99,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
     if unknown := [c for c in args.connectors if c not in ("folder", "cvat")]:
         parser.error(f"unknown connector(s) {', '.join(unknown)}; known: folder, cvat")
-    if args.frames < 1 or args.batch_size < 1:
-        parser.error("--frames and --batch-size must be at least 1")
+    if args.frames < 1 or args.batch_size < 1 or args.repeats < 1:
+        parser.error("--frames, --batch-size and --repeats must be at least 1")
     return args
 
 
@@ -250,7 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     assert project is not None
                     return cvat_run(project, times, model, args.batch_size, trace)
 
-                rss_n, rss_8n = once(1, None), once(8, None)
+                at_n: list[int] = []
+                at_8n: list[int] = []
+                for _ in range(args.repeats):  # alternating, so that a drift hits both alike
+                    at_n.append(once(1, None))
+                    at_8n.append(once(8, None))
+                rss_n, rss_8n = int(statistics.median(at_n)), int(statistics.median(at_8n))
+                if args.repeats > 1:
+                    say(
+                        f"{model_name:>8} via {connector:<6}: runs at N {', '.join(map(mib, at_n))}; "
+                        f"at 8N {', '.join(map(mib, at_8n))}"
+                    )
                 found: list[tuple[str, float]] = []
                 if args.trace:
                     small, large = Path(traces) / "n.bin", Path(traces) / "8n.bin"

@@ -247,8 +247,8 @@ def _load_in_place(model: torch.nn.Module, checkpoint: str) -> None:
     copy of the weights rather than two.
 
     open_clip copies a checkpoint into the model's own tensors, so for a moment the process
-    holds the random weights and the file's: ViT-B-32 peaked at 1.95 GB against 1.4 GB with
-    random weights alone. Here the random tensors are dropped first (their shapes stay, on
+    holds the random weights and the file's: ViT-B-32 peaked at 1903 MiB against 1356 MiB
+    with random weights alone. Here the random tensors are dropped first (their shapes stay, on
     the meta device) and the checkpoint's tensors become the model's
     (``load_state_dict(assign=True)``), cast to float32 where the file holds half precision.
     """
