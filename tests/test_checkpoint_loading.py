@@ -88,11 +88,13 @@ def _peak_rss(name: str, pretrained: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB")
 def test_loading_a_checkpoint_peaks_near_random_weights_not_at_twice_the_weights(tmp_path: Path):
-    # Wide enough that one copy of its weights (about 200 MB) stands out of the process's noise.
+    # Large enough that one copy of its weights (about 200 MB) stands out of the process's
+    # noise, in many tensors of a few MB (as a real model's are, but for its token embedding):
+    # a load may hold one tensor twice for a moment.
     model_cfg = {
         "embed_dim": 256,
-        "vision_cfg": {"image_size": 64, "layers": 4, "width": 512, "patch_size": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 4},
+        "vision_cfg": {"image_size": 64, "layers": 5, "width": 640, "patch_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 640, "heads": 8, "layers": 5},
     }
     folder = tmp_path / "wide"
     random_dir = _local_dir(folder, model_cfg, {})
@@ -104,7 +106,7 @@ def test_loading_a_checkpoint_peaks_near_random_weights_not_at_twice_the_weights
     weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
     del model
-    assert weights > 190e6
+    assert weights > 180e6
     checkpoint_peak = _peak_rss(random_dir, "unused")
     # open_clip's own load copies the file into the random weights: one more copy at its peak.
     assert checkpoint_peak - random_peak < 0.25 * weights, (checkpoint_peak, random_peak, weights)
