@@ -13,9 +13,11 @@ With ``--trace`` the same two runs go again under memray, and the allocations al
 run's high-water mark are summed by where they were made (the innermost Python frame, and the
 innermost frame in prelabel/ or connectors/), leaving out what imports made. The difference
 between 8N and N over 7N frames is what grows per frame, printed largest first. Use an N of
-a few batches (the default 64 with batches of 32), so that the N run is already in its
-steady state. memray sees native allocations too (PIL,
-numpy, torch's CPU allocator), which tracemalloc would miss.
+a few batches, so that the N run is already in its steady state: the default 64 (two batches
+of 32) is enough through a folder, but ViT-B-32 through CVAT reaches its plateau only from
+about 128 frames (docs/benchmarks.md, "after the allocator change"), so use ``--frames 128``
+for it. memray sees native allocations too (PIL, numpy, torch's CPU allocator), which
+tracemalloc would miss.
 
 Unless ``--no-checkpoint``, each model is also loaded from a checkpoint file (its random
 weights saved to a ``.safetensors`` and a ``.bin``, as real weights come) and run over N
