@@ -35,7 +35,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
 from connectors.cvat.assign import Reviewer, resolve_reviewers, route_job
-from connectors.cvat.frames import ChunkDownloads, JobFrameSource
+from connectors.cvat.frames import DEFAULT_QUALITY, ChunkDownloads, JobFrameSource
 from connectors.cvat.jobs import (
     JobPlan,
     Listing,
@@ -74,7 +74,7 @@ class LabelRequest:
     """Also frames a person tagged (their tags are never changed)."""
     relabel: bool = False
     """Again the frames prelabel already did, replacing only prelabel's own tags and open issues."""
-    quality: str = "original"
+    quality: str = DEFAULT_QUALITY
     limit: int | None = None
     """At most this many frames (trials)."""
     progress: bool = True

@@ -22,7 +22,7 @@ from collections.abc import Collection, Hashable, Iterator
 from dataclasses import replace
 
 from connectors.cvat.existing import JobOnServer, read_job
-from connectors.cvat.frames import CvatFrameRef, JobFrameSource
+from connectors.cvat.frames import DEFAULT_QUALITY, CvatFrameRef, JobFrameSource
 from connectors.cvat.jobs import JobPlan, _read_target, plan_for
 from connectors.cvat.labels import CvatLabel
 from connectors.cvat.meta import read_job_meta
@@ -42,7 +42,7 @@ class CvatGroundTruth:
         task_id: int | None = None,
         job_id: int | None = None,
         state: RunState | None = None,
-        quality: str = "original",
+        quality: str = DEFAULT_QUALITY,
     ) -> None:
         self.session = session
         self.quality = quality
