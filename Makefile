@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review bench bench-memory eval calibrate workers bench-scale bench-queue bench-big
+.PHONY: install test demo lint clean prelabel setup review bench bench-memory bench-preprocess eval calibrate workers bench-scale bench-queue bench-big
 
 install: $(VENV)/.installed
 
@@ -79,6 +79,10 @@ bench: install
 # CVAT test server); --trace finds what grows with memray. make bench-memory ARGS="--frames 32"
 bench-memory: install
 	$(BIN)/python -m benchmarks.memory $(ARGS)
+
+# CPU ms per frame of decoding and preprocessing, open_clip's transform next to crop_first's
+bench-preprocess: install
+	$(BIN)/python -m benchmarks.preprocess $(ARGS)
 
 # ruff, and the layering contracts of pyproject.toml [tool.importlinter] (lint-imports)
 lint: install

@@ -112,7 +112,8 @@ class DecodeConfig(_Strict):
     """Image decoding."""
 
     draft: bool = True
-    """Decode large JPEGs at reduced scale (Pillow draft mode) before resizing."""
+    """Decode large JPEGs at reduced scale (Pillow draft mode), and resize only the centre
+    crop the model sees (`prelabel.pipeline.preprocess`); false: open_clip's exact pixels."""
     workers: Annotated[int, Field(gt=0)] | None = None
     """Decode threads; default: the number of CPU cores."""
     prefetch_batches: Annotated[int, Field(ge=0, le=16)] = 2

@@ -1,7 +1,9 @@
 """The model worker: frames in, predictions out, in the same order.
 
 Decoding and preprocessing run in a thread pool a few batches ahead of the model (Pillow
-releases the GIL while it decodes), so the model rarely waits for images. Frames that
+releases the GIL while it decodes), so the model rarely waits for images. With `draft`
+(the default) a large JPEG is decoded at reduced scale and only the centre crop is resized
+(`prelabel.pipeline.preprocess`); without it, frames get exactly open_clip's pixels. Frames that
 cannot be decoded come out as predictions with an `error` instead of scores.
 """
 
@@ -19,6 +21,7 @@ from prelabel.interface import Frame, Prediction
 from prelabel.pipeline.classifier import TextClassifier
 from prelabel.pipeline.decode import DecodeError, decode
 from prelabel.pipeline.model import LoadedModel, inference
+from prelabel.pipeline.preprocess import Transform, crop_first
 from prelabel.pipeline.stream import ordered_map
 from prelabel.pipeline.timing import StageTimer
 
@@ -32,6 +35,7 @@ class WorkerOptions:
     batch_size: int
     top_k: int
     draft: bool = True
+    """Decode large JPEGs at reduced scale and resize only the centre crop (`crop_first`)."""
     decode_workers: int | None = None
     """Decode threads; None means one per CPU core."""
     prefetch_batches: int = 2
@@ -203,8 +207,9 @@ def _decode_ahead(
 ) -> Iterator[_Decoded]:
     """Decode and preprocess in a thread pool (`pool`, else one of its own), in order, a
     bounded number of frames ahead."""
+    transform = crop_first(loaded.preprocess) if options.draft else loaded.preprocess
     return ordered_map(
-        lambda frame: _prepare(frame, loaded, options.draft, timer),
+        lambda frame: _prepare(frame, loaded.image_size, transform, options.draft, timer),
         frames,
         workers=decode_threads(options),
         ahead=options.batch_size * (options.prefetch_batches + 1),
@@ -213,11 +218,13 @@ def _decode_ahead(
     )
 
 
-def _prepare(frame: Frame, loaded: LoadedModel, draft: bool, timer: StageTimer) -> _Decoded:
+def _prepare(
+    frame: Frame, image_size: tuple[int, int], transform: Transform, draft: bool, timer: StageTimer
+) -> _Decoded:
     with timer.stage("decode"):
         try:
-            image, size = decode(frame, loaded.image_size, draft=draft)
-            tensor = loaded.preprocess(image)
+            image, size = decode(frame, image_size, draft=draft)
+            tensor = transform(image)
         except DecodeError as exc:
             return _Decoded(frame, None, None, str(exc))
         except Exception as exc:  # a frame the transform chokes on is a review item, not a crash
