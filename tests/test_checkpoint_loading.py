@@ -76,16 +76,21 @@ _PEAK = textwrap.dedent(
 )
 
 
-def _peak_rss(name: str, pretrained: str) -> int:
-    done = subprocess.run(
-        [sys.executable, "-c", _PEAK, name, pretrained],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    return int(done.stdout.split()[-1])
+def _peak_rss(name: str, pretrained: str, *, tries: int = 2) -> int:
+    """The lowest peak of `tries` fresh processes loading the model: one load in a full test
+    run once peaked 100-200 MB above its usual (the old code's excess is 177 MB every time)."""
+    peaks = []
+    for _ in range(tries):
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK, name, pretrained],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        peaks.append(int(done.stdout.split()[-1]))
+    return min(peaks)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
