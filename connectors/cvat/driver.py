@@ -52,7 +52,7 @@ from connectors.cvat.session import CvatSession
 from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
 from prelabel.errors import ConfigError
-from prelabel.pipeline.memory import release_free_memory
+from prelabel.pipeline.memory import PeriodicRelease
 from prelabel.pipeline.runner import Pipeline, RunStats, run
 from prelabel.pipeline.stream import RunPools
 from prelabel.pipeline.timing import StageTimer
@@ -301,6 +301,7 @@ def label_target(
             on_job(outcome)
 
     pools: RunPools | None = None
+    release = PeriodicRelease()  # free heap memory back to the OS every few seconds, across jobs
     router = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prelabel-route")
     routing: deque[Future[JobOutcome]] = deque()
     try:
@@ -360,6 +361,7 @@ def label_target(
                     pools=pools_now(),
                     timer=timers.pop(plan.job_id),
                     then=prefetch,
+                    release=release,
                 )
                 expected.pop(plan.job_id, None)
                 routing.append(router.submit(route))  # in job order, while the next job is labeled
@@ -401,6 +403,7 @@ def label_job(
     pools: RunPools | None = None,
     timer: StageTimer | None = None,
     then: Callable[[], None] | None = None,
+    release: PeriodicRelease | None = None,
 ) -> Callable[[], JobOutcome]:
     """Label the planned frames of one job; returns the job's routing (assignee, stage, state),
     to be called once, which gives its outcome.
@@ -411,8 +414,9 @@ def label_job(
     predictions made here are added to `shared` for the jobs labeled after this one.
     `downloads` are the run's shared download threads (with the chunks fetched for this job
     ahead of time), `pools` its shared decode and upload threads (this job's writes are all
-    done when it returns); `then` is called once every chunk of this job has been asked for. The
-    stage times include ``wait_job`` (from the job's start to its first frame) and ``route``.
+    done when it returns); `then` is called once every chunk of this job has been asked for;
+    `release` is the run's periodic hand-back of free memory (`runner.run`). The stage times
+    include ``wait_job`` (from the job's start to its first frame) and ``route``.
     Routing is returned rather than done so that the next job need not wait for it.
     """
     started = time.perf_counter()
@@ -457,13 +461,14 @@ def label_job(
     except BaseException:
         sink.close()
         raise
-    stats = run(source, remembering, pipeline, progress=request.progress, timer=timer, pools=pools)
+    stats = run(
+        source, remembering, pipeline, progress=request.progress, timer=timer, pools=pools, release=release
+    )
     count(stats, list(copied.values()))
     written_at = time.perf_counter()
 
     def route() -> JobOutcome:
         routing = time.perf_counter()
-        release_free_memory()  # what the job's chunks and batches left free: a long run stays flat
         changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
         stats.stages["route"] = time.perf_counter() - routing
         return JobOutcome(plan, stats, sink.result, changes, written_at=written_at)

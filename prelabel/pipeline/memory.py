@@ -15,7 +15,7 @@ random initialisation a checkpoint overwrites, the text tower a labeling run fre
 `release_free_memory` hands it back once, after the model is ready. During a run, what the
 batches leave scattered in the heap grows slowly (ViT-B-32 through a folder: about 7% more
 peak RSS over 512 frames than over 64), so every run hands it back every few seconds
-(`PeriodicRelease`) and a CVAT run also after each job. Fewer arenas (4) keep the worker
+(`PeriodicRelease`; a CVAT run has one for all of its jobs). Fewer arenas (4) keep the worker
 threads' free memory from multiplying. Figures: docs/benchmarks.md ("page faults removed",
 "Memory over N and 8N frames"). On anything but glibc this is a no-op.
 """

@@ -116,17 +116,20 @@ def run(
     progress: bool = True,
     timer: StageTimer | None = None,
     pools: RunPools | None = None,
+    release: PeriodicRelease | None = None,
 ) -> RunStats:
     """Label every frame of `source`; every decision reaches `sink` exactly once.
 
     The sink is closed at the end, also when the run fails part-way, so that what was
     decided so far is kept. Frames are decoded on `pools.decode` (the threads of a run of
     several sources), else on threads started and stopped here. Free heap memory goes back
-    to the OS every few seconds (`PeriodicRelease`), so that a long run stays flat.
+    to the OS every few seconds, so that a long run stays flat: through `release` (the one
+    of a run of several sources, whose clock goes on from source to source), else through a
+    `PeriodicRelease` of this call's own.
     """
     timer = timer or StageTimer()
     stats = RunStats()
-    release = PeriodicRelease()
+    release = release or PeriodicRelease()
     start = time.perf_counter()
     bar = tqdm(total=len(source), unit="img", disable=not progress, leave=False)
     try:
