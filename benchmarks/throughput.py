@@ -102,6 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(str(exc))
     if not args.cases:
         parser.error("--cases names no case")
+    if args.model.startswith("local-dir:"):  # the CLI runs in a temporary folder of its own
+        args.model = "local-dir:" + str(Path(args.model.removeprefix("local-dir:")).resolve())
     return args
 
 
