@@ -4,9 +4,14 @@ Two clocks per run:
 
 * process: from starting ``python -m prelabel run`` to its exit (interpreter start-up,
   imports, planning and model load included);
-* in-run: from the first chunk request of the task's jobs to the last annotations PATCH, as
-  seen by polling the server's request log (the log has no timestamps; the polling
-  interval, 5 ms, bounds the error). This leaves out start-up and model load.
+* in-run: from the first chunk request of the task's jobs, or from the moment the model was
+  ready if that came later, to the last annotations PATCH. The requests are seen by polling
+  the server's request log (the log has no timestamps; the polling interval, 5 ms, bounds
+  the error); the model's readiness comes from the CLI's ``--profile`` (``started_at`` plus
+  ``model_ready_at``, placed on this clock through the wall clock). This leaves out
+  start-up and model load: the CLI requests the first chunks while its model loads, so
+  from the first chunk request alone (``from_first_chunk_seconds``, the in-run clock before
+  2026-12-02) the window held up to a few seconds of the load.
 
 Seen the same way: the first write (a tag PATCH or an issue POST) after the process started
 and after the first chunk request, i.e. the time to the first tag. From the CLI's own
@@ -68,6 +73,8 @@ class PrelabelRun:
     frames: int
     process_seconds: float
     in_run_seconds: float
+    """From the later of the first chunk request and the model being ready to the last tag PATCH:
+    the model loads while the first chunks are requested, and its load is start-up."""
     peak_rss_bytes: int
     cli_summary: str
     """The CLI's own line ``task T: N images in Xs (Y images/s)``."""
@@ -83,6 +90,11 @@ class PrelabelRun:
     """Seconds the model waited for decoded frames in each job, in job order (``wait_decode``)."""
     wait_job_per_job: tuple[float, ...] = ()
     """Seconds from each job's start to its first frame, in job order (``wait_job``; 0 if unknown)."""
+    from_first_chunk_seconds: float | None = None
+    """From the first chunk request to the last tag PATCH (what `in_run_seconds` was before
+    2026-12-02: it counted the part of the model's load that overlaps the first downloads)."""
+    model_ready_seconds: float | None = None
+    """From the process start to the model being ready (``model_ready_at`` of ``--profile``)."""
 
     @property
     def process_images_per_second(self) -> float:
@@ -259,11 +271,12 @@ def run_prelabel(
     idle = tuple(jobs[job]["stages"].get("wait_decode", 0.0) for job in sorted(jobs))
     wait_job = tuple(jobs[job]["stages"].get("wait_job", 0.0) for job in sorted(jobs))
     first_write = watch.first_write
+    model_ready = _model_ready(profile)
     return PrelabelRun(
         task_id=task_id,
         frames=frames,
         process_seconds=seconds,
-        in_run_seconds=watch.last_patch - watch.first_chunk,
+        in_run_seconds=watch.last_patch - max(watch.first_chunk, model_ready or watch.first_chunk),
         peak_rss_bytes=process.peak_rss_bytes,
         cli_summary=summary[0].strip(),
         cli_stages=stages[1].strip() if stages else "",
@@ -272,4 +285,16 @@ def run_prelabel(
         first_write_in_run_seconds=first_write - watch.first_chunk if first_write is not None else None,
         model_idle_per_job=idle,
         wait_job_per_job=wait_job,
+        from_first_chunk_seconds=watch.last_patch - watch.first_chunk,
+        model_ready_seconds=model_ready - start if model_ready is not None else None,
     )
+
+
+def _model_ready(profile: dict) -> float | None:
+    """When the run's model was ready, on this process's `time.perf_counter` clock, from its
+    ``--profile`` (``started_at``, Unix time, plus ``model_ready_at``); None if it lacks them."""
+    started_at = profile.get("started_at")
+    ready_at = profile.get("total", {}).get("stages", {}).get("model_ready_at")
+    if started_at is None or ready_at is None:
+        return None
+    return time.perf_counter() - (time.time() - (started_at + ready_at))

@@ -173,13 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout=600 + 2 * spec.count * 4,
             )
             first = f"{run.first_write_seconds:.2f}s" if run.first_write_seconds is not None else "–"
+            window = ""
+            if run.from_first_chunk_seconds is not None and run.model_ready_seconds is not None:
+                window = (
+                    f"; {run.from_first_chunk_seconds:.1f}s from the first chunk request, "
+                    f"model ready {run.model_ready_seconds:.1f}s after start"
+                )
             if run.first_write_in_run_seconds is not None:
                 first += f" ({run.first_write_in_run_seconds:.2f}s after the first chunk request)"
             say(
                 f"  (b) {variant.name}, {case.name}: {run.frames} frames, {run.review} to review, "
                 f"process {run.process_seconds:.1f}s "
                 f"({run.process_images_per_second:.2f}/s), in-run {run.in_run_seconds:.1f}s "
-                f"({run.in_run_images_per_second:.2f}/s), peak RSS {mib(run.peak_rss_bytes)}, "
+                f"({run.in_run_images_per_second:.2f}/s{window}), peak RSS {mib(run.peak_rss_bytes)}, "
                 f"other load {percent(meter.share())}\n"
                 f"      first write {first} after start; model idle per job "
                 f"{' / '.join(f'{s:.2f}' for s in run.model_idle_per_job)} s; job start to first frame "

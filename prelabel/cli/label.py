@@ -143,6 +143,7 @@ def run_command(
     from prelabel.config import load_config
 
     started = time.perf_counter()
+    started_at = time.time()  # the same moment on the wall clock, for --profile
     target = one_target(target)
     config = load_config(config_path, overrides)
 
@@ -213,7 +214,7 @@ def run_command(
         total = outcome.stats
         expected = outcome.pipeline.label_shares if outcome.pipeline is not None else None
         click.echo(format_summary(total, title=f"{work.where}", labels=names, expected=expected))
-        write_profile(profile_path, total, per_job)
+        write_profile(profile_path, total, per_job, started_at=started_at)
         click.echo("  review queue: prelabel review list")
 
 
@@ -244,8 +245,15 @@ def _job_line(plan, prefix: str) -> str:
     )
 
 
-def write_profile(path: Path | None, total, per_job: dict | None = None) -> None:
-    """--profile: the seconds per stage (download, unpack, decode, model, upload, waits) as JSON."""
+def write_profile(
+    path: Path | None, total, per_job: dict | None = None, started_at: float | None = None
+) -> None:
+    """--profile: the seconds per stage (download, unpack, decode, model, upload, waits) as JSON.
+
+    `started_at` (Unix time) is when the run's clock started: the marks among the stages
+    (``model_ready_at``, ``first_tag_at``) are seconds from it, so with it they can be placed
+    next to another process's log, e.g. the server's.
+    """
     if path is None:
         return
     import json
@@ -258,7 +266,9 @@ def write_profile(path: Path | None, total, per_job: dict | None = None) -> None
             "stages": {name: round(seconds, 4) for name, seconds in sorted(stats.stages.items())},
         }
 
-    document = {"total": figures(total)}
+    document: dict = {"total": figures(total)}
+    if started_at is not None:
+        document["started_at"] = round(started_at, 4)
     if per_job:
         document["jobs"] = {str(job): figures(stats) for job, stats in per_job.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
