@@ -22,6 +22,7 @@ import argparse
 import logging
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +80,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-int8", action="store_true", help="leave out the int8 variant")
     parser.add_argument(
+        "--decode-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure a variant 'nice-N' with decode.nice: N (the decode threads' priority lowered)",
+    )
+    parser.add_argument(
         "--rss-only",
         action="store_true",
         help="only the peak RSS of prelabel at N and 4N frames (printed, not written)",
@@ -126,9 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     started, load = time.perf_counter(), OtherLoad()
-    with CvatTestServer(  # measure prelabel, not the schema check
-        check_answers=False, latency=args.latency, chunk_builders=args.chunk_builders
-    ) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-throughput-") as workdir,
+        CvatTestServer(  # measure prelabel, not the schema check
+            check_answers=False, latency=args.latency, chunk_builders=args.chunk_builders
+        ) as server,
+    ):
         latency = server.latency.describe()
         say(f"test server latency profile: {latency}")
         say(f"making {spec.count} frames of {spec.size[0]}x{spec.size[1]} ...")
@@ -149,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants = [
             v for v in VARIANTS if v.name != "int8" or (loaded.device.type == "cpu" and not args.no_int8)
         ]
+        if args.decode_nice:
+            nice = Path(workdir) / "decode-nice.yaml"
+            nice.write_text(f"decode:\n  nice: {args.decode_nice}\n", encoding="utf-8")
+            variants.append(Variant(f"nice-{args.decode_nice}", ("--config", str(nice))))
         cases = args.cases
         thresholds = {case.name: threshold_for(case, []) for case in cases if case.review_share in (0, 1)}
         if len(thresholds) < len(cases):

@@ -59,6 +59,7 @@ def build_pipeline(
         draft=config.decode.draft,
         decode_workers=config.decode.workers,
         prefetch_batches=config.decode.prefetch_batches,
+        decode_nice=config.decode.nice,
     )
     policy = RoutingPolicy.from_config(config)
     classifier = _with_fewshot(config, classifier, loaded.identity)

@@ -118,6 +118,10 @@ class DecodeConfig(_Strict):
     """Decode threads; default: the number of CPU cores."""
     prefetch_batches: Annotated[int, Field(ge=0, le=16)] = 2
     """Batches decoded ahead of the model (bounds memory)."""
+    nice: Annotated[int, Field(ge=0, le=19)] = 0
+    """Linux: lower the decode threads' priority by this much (``nice``), so that on a CPU
+    they yield the cores to the model's threads. Only where prelabel has the CPU to itself
+    (a container, a dedicated machine): next to other busy programs it starves decoding."""
 
 
 JobStage = Literal["annotation", "validation", "acceptance"]

@@ -8,6 +8,8 @@ answered), with its latency model of a real CVAT 2.73 on, not from wall-clock ti
 from __future__ import annotations
 
 import io
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +65,11 @@ def _run(server: CvatTestServer, project_id: int, tmp_path: Path, name: str, **c
         "--state", str(tmp_path / f"{name}.db"), "--no-progress", env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def _nice(thread: threading.Thread) -> int:
+    """A thread's own nice value (Linux)."""
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id or 0)
 
 
 def _most_at_once(requests: list[LoggedRequest]) -> int:
@@ -195,23 +202,28 @@ def test_the_jobs_of_a_run_share_its_threads_which_stop_with_the_run(tmp_path: P
         project_id, jobs = _project(server, 24, segment_size=8)
         env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
         assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+        nice = 5 if sys.platform == "linux" else 0  # decode.nice: the decode threads' own priority
         config = load_config(
             None,
             {
                 "model.name": TINY_MODEL, "model.pretrained": "none", "model.batch_size": 2,
-                "model.cache_dir": str(tmp_path / "cache"), "decode.workers": 2,
+                "model.cache_dir": str(tmp_path / "cache"), "decode.workers": 2, "decode.nice": nice,
                 "routing.accept_threshold": 0.0, "routing.min_margin": 0.0, "cvat.upload_batch_size": 2,
             },
         )  # fmt: skip
         session = connect(ServerOptions(host=server.url, auth=f"annotator:{PASSWORD}"), config.retry)
         pipeline = build_pipeline(config, ["cat", "coffee", "rocket"])
         before = set(threading.enumerate())
+        base = _nice(threading.current_thread()) if nice else 0
         seen: dict[int, dict[str, set[threading.Thread]]] = {}
 
         def threads(outcome: JobOutcome) -> None:
             alive = [t for t in threading.enumerate() if t not in before]
             kinds = ("decode", "upload", "download")
             seen[outcome.plan.job_id] = {k: {t for t in alive if t.name.startswith(k)} for k in kinds}
+            if nice:
+                priority = {k: {_nice(t) for t in seen[outcome.plan.job_id][k]} for k in kinds}
+                assert priority == {"decode": {min(19, base + nice)}, "upload": {base}, "download": {base}}
             assert len(outcome.result.tags_created) == 8  # every frame accepted: each job wrote
 
         outcome = label_target(

@@ -390,6 +390,7 @@ def run_pools(labeling: Labeling) -> RunPools:
     return RunPools(
         decode_workers=decode_threads(labeling.pipeline.options),
         upload_workers=labeling.config.cvat.write_concurrency,
+        decode_nice=labeling.pipeline.options.decode_nice,
     )
 
 

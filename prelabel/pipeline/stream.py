@@ -9,12 +9,15 @@
 - `RunPools` holds the decode and upload threads of a run of several jobs: each job's
   `ordered_map` and `ConcurrentWriter` run on them instead of starting threads of their own,
   with their own order, bounds and failures, so no job starts or ends its threads.
+- `lowered_priority` lowers the CPU priority of a pool's threads (``decode.nice``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -33,18 +36,22 @@ def ordered_map(
     ahead: int,
     name: str = "stage",
     pool: Executor | None = None,
+    initializer: Callable[[], None] | None = None,
 ) -> Iterator[R]:
     """``map(func, items)`` on `workers` threads, at most `ahead` results in flight or waiting.
 
     Results come in input order. An exception from `func` is raised where its result is
     consumed. Closing the iterator early cancels what has not started and waits for what has.
     With `pool` (shared, e.g. `RunPools.decode`) the calls run on its threads, which are left
-    running at the end; otherwise on `workers` threads of its own, stopped at the end.
+    running at the end; otherwise on `workers` threads of its own, stopped at the end, each of
+    which first calls `initializer`.
     """
     ahead = max(1, ahead)
     with contextlib.ExitStack() as stack:
         if pool is None:
-            own = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name)
+            own = ThreadPoolExecutor(
+                max_workers=max(1, workers), thread_name_prefix=name, initializer=initializer
+            )
             pool = stack.enter_context(own)
         pending: deque[Future[R]] = deque()
         try:
@@ -175,6 +182,25 @@ class ConcurrentWriter:
             raise self._error
 
 
+def lowered_priority(nice: int) -> Callable[[], None] | None:
+    """A thread-pool initializer that lowers the CPU priority of each of the pool's threads by
+    `nice` (to at most 19), or None where there is nothing to do: `nice` 0, or not Linux.
+
+    On Linux a thread has a nice value of its own (``setpriority`` on its thread id), so the
+    rest of the process keeps its priority. A lower priority cannot be raised again without
+    privileges; it ends with the threads. If the kernel refuses, the threads run as they are.
+    """
+    if nice <= 0 or sys.platform != "linux":
+        return None
+
+    def lower() -> None:
+        thread = threading.get_native_id()
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+
+    return lower
+
+
 class RunPools:
     """The decode and upload threads of one run, shared by all of its jobs.
 
@@ -184,8 +210,12 @@ class RunPools:
     writer's `close`). Closing waits for the calls that are running and cancels the others.
     """
 
-    def __init__(self, *, decode_workers: int, upload_workers: int) -> None:
-        self.decode = ThreadPoolExecutor(max_workers=max(1, decode_workers), thread_name_prefix="decode")
+    def __init__(self, *, decode_workers: int, upload_workers: int, decode_nice: int = 0) -> None:
+        self.decode = ThreadPoolExecutor(
+            max_workers=max(1, decode_workers),
+            thread_name_prefix="decode",
+            initializer=lowered_priority(decode_nice),
+        )
         self.upload = ThreadPoolExecutor(max_workers=max(1, upload_workers), thread_name_prefix="upload")
 
     def __enter__(self) -> RunPools:

@@ -22,7 +22,7 @@ from prelabel.pipeline.classifier import TextClassifier
 from prelabel.pipeline.decode import DecodeError, decode
 from prelabel.pipeline.model import LoadedModel, inference
 from prelabel.pipeline.preprocess import Transform, crop_first
-from prelabel.pipeline.stream import ordered_map
+from prelabel.pipeline.stream import lowered_priority, ordered_map
 from prelabel.pipeline.timing import StageTimer
 
 _Row = TypeVar("_Row")
@@ -40,6 +40,8 @@ class WorkerOptions:
     """Decode threads; None means one per CPU core."""
     prefetch_batches: int = 2
     """How many batches are decoded ahead of the model (bounds memory)."""
+    decode_nice: int = 0
+    """How much lower the decode threads' CPU priority is (`lowered_priority`)."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ def _decode_ahead(
         frames,
         workers=decode_threads(options),
         ahead=options.batch_size * (options.prefetch_batches + 1),
+        initializer=lowered_priority(options.decode_nice),
         name="decode",
         pool=pool,
     )
