@@ -276,7 +276,7 @@ def run_prelabel(
         task_id=task_id,
         frames=frames,
         process_seconds=seconds,
-        in_run_seconds=watch.last_patch - max(watch.first_chunk, model_ready or watch.first_chunk),
+        in_run_seconds=watch.last_patch - max(watch.first_chunk, model_ready or 0.0),
         peak_rss_bytes=process.peak_rss_bytes,
         cli_summary=summary[0].strip(),
         cli_stages=stages[1].strip() if stages else "",

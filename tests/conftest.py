@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -52,6 +53,12 @@ def write_jpegs(folder: Path, images: list[tuple[str, Image.Image]], quality: in
         image.save(path, quality=quality)
         paths.append(path)
     return paths
+
+
+def thread_nice(thread: threading.Thread | None = None) -> int:
+    """The own nice value of `thread` (default: the calling one); Linux, where a thread has one."""
+    native = threading.get_native_id() if thread is None else thread.native_id
+    return os.getpriority(os.PRIO_PROCESS, native or 0)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ answered), with its latency model of a real CVAT 2.73 on, not from wall-clock ti
 from __future__ import annotations
 
 import io
-import os
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from connectors.cvat.driver import JobOutcome, LabelRequest, label_target
 from prelabel.assemble import build_pipeline
 from prelabel.config import load_config
 from prelabel.pipeline.stream import ConcurrentWriter, RunPools
-from tests.conftest import TINY_MODEL, run_cli, variants
+from tests.conftest import TINY_MODEL, run_cli, thread_nice, variants
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer, LoggedRequest
 
@@ -65,11 +64,6 @@ def _run(server: CvatTestServer, project_id: int, tmp_path: Path, name: str, **c
         "--state", str(tmp_path / f"{name}.db"), "--no-progress", env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-
-
-def _nice(thread: threading.Thread) -> int:
-    """A thread's own nice value (Linux)."""
-    return os.getpriority(os.PRIO_PROCESS, thread.native_id or 0)
 
 
 def _most_at_once(requests: list[LoggedRequest]) -> int:
@@ -214,7 +208,7 @@ def test_the_jobs_of_a_run_share_its_threads_which_stop_with_the_run(tmp_path: P
         session = connect(ServerOptions(host=server.url, auth=f"annotator:{PASSWORD}"), config.retry)
         pipeline = build_pipeline(config, ["cat", "coffee", "rocket"])
         before = set(threading.enumerate())
-        base = _nice(threading.current_thread()) if nice else 0
+        base = thread_nice() if nice else 0
         seen: dict[int, dict[str, set[threading.Thread]]] = {}
 
         def threads(outcome: JobOutcome) -> None:
@@ -222,7 +216,7 @@ def test_the_jobs_of_a_run_share_its_threads_which_stop_with_the_run(tmp_path: P
             kinds = ("decode", "upload", "download")
             seen[outcome.plan.job_id] = {k: {t for t in alive if t.name.startswith(k)} for k in kinds}
             if nice:
-                priority = {k: {_nice(t) for t in seen[outcome.plan.job_id][k]} for k in kinds}
+                priority = {k: {thread_nice(t) for t in seen[outcome.plan.job_id][k]} for k in kinds}
                 assert priority == {"decode": {min(19, base + nice)}, "upload": {base}, "download": {base}}
             assert len(outcome.result.tags_created) == 8  # every frame accepted: each job wrote
 
