@@ -7,10 +7,14 @@ of loading a model goes back to the OS when `release_free_memory` is called.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +110,55 @@ def test_periodic_release_hands_back_only_when_due():
     released = json.loads(done.stdout)
     assert abs(released["not_due"]) < 8 * 2**20, released
     assert released["due"] > 64 * 2**20, released
+
+
+def _resident_kib(address: int) -> int:
+    """Rss of the mapping of this process that starts at `address`."""
+    found = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            found = int(line.split("-", 1)[0], 16) == address
+        elif found and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+def test_release_file_pages_unmaps_clean_file_pages_and_keeps_changed_ones(tmp_path: Path):
+    """Pages that are the file's own go (and come back, unchanged, when read); a mapping that
+    holds a changed private copy of a page is left alone, so the change is not lost."""
+    from prelabel.pipeline.memory import release_file_pages
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    size = 64 * mmap.PAGESIZE
+    content = bytes(range(256)) * (size // 256)
+    clean_path, changed_path = tmp_path / "clean.bin", tmp_path / "changed.bin"
+    for path in (clean_path, changed_path):
+        path.write_bytes(content)
+    with open(clean_path, "rb") as clean_file, open(changed_path, "r+b") as changed_file:
+        clean = mmap.mmap(clean_file.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        changed = mmap.mmap(changed_file.fileno(), size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    view = ctypes.c_char.from_buffer(changed)
+    changed_at = ctypes.addressof(view)
+    changed[:5] = b"HUMAN"  # a private copy of the first page, as the dynamic linker makes
+    assert libc.mprotect(ctypes.c_void_p(changed_at), ctypes.c_size_t(size), mmap.PROT_READ) == 0
+    del view
+    assert clean[:] == content and changed[5:] == content[5:]  # every page resident
+    clean_at = _address(clean_path)
+    assert _resident_kib(clean_at) >= size // 1024 and _resident_kib(changed_at) >= size // 1024
+
+    released = release_file_pages(re.compile(re.escape(str(tmp_path)) + "/"))
+
+    assert released == 1
+    assert _resident_kib(clean_at) == 0
+    assert _resident_kib(changed_at) >= size // 1024
+    assert clean[:] == content  # read in again from the file
+    assert changed[:5] == b"HUMAN" and changed[5:] == content[5:]
+    clean.close()
+    changed.close()
+
+
+def _address(path: Path) -> int:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.rstrip().endswith(str(path)):
+            return int(line.split("-", 1)[0], 16)
+    raise AssertionError(f"{path} is not mapped")

@@ -126,3 +126,44 @@ def test_a_labeling_run_never_imports_scipy(tmp_path: Path, photo_dir: Path):
     )  # fmt: skip
     assert done.stdout.strip().splitlines()[-1] == "exit 0 scipy False", done.stdout + done.stderr
     assert (tmp_path / "out" / "annotations.xml").is_file()
+
+
+_GPU_PAGES_PROBE = """
+import re, sys
+import torch
+from prelabel.cli.group import run_command_line
+
+def gpu_library_kib():  # resident pages of the CUDA libraries that torch's CUDA build maps
+    kib, counting = 0, False
+    for line in open("/proc/self/smaps"):
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            path = line.split(maxsplit=5)[5:] or [""]
+            counting = "/site-packages/nvidia/" in path[0] or "libtorch_cuda" in path[0]
+        elif counting and line.startswith("Rss:"):
+            kib += int(line.split()[1])
+    return kib
+
+before = gpu_library_kib()
+code = run_command_line(sys.argv[1:])
+print("exit", code, "before", before, "after", gpu_library_kib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps, madvise")
+def test_a_cpu_run_hands_back_the_pages_of_the_cuda_libraries(tmp_path: Path, photo_dir: Path):
+    """torch's CUDA build maps its CUDA libraries at import even for a CPU model; once the model
+    is loaded for the CPU, their pages leave the process, and the run does not read them back."""
+    args = [photo_dir, "--labels", ",".join(LABELS), "--out", tmp_path / "out", "--model", TINY_MODEL]
+    args += ["--pretrained", "none", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _GPU_PAGES_PROBE, "folder", *map(str, args)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    words = done.stdout.strip().splitlines()[-1].split()
+    assert words[:2] == ["exit", "0"], done.stdout + done.stderr
+    before, after = int(words[3]), int(words[5])
+    if before < 8 * 1024:
+        pytest.skip(f"this torch maps only {before} KiB of CUDA libraries (a CPU build)")
+    assert after < before / 5, (before, after)
+    assert (tmp_path / "out" / "annotations.xml").is_file()

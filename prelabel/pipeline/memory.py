@@ -18,6 +18,13 @@ peak RSS over 512 frames than over 64), so every run hands it back every few sec
 (`PeriodicRelease`; a CVAT run has one for all of its jobs). Fewer arenas (4) keep the worker
 threads' free memory from multiplying. Figures: docs/benchmarks.md ("page faults removed",
 "Memory over N and 8N frames"). On anything but glibc this is a no-op.
+
+torch's CUDA build (what `pip install torch` gives on Linux x86_64) maps its CUDA libraries
+at import even when the model runs on the CPU, and 200-350 MiB of them (cuBLASLt, NVRTC,
+nvJitLink, libtorch_cuda, Triton) stay resident in the process, although a CPU run never
+executes them. `release_gpu_libraries` unmaps those pages (they stay in the page cache, free
+for the kernel to reclaim) before a CPU model is loaded: ViT-B-32 through a folder peaks at
+about 1.3 GB instead of 1.65 (docs/benchmarks.md, "GPU libraries on a CPU run").
 """
 
 from __future__ import annotations
@@ -25,14 +32,24 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+_MADV_DONTNEED = 4
+_MAPPING = re.compile(r"[0-9a-f]+-[0-9a-f]+ ")  # a mapping's first line in /proc/self/smaps
+
+GPU_LIBRARY = re.compile(
+    r"/(nvidia|triton|cuda/bindings)/|/(libtorch_cuda|libc10_cuda|libtorch_nvshmem|libcudart|libnvjpeg)[^/]*$"
+)
+"""By path: the CUDA libraries of the `nvidia-*` wheels, Triton, cuda-bindings, torch's and
+torchvision's CUDA parts."""
 
 MMAP_THRESHOLD = 32 << 20
 """Blocks this large or larger are mapped on their own and unmapped when freed."""
@@ -89,3 +106,76 @@ class PeriodicRelease:
         if time.monotonic() - self._last >= self.every:
             release_free_memory()
             self._last = time.monotonic()
+
+
+def release_gpu_libraries() -> int:
+    """Unmap the GPU libraries' pages (`GPU_LIBRARY`, with `release_file_pages`) from a process
+    whose model runs on the CPU; returns how many mappings were released.
+
+    A no-op once CUDA is initialised in this process.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return 0
+    return release_file_pages(GPU_LIBRARY)
+
+
+def release_file_pages(path: re.Pattern[str]) -> int:
+    """Unmap this process's resident pages of the files whose path `path` matches; returns how
+    many mappings were released (0 off Linux).
+
+    Only mappings that hold the file's own pages unchanged are released: not writable, no
+    private copy of a page, nothing swapped out. Their contents stay as they were, and a page
+    that is read again is mapped again from the file (or the page cache).
+    """
+    libc = _libc()
+    if libc is None:
+        return 0
+    released = 0
+    for start, end in _unchanged_mappings(path):
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
+            released += 1
+    return released
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    start: int
+    end: int
+    writable: bool
+    file: str
+    kib: dict[str, int]
+    """Its counters in kB by name (Rss, Anonymous, Swap, ...)."""
+
+
+def _unchanged_mappings(path: re.Pattern[str]) -> list[tuple[int, int]]:
+    """(start, end) of this process's resident mappings of files matching `path` that are
+    read-only and hold only the file's own pages (no copy-on-write page, none swapped)."""
+    return [
+        (m.start, m.end)
+        for m in _mappings()
+        if not m.writable and path.search(m.file) and m.kib.get("Rss") and not m.kib.get("Anonymous")
+        and not m.kib.get("Swap")
+    ]  # fmt: skip
+
+
+def _mappings() -> Iterator[_Mapping]:
+    """This process's memory mappings, as /proc/self/smaps lists them."""
+    with open("/proc/self/smaps") as smaps:
+        head: list[str] | None = None
+        kib: dict[str, int] = {}
+        for line in smaps:
+            if _MAPPING.match(line):
+                if head:
+                    yield _parse(head, kib)
+                head, kib = line.split(maxsplit=5), {}
+            elif line.rstrip().endswith(" kB"):
+                key, _, value = line.partition(":")
+                kib[key] = int(value.split()[0])
+        if head:
+            yield _parse(head, kib)
+
+
+def _parse(head: list[str], kib: dict[str, int]) -> _Mapping:
+    start, end = (int(address, 16) for address in head[0].split("-"))
+    return _Mapping(start, end, "w" in head[1], head[5].rstrip("\n") if len(head) == 6 else "", kib)
