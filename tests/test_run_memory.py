@@ -109,6 +109,20 @@ def test_a_long_lived_process_keeps_the_text_tower_for_later_label_sets(tmp_path
     assert second.classifier.labels == ("cat", "a label never built before")
 
 
+def _folder_run_in_a_new_process(probe: str, tmp_path: Path, photos: Path) -> str:
+    """The last line that `probe` prints, run as a new Python process with `prelabel folder`'s
+    arguments (the tiny model on the CPU, over `photos`) in its argv; the run must write its tags."""
+    args = [photos, "--labels", ",".join(LABELS), "--out", tmp_path / "out", "--model", TINY_MODEL]
+    args += ["--pretrained", "none", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "folder", *map(str, args)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (tmp_path / "out" / "annotations.xml").is_file(), done.stdout + done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
 def test_a_labeling_run_never_imports_scipy(tmp_path: Path, photo_dir: Path):
     """scipy (about 50 MB of RSS) is for calibration only; `prelabel folder` does without it."""
     probe = (
@@ -117,15 +131,7 @@ def test_a_labeling_run_never_imports_scipy(tmp_path: Path, photo_dir: Path):
         "code = run_command_line(sys.argv[1:])\n"
         "print('exit', code, 'scipy', 'scipy' in sys.modules)\n"
     )
-    args = [photo_dir, "--labels", ",".join(LABELS), "--out", tmp_path / "out", "--model", TINY_MODEL]
-    args += ["--pretrained", "none", "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", probe, "folder", *map(str, args)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.stdout.strip().splitlines()[-1] == "exit 0 scipy False", done.stdout + done.stderr
-    assert (tmp_path / "out" / "annotations.xml").is_file()
+    assert _folder_run_in_a_new_process(probe, tmp_path, photo_dir) == "exit 0 scipy False"
 
 
 _GPU_PAGES_PROBE = """
@@ -151,19 +157,11 @@ print("exit", code, "before", before, "after", gpu_library_kib())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps, madvise")
 def test_a_cpu_run_hands_back_the_pages_of_the_cuda_libraries(tmp_path: Path, photo_dir: Path):
-    """torch's CUDA build maps its CUDA libraries at import even for a CPU model; once the model
-    is loaded for the CPU, their pages leave the process, and the run does not read them back."""
-    args = [photo_dir, "--labels", ",".join(LABELS), "--out", tmp_path / "out", "--model", TINY_MODEL]
-    args += ["--pretrained", "none", "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", _GPU_PAGES_PROBE, "folder", *map(str, args)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    words = done.stdout.strip().splitlines()[-1].split()
-    assert words[:2] == ["exit", "0"], done.stdout + done.stderr
+    """torch's CUDA build maps its CUDA libraries at import even for a CPU model; before the
+    model is loaded for the CPU their pages leave the process, and the run does not read them back."""
+    words = _folder_run_in_a_new_process(_GPU_PAGES_PROBE, tmp_path, photo_dir).split()
+    assert words[:2] == ["exit", "0"], words
     before, after = int(words[3]), int(words[5])
     if before < 8 * 1024:
         pytest.skip(f"this torch maps only {before} KiB of CUDA libraries (a CPU build)")
     assert after < before / 5, (before, after)
-    assert (tmp_path / "out" / "annotations.xml").is_file()
