@@ -126,13 +126,18 @@ def release_file_pages(path: re.Pattern[str]) -> int:
 
     Only mappings that hold the file's own pages unchanged are released: not writable, no
     private copy of a page, nothing swapped out. Their contents stay as they were, and a page
-    that is read again is mapped again from the file (or the page cache).
+    that is read again is mapped again from the file (or the page cache). 0 where
+    /proc/self/smaps cannot be read.
     """
     libc = _libc()
     if libc is None:
         return 0
+    try:
+        mappings = _unchanged_mappings(path)
+    except OSError:  # no /proc/self/smaps (a sandbox without /proc)
+        return 0
     released = 0
-    for start, end in _unchanged_mappings(path):
+    for start, end in mappings:
         if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
             released += 1
     return released
