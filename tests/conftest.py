@@ -10,17 +10,29 @@ import tempfile
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from prelabel.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "images"
 TINY_MODEL = f"local-dir:{REPO / 'tests' / 'assets' / 'tiny-clip'}"
 LABELS = ["cat", "coffee", "rocket", "astronaut", "galaxy"]
+
+
+def tiny_model_config(overrides: Mapping[str, object] | None = None, path: Path | None = None) -> Config:
+    """The config at `path` (the defaults without one) with the tiny random model, and
+    `overrides` in `prelabel.config.load_config`'s dotted keys (``{"model.batch_size": 2}``)."""
+    from prelabel.config import load_config
+
+    return load_config(path, {"model.name": TINY_MODEL, "model.pretrained": "none", **(overrides or {})})
 
 
 def variants(count: int, size: tuple[int, int] | None = None) -> list[tuple[str, Image.Image]]:

@@ -10,9 +10,8 @@ from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
 from connectors.cvat.session import CvatSession
 from prelabel.assemble import build_pipeline
-from prelabel.config import load_config
 from prelabel.pipeline.worker import predict
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, tiny_model_config
 from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
 
 LABELS = ["cat", "coffee", "rocket"]
@@ -82,7 +81,7 @@ def tiny_args(*extra: str) -> list[str]:
 
 def expected_top1(project: Project) -> dict[tuple[int, int], tuple[str, float]]:
     """The worker's top-1 (label, probability) per frame, computed in-process over the same chunks."""
-    config = load_config(None, {"model.name": TINY_MODEL, "model.pretrained": "none"})
+    config = tiny_model_config()
     session = CvatSession(make_client(project.server.url, credentials=("annotator", PASSWORD)))
     work = find_work(session, project_id=project.project_id, include_tagged=True)
     pipeline = build_pipeline(config, LABELS)

@@ -13,9 +13,8 @@ from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
 from connectors.cvat.session import CvatSession
 from prelabel.assemble import build_pipeline
-from prelabel.config import load_config
 from prelabel.pipeline.worker import WorkerOptions, predict
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import run_cli, tiny_model_config
 from tests.cvat_fixtures import LABELS, PASSWORD, Project, resolve_and_accept, tiny_args
 from tests.cvat_server import sample_jpegs
 from tests.test_review import _edit_tag, _label_names, _same_attributes
@@ -23,7 +22,7 @@ from tests.test_review import _edit_tag, _label_names, _same_attributes
 
 def probabilities(project: Project, **target: int) -> dict[tuple[int, int], dict[str, float]]:
     """Uncalibrated probabilities of every label per (job, frame) of a target, computed in-process."""
-    config = load_config(None, {"model.name": TINY_MODEL, "model.pretrained": "none"})
+    config = tiny_model_config()
     session = CvatSession(make_client(project.server.url, credentials=("annotator", PASSWORD)))
     work = find_work(session, **target, include_tagged=True, relabel=True)
     pipeline = build_pipeline(config, LABELS)

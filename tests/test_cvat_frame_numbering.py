@@ -21,11 +21,10 @@ from connectors.cvat.numbering import chunk_position, frame_step, media_frame
 from connectors.cvat.session import CvatSession
 from connectors.cvat.sink import CvatSink, SinkSettings
 from prelabel.assemble import build_pipeline
-from prelabel.config import load_config
 from prelabel.interface import Decision, Frame, Prediction
 from prelabel.pipeline.worker import predict
 from prelabel.state import RunState
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import run_cli, tiny_model_config
 from tests.cvat_fixtures import LABELS, PASSWORD, tiny_args
 from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
 
@@ -79,7 +78,7 @@ def stepped():
 def _single_frame_scores(server: CvatTestServer, tasks: dict[int, set[int]]) -> dict:
     """(task, frame) -> the model's scores on the image CVAT's single-frame endpoint returns."""
     client = make_client(server.url, credentials=("annotator", PASSWORD))
-    config = load_config(None, {"model.name": TINY_MODEL, "model.pretrained": "none"})
+    config = tiny_model_config()
     pipeline = build_pipeline(config, LABELS)
     frames = []
     for task_id in tasks:

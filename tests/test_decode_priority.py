@@ -9,11 +9,10 @@ import threading
 import pytest
 
 from prelabel.assemble import build_pipeline
-from prelabel.config import load_config
 from prelabel.interface import Frame
 from prelabel.pipeline.stream import RunPools, lowered_priority, ordered_map
 from prelabel.pipeline.worker import predict
-from tests.conftest import TINY_MODEL, thread_nice, variants, write_jpegs
+from tests.conftest import thread_nice, tiny_model_config, variants, write_jpegs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
 
@@ -49,13 +48,14 @@ def test_a_runs_decode_threads_are_lowered_and_its_upload_threads_are_not():
 
 
 def test_decode_nice_from_the_config_reaches_the_workers_decode_threads(tmp_path):
-    config = load_config(
-        None,
+    config = tiny_model_config(
         {
-            "model.name": TINY_MODEL, "model.pretrained": "none", "model.batch_size": 2,
-            "model.cache_dir": str(tmp_path / "cache"), "decode.workers": 2, "decode.nice": 7,
-        },
-    )  # fmt: skip
+            "model.batch_size": 2,
+            "model.cache_dir": str(tmp_path / "cache"),
+            "decode.workers": 2,
+            "decode.nice": 7,
+        }
+    )
     pipeline = build_pipeline(config, ["cat", "coffee", "rocket"])
     paths = write_jpegs(tmp_path / "frames", variants(6, (64, 48)))
     frames = [Frame(ref=path.name, name=path.name, data=path.read_bytes()) for path in paths]

@@ -31,12 +31,11 @@ from connectors.cvat.jobs import find_labels, find_work
 from connectors.cvat.labels import add_missing_attributes
 from connectors.cvat.session import CvatSession
 from prelabel.assemble import build_pipeline
-from prelabel.config import load_config
 from prelabel.pipeline.router import route
 from prelabel.pipeline.worker import predict
 from prelabel.service.deliveries import DeliveryLog
 from prelabel.state import RunState
-from tests.conftest import TINY_MODEL, run_cli, variants
+from tests.conftest import TINY_MODEL, run_cli, tiny_model_config, variants
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer
 from tests.test_webhooks import scrape
@@ -140,7 +139,7 @@ def hands_free(tmp_path_factory) -> Iterator[HandsFree]:
         # sends about half of the frames to review.
         images = _jpegs(6, "f_")
         probe = server.add_image_task(project_id, images, name="probe", segment_size=3)
-        model_config = load_config(None, {"model.name": TINY_MODEL, "model.pretrained": "none"})
+        model_config = tiny_model_config()
         probe_top1 = _top1(client, probe, model_config)
         confidences = sorted(confidence for _, confidence in probe_top1.values())
         threshold = (confidences[2] + confidences[3]) / 2

@@ -17,10 +17,9 @@ from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
 from connectors.cvat.session import CvatSession
 from prelabel.assemble import build_pipeline
-from prelabel.config import load_config
 from prelabel.interface import Prediction
 from prelabel.pipeline.worker import WorkerOptions, predict
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import run_cli, tiny_model_config
 from tests.cvat_fixtures import LABELS, PASSWORD, Project, resolve_and_accept, tiny_args
 from tests.cvat_server import sample_jpegs
 from tests.test_calibrate_cvat import big_project, first_run  # noqa: F401  (fixture)
@@ -30,8 +29,7 @@ def predictions(
     project: Project, config_path: Path | None = None, **target: int
 ) -> dict[tuple[int, int], Prediction]:
     """What `run` would predict per (job, frame) of a target, in-process (calibration file applied)."""
-    overrides = {"model.name": TINY_MODEL, "model.pretrained": "none"}
-    config = load_config(config_path, overrides)
+    config = tiny_model_config(path=config_path)
     session = CvatSession(make_client(project.server.url, credentials=("annotator", PASSWORD)))
     work = find_work(session, **target, include_tagged=True, relabel=True)
     pipeline = build_pipeline(config, LABELS)

@@ -12,25 +12,22 @@ import torch
 from connectors.folder import FolderSource
 from prelabel.assemble import build_pipeline
 from prelabel.calibration.fitting import Calibration
-from prelabel.config import Config, load_config
+from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.pipeline.worker import embed, predict
-from tests.conftest import LABELS, TINY_MODEL
+from tests.conftest import LABELS, tiny_model_config
 
 BACKGROUND = ["a photo of something else.", "an empty frame."]
 
 
 def _config(tmp_path: Path, **overrides) -> Config:
-    return load_config(
-        None,
+    return tiny_model_config(
         {
-            "model.name": TINY_MODEL,
-            "model.pretrained": "none",
             "model.batch_size": 5,
             "model.cache_dir": str(tmp_path / "cache"),
             "decode.draft": False,
             **overrides,
-        },
+        }
     )
 
 

@@ -15,11 +15,11 @@ import torch
 
 from connectors.folder import FolderSource
 from prelabel.assemble import PipelineCache, build_pipeline
-from prelabel.config import Config, load_config
+from prelabel.config import Config
 from prelabel.errors import ModelError
 from prelabel.interface import Decision
 from prelabel.pipeline.runner import Pipeline, run
-from tests.conftest import LABELS, TINY_MODEL
+from tests.conftest import LABELS, TINY_MODEL, tiny_model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,16 +36,13 @@ class ListSink:
 
 
 def _config(tmp_path: Path, **overrides: object) -> Config:
-    return load_config(
-        None,
+    return tiny_model_config(
         {
-            "model.name": TINY_MODEL,
-            "model.pretrained": "none",
             "model.batch_size": 5,
             "model.cache_dir": str(tmp_path / "cache"),
             "routing.multi_label": True,  # every label's probability in each prediction
             **overrides,
-        },
+        }
     )
 
 

@@ -13,13 +13,13 @@ from PIL import Image
 
 from connectors.folder import FolderSource
 from prelabel.assemble import build_pipeline
-from prelabel.config import SIMPLE_TEMPLATES, Config, ModelConfig, load_config
+from prelabel.config import SIMPLE_TEMPLATES, Config, ModelConfig
 from prelabel.errors import ModelError
 from prelabel.interface import Decision
 from prelabel.pipeline.classifier import build_classifier, label_prompts
 from prelabel.pipeline.model import load_model
 from prelabel.pipeline.runner import run
-from tests.conftest import LABELS, TINY_MODEL, write_jpegs
+from tests.conftest import LABELS, TINY_MODEL, tiny_model_config, write_jpegs
 
 TINY_DIR = Path(TINY_MODEL.removeprefix("local-dir:"))
 
@@ -39,11 +39,8 @@ class ListSink:
 
 
 def _tiny_config(tmp_path: Path, **routing) -> Config:
-    return load_config(
-        None,
+    return tiny_model_config(
         {
-            "model.name": TINY_MODEL,
-            "model.pretrained": "none",
             "model.batch_size": 3,
             "model.cache_dir": str(tmp_path / "cache"),
             "decode.draft": False,

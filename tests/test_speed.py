@@ -19,9 +19,8 @@ import pytest
 from connectors.cvat.connect import ServerOptions, connect
 from connectors.cvat.driver import JobOutcome, LabelRequest, label_target
 from prelabel.assemble import build_pipeline
-from prelabel.config import load_config
 from prelabel.pipeline.stream import ConcurrentWriter, RunPools
-from tests.conftest import TINY_MODEL, run_cli, thread_nice, variants
+from tests.conftest import TINY_MODEL, run_cli, thread_nice, tiny_model_config, variants
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer, LoggedRequest
 
@@ -197,13 +196,12 @@ def test_the_jobs_of_a_run_share_its_threads_which_stop_with_the_run(tmp_path: P
         env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
         assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
         nice = 5 if sys.platform == "linux" else 0  # decode.nice: the decode threads' own priority
-        config = load_config(
-            None,
+        config = tiny_model_config(
             {
-                "model.name": TINY_MODEL, "model.pretrained": "none", "model.batch_size": 2,
-                "model.cache_dir": str(tmp_path / "cache"), "decode.workers": 2, "decode.nice": nice,
-                "routing.accept_threshold": 0.0, "routing.min_margin": 0.0, "cvat.upload_batch_size": 2,
-            },
+                "model.batch_size": 2, "model.cache_dir": str(tmp_path / "cache"), "decode.workers": 2,
+                "decode.nice": nice, "routing.accept_threshold": 0.0, "routing.min_margin": 0.0,
+                "cvat.upload_batch_size": 2,
+            }
         )  # fmt: skip
         session = connect(ServerOptions(host=server.url, auth=f"annotator:{PASSWORD}"), config.retry)
         pipeline = build_pipeline(config, ["cat", "coffee", "rocket"])
