@@ -23,8 +23,8 @@ torch's CUDA build (what `pip install torch` gives on Linux x86_64) maps its CUD
 at import even when the model runs on the CPU, and 200-350 MiB of them (cuBLASLt, NVRTC,
 nvJitLink, libtorch_cuda, Triton) stay resident in the process, although a CPU run never
 executes them. `release_gpu_libraries` unmaps those pages (they stay in the page cache, free
-for the kernel to reclaim) before a CPU model is loaded: ViT-B-32 through a folder peaks at
-about 1.3 GB instead of 1.65 (docs/benchmarks.md, "GPU libraries on a CPU run").
+for the kernel to reclaim) before a CPU model is loaded: ViT-B-32 through a folder then peaks
+at 1240-1430 MiB instead of 1650-1675 (docs/benchmarks.md, "GPU libraries on a CPU run").
 """
 
 from __future__ import annotations
