@@ -1,4 +1,5 @@
-"""How the process allocates: glibc settings that keep torch's per-batch memory in place.
+"""How the process holds memory: glibc settings that keep torch's per-batch memory in place,
+and the pages it can let go of.
 
 A forward pass of ViT-B-32 at batch 32 allocates and frees blocks of 5-20 MB dozens of
 times (the residual stream, the qkv projection, the MLP's hidden layer). If such blocks
@@ -122,7 +123,7 @@ def release_gpu_libraries() -> int:
 
 def release_file_pages(path: re.Pattern[str]) -> int:
     """Unmap this process's resident pages of the files whose path `path` matches; returns how
-    many mappings were released (0 off Linux).
+    many mappings were released (0 without glibc, as off Linux).
 
     Only mappings that hold the file's own pages unchanged are released: not writable, no
     private copy of a page, nothing swapped out. Their contents stay as they were, and a page
