@@ -22,8 +22,8 @@ from prelabel.calibration.fitting import Calibration, apply_calibration, read_ca
 from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.pipeline.classifier import TextClassifier, build_classifier, label_prompts
-from prelabel.pipeline.memory import release_free_memory, release_gpu_libraries
-from prelabel.pipeline.model import LoadedModel, load_model, resolve_device
+from prelabel.pipeline.memory import release_free_memory
+from prelabel.pipeline.model import LoadedModel, load_model
 from prelabel.pipeline.router import RoutingPolicy
 from prelabel.pipeline.runner import Pipeline
 from prelabel.pipeline.worker import WorkerOptions
@@ -41,17 +41,12 @@ def build_pipeline(
 ) -> Pipeline:
     """Load the configured model (unless `loaded` is given) and build the classifier for `labels`.
 
-    Loading a model for the CPU first lets go of the GPU libraries' pages (`release_gpu_libraries`).
-
     The learned temperature and thresholds are applied: `calibration` when given (a queue
     entry carries its own), else the calibration file when it exists and is in use.
     """
     if not labels:
         raise ConfigError("no labels: give --labels a,b,c or list them under 'labels' in the config")
-    if loaded is None:
-        if resolve_device(config.model.device).type == "cpu":
-            release_gpu_libraries()  # torch's CUDA build maps them; a CPU model never runs them
-        loaded = load_model(config.model)
+    loaded = loaded or load_model(config.model)
     cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else DEFAULT_CACHE_DIR
     classifier = build_classifier(loaded, label_prompts(labels, config), cache_dir)
     if config.prompts.background:  # one column per prompt, built (and cached) like a classifier

@@ -64,11 +64,10 @@ _PEAK = textwrap.dedent(
     """
     import sys
     from prelabel.config import ModelConfig
-    from prelabel.pipeline.memory import release_gpu_libraries, tune_allocator
+    from prelabel.pipeline.memory import tune_allocator
     from prelabel.pipeline.model import load_model
 
     tune_allocator()
-    release_gpu_libraries()  # as build_pipeline does for the CPU: how much of them is mapped varies
     loaded = load_model(ModelConfig(name=sys.argv[1], pretrained=sys.argv[2]))
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (the test worker's) peak.
     status = open("/proc/self/status").read()

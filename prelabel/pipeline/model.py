@@ -26,6 +26,7 @@ from PIL import Image
 
 from prelabel.config import ModelConfig
 from prelabel.errors import ConfigError, ModelError
+from prelabel.pipeline.memory import release_gpu_libraries
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,14 @@ def resolve_device(name: str) -> torch.device:
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load the model `config` names, in eval mode, on the configured device.
 
-    Raises `ModelError` with a hint when the weights cannot be found or downloaded.
+    Raises `ModelError` with a hint when the weights cannot be found or downloaded. For the
+    CPU, the GPU libraries' pages are let go of first (`release_gpu_libraries`).
     `pretrained: none` loads random weights (seeded, so runs repeat) and logs a loud
     warning: predictions are then meaningless, which is only useful for tests.
     """
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        release_gpu_libraries()  # torch's CUDA build maps them; a CPU model never runs them
     random_weights = config.pretrained.lower() == "none"
     name = config.name
     is_schema = name.startswith(("hf-hub:", "local-dir:"))
