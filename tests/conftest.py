@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,19 @@ def tiny_model_config(overrides: Mapping[str, object] | None = None, path: Path 
     from prelabel.config import load_config
 
     return load_config(path, {"model.name": TINY_MODEL, "model.pretrained": "none", **(overrides or {})})
+
+
+def resident_kib(selected: Callable[[int, str], bool]) -> int:
+    """KiB resident in this process's mappings for which ``selected(start address, file path)``
+    holds, read from /proc/self/smaps here rather than with prelabel's own reader (Linux)."""
+    kib, counting = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            fields = line.split(maxsplit=5)
+            counting = selected(int(fields[0].split("-")[0], 16), fields[5] if len(fields) == 6 else "")
+        elif counting and line.startswith("Rss:"):
+            kib += int(line.split()[1])
+    return kib
 
 
 def variants(count: int, size: tuple[int, int] | None = None) -> list[tuple[str, Image.Image]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, resident_kib
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
 
@@ -114,13 +114,7 @@ def test_periodic_release_hands_back_only_when_due():
 
 def _resident_kib(address: int) -> int:
     """Rss of the mapping of this process that starts at `address`."""
-    found = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
-            found = int(line.split("-", 1)[0], 16) == address
-        elif found and line.startswith("Rss:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no mapping at {address:#x}")
+    return resident_kib(lambda start, _file: start == address)
 
 
 def test_release_file_pages_unmaps_clean_file_pages_and_keeps_changed_ones(tmp_path: Path):

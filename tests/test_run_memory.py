@@ -132,19 +132,13 @@ def test_a_labeling_run_never_imports_scipy(tmp_path: Path, photo_dir: Path):
 
 
 _GPU_PAGES_PROBE = """
-import re, sys
+import sys
 import torch
 from prelabel.cli.group import run_command_line
+from tests.conftest import resident_kib
 
 def gpu_library_kib():  # resident pages of the CUDA libraries that torch's CUDA build maps
-    kib, counting = 0, False
-    for line in open("/proc/self/smaps"):
-        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
-            path = line.split(maxsplit=5)[5:] or [""]
-            counting = "/site-packages/nvidia/" in path[0] or "libtorch_cuda" in path[0]
-        elif counting and line.startswith("Rss:"):
-            kib += int(line.split()[1])
-    return kib
+    return resident_kib(lambda _start, file: "/site-packages/nvidia/" in file or "libtorch_cuda" in file)
 
 before = gpu_library_kib()
 code = run_command_line(sys.argv[1:])
