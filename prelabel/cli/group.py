@@ -6,6 +6,7 @@ Every problem a user can cause ends as one line on stderr and a non-zero exit co
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -64,7 +65,23 @@ def main(args: Sequence[str] | None = None, obj: Any = None) -> None:
     from prelabel.pipeline.memory import tune_allocator
 
     tune_allocator()
-    sys.exit(run_command_line(sys.argv[1:] if args is None else args, obj=obj))
+    code = run_command_line(sys.argv[1:] if args is None else args, obj=obj)
+    _settle_before_exit()
+    sys.exit(code)
+
+
+def _settle_before_exit() -> None:
+    """Collect the command's garbage now, then leave every surviving object out of the
+    interpreter's shutdown collections.
+
+    At exit CPython runs full garbage collections over every object still alive. With torch,
+    open_clip and cvat-sdk imported that is about 400,000 objects, and exit took 1.2-1.5 s
+    after a ViT-B-32 run on a 2-core machine; this way it takes about 0.5 s. The collection here
+    still runs every finalizer the command left pending (of objects in reference cycles),
+    and runs it while the modules it may need are intact.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def run_command_line(args: Sequence[str], prog_name: str = "prelabel", obj: Any = None) -> int:
