@@ -211,8 +211,10 @@ class CvatConfig(_Strict):
     """Chunks downloaded at once."""
     prefetch_chunks: Annotated[int, Field(gt=0, le=64)] = 2
     """Chunks fetched ahead of the model (bounds memory)."""
-    upload_queue: Annotated[int, Field(gt=0, le=64)] = 2
-    """Uploads that may wait behind the ones in progress before the pipeline blocks."""
+    upload_queue: Annotated[int, Field(gt=0, le=64)] = 32
+    """Uploads that may wait behind the ones in progress before the pipeline blocks. A model
+    batch can send each of its frames to review, one issue each: with fewer places than
+    that, the model waits for the server within the batch."""
     write_concurrency: Annotated[int, Field(gt=0, le=32)] = 4
     """Write requests (issues, tag batches) in flight at once; a frame's writes stay in order."""
     prefetch_jobs: Annotated[int, Field(ge=0, le=8)] = 1

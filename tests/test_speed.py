@@ -27,7 +27,9 @@ from tests.cvat_server import CvatTestServer, LoggedRequest
 CHUNK = 4
 
 
-def _project(server: CvatTestServer, frames: int, segment_size: int) -> tuple[int, list[int]]:
+def _project(
+    server: CvatTestServer, frames: int, segment_size: int, chunk_size: int = CHUNK
+) -> tuple[int, list[int]]:
     """A project with one image task of `frames` frames in jobs of `segment_size`: (project, job ids)."""
     server.add_user("annotator", PASSWORD)
     project_id = server.add_project(
@@ -41,7 +43,7 @@ def _project(server: CvatTestServer, frames: int, segment_size: int) -> tuple[in
         image.save(buffer, "JPEG", quality=90)
         images.append((f"{name}.jpg", buffer.getvalue()))
     task = server.add_image_task(
-        project_id, images, name="speed", segment_size=segment_size, chunk_size=CHUNK
+        project_id, images, name="speed", segment_size=segment_size, chunk_size=chunk_size
     )
     return project_id, [job["id"] for job in server.jobs(task)]
 
@@ -102,27 +104,55 @@ def test_a_jobs_first_tags_go_up_after_one_model_batch_not_after_a_full_upload_b
         assert len(tags) == 2 and len(server.annotations(job)["tags"]) == frames
 
 
-def test_the_next_jobs_first_chunk_is_requested_before_the_current_job_is_written(tmp_path: Path) -> None:
-    order = {}
+def test_the_next_jobs_first_chunk_is_requested_before_the_current_jobs_frames_are_in(tmp_path: Path) -> None:
+    early = {}
     for prefetch_jobs in (1, 0):
         with CvatTestServer(latency="cvat-2.73-2core*0.2") as server:
-            project_id, (first, second) = _project(server, 16, segment_size=8)
+            # One chunk per job: the next job's first chunk can be asked for as soon as it is.
+            project_id, (first, second) = _project(server, 16, segment_size=8, chunk_size=8)
+            server.delay(rf"/api/jobs/{first}/data$", 0.3, method="GET", times=None)  # its chunk is slow
             _run(
                 server, project_id, tmp_path, f"prefetch{prefetch_jobs}", accept_threshold=0.0,
                 prefetch_jobs=prefetch_jobs, upload_batch_size=2,
             )  # fmt: skip
-            log = server.requests
-            at = {(r.method, r.path.rstrip("/")): [] for r in log}
-            for r in log:
-                at[r.method, r.path.rstrip("/")].append(r)
-            writes = at.get(("PATCH", f"/api/jobs/{first}/annotations"), [])
-            routed = at.get(("PATCH", f"/api/jobs/{first}"), [])
-            data = at.get(("GET", f"/api/jobs/{second}/data"), [])
-            chunks = [r for r in data if r.query.get("type") == "chunk"]
-            assert writes and routed and chunks
-            assert min(r.started for r in routed) >= max(r.finished for r in writes), "routing after writes"
-            order[prefetch_jobs] = min(r.started for r in chunks) < max(r.finished for r in writes)
-    assert order == {1: True, 0: False}
+            chunks = {
+                job: [
+                    r for r in server.requests
+                    if r.method == "GET" and r.path.rstrip("/") == f"/api/jobs/{job}/data"
+                    and r.query.get("type") == "chunk"
+                ]
+                for job in (first, second)
+            }  # fmt: skip
+            assert chunks[first] and chunks[second]
+            # Without prefetching, the second job starts once the first job's frames are all in.
+            first_in = max(r.finished for r in chunks[first])
+            early[prefetch_jobs] = min(r.started for r in chunks[second]) < first_in
+    assert early == {1: True, 0: False}
+
+
+def test_the_next_job_starts_while_the_last_writes_of_the_current_one_run(tmp_path: Path) -> None:
+    with CvatTestServer() as server:
+        project_id, (first, second) = _project(server, 16, segment_size=8)
+        server.delay(rf"/api/jobs/{first}/annotations", 1.0, method="PATCH", times=None)
+        # prefetch_jobs 0: the second job's first chunk is asked for when the model starts on it.
+        _run(server, project_id, tmp_path, "overlap", accept_threshold=0.0, prefetch_jobs=0)
+        log = server.requests
+        patches = {r.path.rstrip("/"): [] for r in log}
+        for r in log:
+            if r.method == "PATCH":
+                patches[r.path.rstrip("/")].append(r)
+        writes, routed = patches[f"/api/jobs/{first}/annotations"], patches[f"/api/jobs/{first}"]
+        second_chunks = [
+            r for r in log
+            if r.path.rstrip("/") == f"/api/jobs/{second}/data" and r.query.get("type") == "chunk"
+        ]  # fmt: skip
+        # The first job's 8 tags go up in one write when the model is done with it (the first
+        # upload batch is 32 tags); the model goes on meanwhile, and the job is routed after it.
+        assert len(writes) == 1 and second_chunks and routed
+        assert min(r.started for r in second_chunks) < writes[0].finished
+        assert min(r.started for r in routed) >= writes[0].finished
+        assert len(server.annotations(first)["tags"]) == 8 and len(server.annotations(second)["tags"]) == 8
+        assert server.violations == []
 
 
 def test_concurrent_writer_keeps_each_keys_order_and_drops_what_follows_a_failure() -> None:

@@ -338,37 +338,41 @@ def label_target(
                 return True
 
             more = True
-            while True:
-                while more and len(pending) <= config.cvat.prefetch_jobs:
-                    more = take()
-                if not pending:
-                    break
-                plan = pending.popleft()
-                following = list(pending)[: config.cvat.prefetch_jobs]
+            try:
+                while True:
+                    while more and len(pending) <= config.cvat.prefetch_jobs:
+                        more = take()
+                    if not pending:
+                        break
+                    plan = pending.popleft()
+                    following = list(pending)[: config.cvat.prefetch_jobs]
 
-                def prefetch(following: list[JobPlan] = following) -> None:
-                    for later in following:
-                        downloads.prefetch(
-                            later, expected[later.job_id], config.cvat.prefetch_chunks, timers[later.job_id]
-                        )
+                    def prefetch(following: list[JobPlan] = following) -> None:
+                        for later in following:
+                            frames, timer = expected[later.job_id], timers[later.job_id]
+                            downloads.prefetch(later, frames, config.cvat.prefetch_chunks, timer)
 
-                route = label_job(
-                    labeling_now(),
-                    plan,
-                    labels,
-                    shared,
-                    downloads=downloads,
-                    pools=pools_now(),
-                    timer=timers.pop(plan.job_id),
-                    then=prefetch,
-                    release=release,
-                )
-                expected.pop(plan.job_id, None)
-                routing.append(router.submit(route))  # in job order, while the next job is labeled
-                while len(routing) > 1 or (routing and routing[0].done()):
+                    route = label_job(
+                        labeling_now(),
+                        plan,
+                        labels,
+                        shared,
+                        downloads=downloads,
+                        pools=pools_now(),
+                        timer=timers.pop(plan.job_id),
+                        then=prefetch,
+                        release=release,
+                    )
+                    expected.pop(plan.job_id, None)
+                    routing.append(router.submit(route))  # in job order, while the next job is labeled
+                    while len(routing) > 1 or (routing and routing[0].done()):
+                        finish(routing.popleft().result())
+                while routing:
                     finish(routing.popleft().result())
-            while routing:
-                finish(routing.popleft().result())
+            finally:
+                # Also on a failure: the jobs already labeled finish their last writes (on the
+                # run's upload threads, which stop when this block ends) and are routed.
+                router.shutdown(wait=True)
         if state is not None:  # jobs finished before an interruption may still await their routing
             for plan in finished:
                 if not state.job_routed(plan.job_id):
@@ -379,7 +383,7 @@ def label_target(
         if hasattr(stream, "close"):
             stream.close()
         builder.shutdown(wait=True, cancel_futures=True)
-        router.shutdown(wait=True)  # a job labeled before a failure is still routed
+        router.shutdown(wait=True)  # when the failure came before the labeling began
     work = Work(listing.where, listing.labels, plans, skipped, finished)
     pipeline = labeling.pipeline if labeling is not None else None
     return TargetOutcome(TargetPlan(target, work, names), outcomes, pipeline, marks)
@@ -406,8 +410,8 @@ def label_job(
     then: Callable[[], None] | None = None,
     release: PeriodicRelease | None = None,
 ) -> Callable[[], JobOutcome]:
-    """Label the planned frames of one job; returns the job's routing (assignee, stage, state),
-    to be called once, which gives its outcome.
+    """Label the planned frames of one job; returns the rest of the job, to be called once,
+    which waits for its last writes, routes it (assignee, stage, state) and gives its outcome.
 
     Accepted frames get tags; the others get a review issue (and a suggestion tag, if
     configured). Only what the job does not hold yet is written. A frame the job shares
@@ -415,10 +419,12 @@ def label_job(
     predictions made here are added to `shared` for the jobs labeled after this one.
     `downloads` are the run's shared download threads (with the chunks fetched for this job
     ahead of time), `pools` its shared decode and upload threads (this job's writes are all
-    done when it returns); `then` is called once every chunk of this job has been asked for;
+    done once its routing has run); `then` is called once every chunk of this job has been asked for;
     `release` is the run's periodic hand-back of free memory (`runner.run`). The stage times
-    include ``wait_job`` (from the job's start to its first frame) and ``route``.
-    Routing is returned rather than done so that the next job need not wait for it.
+    include ``wait_job`` (from the job's start to its first frame), ``last_writes`` (the
+    wait for the writes still running when the model was done with the job) and ``route``.
+    Those last writes and the routing are returned rather than waited for, so that the
+    model can go on with the next job.
     """
     started = time.perf_counter()
     config, request, pipeline = labeling.config, labeling.request, labeling.pipeline
@@ -462,16 +468,33 @@ def label_job(
     except BaseException:
         sink.close()
         raise
+    # The sink is left open: its last tags go out now, and the routing thread waits for them
+    # while the model goes on with the next job.
     stats = run(
-        source, remembering, pipeline, progress=request.progress, timer=timer, pools=pools, release=release
+        source,
+        remembering,
+        pipeline,
+        progress=request.progress,
+        timer=timer,
+        pools=pools,
+        release=release,
+        close=False,
     )
+    try:
+        sink.send_pending()
+    except BaseException:  # an earlier write failed: wait for the others, as `run` would have
+        sink.close()
+        raise
     count(stats, list(copied.values()))
-    written_at = time.perf_counter()
 
     def route() -> JobOutcome:
-        routing = time.perf_counter()
+        closing = time.perf_counter()
+        remembering.close()  # waits for the job's last writes; re-raises a failed one
+        written_at = time.perf_counter()
+        stats.stages.update(timer.snapshot())  # with the uploads that ended after the model moved on
         changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
-        stats.stages["route"] = time.perf_counter() - routing
+        stats.stages["last_writes"] = written_at - closing
+        stats.stages["route"] = time.perf_counter() - written_at
         return JobOutcome(plan, stats, sink.result, changes, written_at=written_at)
 
     return route

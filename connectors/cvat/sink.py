@@ -56,7 +56,7 @@ class SinkSettings:
     first_batch_size: int = 32
     """Tags in a job's first upload (at most `batch_size`): a model batch's worth."""
     relabel: bool = False
-    upload_queue: int = 2
+    upload_queue: int = 32
     """Writes (tag batches, issues) that may wait for an upload thread before `write` blocks."""
     write_concurrency: int = 4
     """Write requests in flight at once (CVAT has no bulk form of `POST /api/issues`)."""
@@ -179,6 +179,10 @@ class CvatSink:
         if self.settings.suggestions and fits and prediction.scores and not existing.suggestions(frame):
             label, probability = prediction.scores[0]
             self._queue_tag(frame, label, probability, needs_review=True)
+
+    def send_pending(self) -> None:
+        """Hand the tags still waiting for a full batch to the upload threads; does not wait."""
+        self._flush()
 
     def close(self) -> None:
         """Upload what is pending and wait for every write; re-raise a failed one."""

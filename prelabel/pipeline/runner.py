@@ -117,12 +117,16 @@ def run(
     timer: StageTimer | None = None,
     pools: RunPools | None = None,
     release: PeriodicRelease | None = None,
+    close: bool = True,
 ) -> RunStats:
     """Label every frame of `source`; every decision reaches `sink` exactly once.
 
     The sink is closed at the end, also when the run fails part-way, so that what was
-    decided so far is kept. Frames are decoded on `pools.decode` (the threads of a run of
-    several sources), else on threads started and stopped here. Free heap memory goes back
+    decided so far is kept. With ``close=False`` a run that completes leaves the sink open
+    for the caller to close (e.g. on another thread, so that the model need not wait for
+    the last writes); a run that fails still closes it here. Frames are decoded on
+    `pools.decode` (the threads of a run of several sources), else on threads started and
+    stopped here. Free heap memory goes back
     to the OS every few seconds, so that a long run stays flat: through `release` (the one
     of a run of several sources, whose clock goes on from source to source), else through a
     `PeriodicRelease` of this call's own.
@@ -132,6 +136,7 @@ def run(
     release = release or PeriodicRelease()
     start = time.perf_counter()
     bar = tqdm(total=len(source), unit="img", disable=not progress, leave=False)
+    completed = False
     try:
         for prediction in predict(
             source.frames(),
@@ -156,10 +161,12 @@ def run(
                 stats.no_fit += decision.code == "no_fit"
             bar.update()
             release()
+        completed = True
     finally:
         bar.close()
-        with timer.stage("sink"):
-            sink.close()
+        if close or not completed:
+            with timer.stage("sink"):
+                sink.close()
     stats.seconds = time.perf_counter() - start
     stats.stages = timer.snapshot()
     return stats
