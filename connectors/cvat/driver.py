@@ -419,12 +419,12 @@ def label_job(
     predictions made here are added to `shared` for the jobs labeled after this one.
     `downloads` are the run's shared download threads (with the chunks fetched for this job
     ahead of time), `pools` its shared decode and upload threads (this job's writes are all
-    done once its routing has run); `then` is called once every chunk of this job has been asked for;
-    `release` is the run's periodic hand-back of free memory (`runner.run`). The stage times
-    include ``wait_job`` (from the job's start to its first frame), ``last_writes`` (the
-    wait for the writes still running when the model was done with the job) and ``route``.
-    Those last writes and the routing are returned rather than waited for, so that the
-    model can go on with the next job.
+    done once its routing has run); `then` is called once every chunk of this job has been
+    asked for; `release` is the run's periodic hand-back of free memory (`runner.run`). The
+    stage times include ``wait_job`` (from the job's start to its first frame),
+    ``last_writes`` (the wait for the writes still running when the model was done with the
+    job) and ``route``. Those last writes and the routing are returned rather than waited
+    for, so that the model can go on with the next job.
     """
     started = time.perf_counter()
     config, request, pipeline = labeling.config, labeling.request, labeling.pipeline

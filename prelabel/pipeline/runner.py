@@ -126,10 +126,9 @@ def run(
     for the caller to close (e.g. on another thread, so that the model need not wait for
     the last writes); a run that fails still closes it here. Frames are decoded on
     `pools.decode` (the threads of a run of several sources), else on threads started and
-    stopped here. Free heap memory goes back
-    to the OS every few seconds, so that a long run stays flat: through `release` (the one
-    of a run of several sources, whose clock goes on from source to source), else through a
-    `PeriodicRelease` of this call's own.
+    stopped here. Free heap memory goes back to the OS every few seconds, so that a long
+    run stays flat: through `release` (the one of a run of several sources, whose clock goes
+    on from source to source), else through a `PeriodicRelease` of this call's own.
     """
     timer = timer or StageTimer()
     stats = RunStats()
