@@ -23,12 +23,22 @@ chunk (and every other call) is not limited.
 A modelled delay is the total time of the request: the time the test server really spent
 answering (encoding a chunk, serialising JSON) is taken off it, so the server is never
 slower than the model says on an idle machine.
+
+Where the server shares the client's cores: a real CVAT builds a chunk with the CPU (Pillow
+opens every image, and a ``compressed`` chunk re-encodes each one as JPEG; CVAT's
+``ZipChunkWriter`` and ``ZipCompressedChunkWriter``), so its builds take CPU time from a
+client on the same machine. With ``builds_use_cpu`` the test server spends a build's
+modelled time computing (hashing, which releases the GIL) instead of sleeping, until its
+thread has used that much CPU time: on a busy machine a build then takes longer, as a real
+one does. Off by default; how much of the other calls' time is CPU work on a real server is
+not measured, so they always sleep.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import re
 import threading
 import time
@@ -142,11 +152,14 @@ def profile(spec: str) -> LatencyProfile:
 class Latency:
     """Applies a `LatencyProfile` to the test server's requests and chunk builds (thread-safe)."""
 
-    def __init__(self, latency: LatencyProfile | str = "none", *, chunk_builders: int = 2) -> None:
+    def __init__(
+        self, latency: LatencyProfile | str = "none", *, chunk_builders: int = 2, builds_use_cpu: bool = False
+    ) -> None:
         if chunk_builders < 1:
             raise ValueError("chunk_builders must be at least 1")
         self.profile = profile(latency) if isinstance(latency, str) else latency
         self.chunk_builders = chunk_builders
+        self.builds_use_cpu = builds_use_cpu
         self._builders = threading.BoundedSemaphore(chunk_builders)
         self._lock = threading.Lock()
         self._built: dict[Hashable, bytes] = {}
@@ -156,7 +169,8 @@ class Latency:
         """E.g. ``cvat-2.73-2core (at most 2 chunk builds at once)``."""
         if self.profile.is_off:
             return f"{self.profile.name} (no added latency)"
-        return f"{self.profile.name} (at most {self.chunk_builders} chunk builds at once)"
+        cpu = ", chunk builds use the CPU" if self.builds_use_cpu else ""
+        return f"{self.profile.name} (at most {self.chunk_builders} chunk builds at once{cpu})"
 
     @contextlib.contextmanager
     def request(
@@ -188,7 +202,7 @@ class Latency:
                 return data
             waiting.wait()  # the same chunk is being built for another request
         try:
-            with self._builders, _at_least(build_time):
+            with self._builders, (_computing if self.builds_use_cpu else _at_least)(build_time):
                 data = build()
             with self._lock:
                 self._built[key] = data
@@ -198,6 +212,20 @@ class Latency:
             done.set()
         _sleep(serve)
         return data
+
+
+_BLOCK = bytes(1 << 18)
+"""What `_computing` hashes: 256 KiB, a fraction of a millisecond each (hashlib releases the
+GIL for it, so the server's other threads go on)."""
+
+
+@contextlib.contextmanager
+def _computing(seconds: float) -> Iterator[None]:
+    """Run the block, then compute until this thread has used `seconds` of CPU time in all."""
+    start = time.thread_time()
+    yield
+    while time.thread_time() - start < seconds:
+        hashlib.sha256(_BLOCK)
 
 
 def _sleep(seconds: float) -> None:

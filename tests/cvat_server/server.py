@@ -46,18 +46,20 @@ class CvatTestServer:
         check_answers: bool = True,
         latency: LatencyProfile | str = "none",
         chunk_builders: int = 2,
+        builds_use_cpu: bool = False,
     ) -> None:
         """`tls` is (certificate file, key file): serve HTTPS with that certificate.
 
         `check_answers=False` skips the schema check of every JSON answer (benchmarks).
         `latency` makes the server as slow as a real CVAT: a profile, or its name, optionally
         scaled (``"cvat-2.73-2core*0.1"``); see `latency.py`. At most `chunk_builders`
-        chunks are built at once. The default, ``"none"``, adds no delay.
+        chunks are built at once, and with `builds_use_cpu` a build spends its modelled time
+        on the CPU, as a real server's does. The default, ``"none"``, adds no delay.
         """
         self._tls = tls
         self.state = State()
         self.faults = FaultInjector(seed)
-        self.latency = Latency(latency, chunk_builders=chunk_builders)
+        self.latency = Latency(latency, chunk_builders=chunk_builders, builds_use_cpu=builds_use_cpu)
         self._app = App(self.state, self.faults, self.latency, check_answers=check_answers)
         self._host, self._port = host, port
         self._httpd: CvatHTTPServer | None = None
