@@ -38,7 +38,8 @@ brackets; a ratio is computed within each repetition, then summarised the same w
 
 Columns:
 
-- **latency**: the server's latency profile (`none`: answers at once).
+- **latency**: the server's latency profile (`none`: answers at once); `+cpu builds`: its
+  chunk builds used this machine's CPU (`--server-cpu`).
 - **case**: `accepted` (every frame accepted: thresholds 0), `review-30%` (the accept
   threshold set so that 30% of the frames go to review), `review-all` (every frame to
   review). A review frame costs an issue POST and a suggestion tag. **review** is the

@@ -72,6 +72,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--chunk-builders", type=int, default=2, help="chunks the server builds at once (default 2)"
     )
     parser.add_argument(
+        "--server-cpu",
+        action="store_true",
+        help="the server's chunk builds use the CPU (this machine's, as a CVAT on it would) "
+        "instead of sleeping; the latency column says '+cpu builds'",
+    )
+    parser.add_argument(
         "--cases",
         default=",".join(case.name for case in CASES),
         help="routing cases, comma-separated (default "
@@ -137,7 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with (
         tempfile.TemporaryDirectory(prefix="bench-throughput-") as workdir,
         CvatTestServer(  # measure prelabel, not the schema check
-            check_answers=False, latency=args.latency, chunk_builders=args.chunk_builders
+            check_answers=False,
+            latency=args.latency,
+            chunk_builders=args.chunk_builders,
+            builds_use_cpu=args.server_cpu,
         ) as server,
     ):
         latency = server.latency.describe()
@@ -291,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             date=today(),
             machine=machine,
             model=args.model.rpartition("/")[2] if args.model.startswith("local-dir:") else args.model,
-            latency=server.latency.profile.name,
+            latency=server.latency.profile.name + (" +cpu builds" if args.server_cpu else ""),
             variant=variant.name,
             case=case.name,
             review_share=Spread.of([run.review / run.frames for run in done]),
