@@ -383,7 +383,6 @@ def label_target(
         if hasattr(stream, "close"):
             stream.close()
         builder.shutdown(wait=True, cancel_futures=True)
-        router.shutdown(wait=True)  # when the failure came before the labeling began
     work = Work(listing.where, listing.labels, plans, skipped, finished)
     pipeline = labeling.pipeline if labeling is not None else None
     return TargetOutcome(TargetPlan(target, work, names), outcomes, pipeline, marks)
