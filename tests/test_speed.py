@@ -27,9 +27,7 @@ from tests.cvat_server import CvatTestServer, LoggedRequest
 CHUNK = 4
 
 
-def _project(
-    server: CvatTestServer, frames: int, segment_size: int, chunk_size: int = CHUNK
-) -> tuple[int, list[int]]:
+def _project(server: CvatTestServer, frames: int, segment_size: int) -> tuple[int, list[int]]:
     """A project with one image task of `frames` frames in jobs of `segment_size`: (project, job ids)."""
     server.add_user("annotator", PASSWORD)
     project_id = server.add_project(
@@ -43,7 +41,7 @@ def _project(
         image.save(buffer, "JPEG", quality=90)
         images.append((f"{name}.jpg", buffer.getvalue()))
     task = server.add_image_task(
-        project_id, images, name="speed", segment_size=segment_size, chunk_size=chunk_size
+        project_id, images, name="speed", segment_size=segment_size, chunk_size=CHUNK
     )
     return project_id, [job["id"] for job in server.jobs(task)]
 
@@ -104,30 +102,31 @@ def test_a_jobs_first_tags_go_up_after_one_model_batch_not_after_a_full_upload_b
         assert len(tags) == 2 and len(server.annotations(job)["tags"]) == frames
 
 
-def test_the_next_jobs_first_chunk_is_requested_before_the_current_jobs_frames_are_in(tmp_path: Path) -> None:
-    early = {}
+def test_the_next_jobs_first_chunk_is_requested_before_the_current_job_is_labeled(tmp_path: Path) -> None:
     for prefetch_jobs in (1, 0):
         with CvatTestServer(latency="cvat-2.73-2core*0.2") as server:
-            # One chunk per job: the next job's first chunk can be asked for as soon as it is.
-            project_id, (first, second) = _project(server, 16, segment_size=8, chunk_size=8)
-            server.delay(rf"/api/jobs/{first}/data$", 0.3, method="GET", times=None)  # its chunk is slow
+            project_id, (first, second) = _project(server, 16, segment_size=8)
             _run(
                 server, project_id, tmp_path, f"prefetch{prefetch_jobs}", accept_threshold=0.0,
                 prefetch_jobs=prefetch_jobs, upload_batch_size=2,
             )  # fmt: skip
+            log = server.requests
             chunks = {
                 job: [
-                    r for r in server.requests
+                    r for r in log
                     if r.method == "GET" and r.path.rstrip("/") == f"/api/jobs/{job}/data"
                     and r.query.get("type") == "chunk"
                 ]
                 for job in (first, second)
             }  # fmt: skip
-            assert chunks[first] and chunks[second]
-            # Without prefetching, the second job starts once the first job's frames are all in.
-            first_in = max(r.finished for r in chunks[first])
-            early[prefetch_jobs] = min(r.started for r in chunks[second]) < first_in
-    assert early == {1: True, 0: False}
+            tags_path = f"/api/jobs/{first}/annotations"
+            writes = [r for r in log if r.method == "PATCH" and r.path.rstrip("/") == tags_path]
+            assert chunks[first] and chunks[second] and writes
+            asked = min(r.started for r in chunks[second])
+            if prefetch_jobs:  # asked for before the model had tagged a frame of the first job
+                assert asked < min(r.started for r in writes)
+            else:  # asked for only once the first job's frames were all in
+                assert asked > max(r.finished for r in chunks[first])
 
 
 def test_the_next_job_starts_while_the_last_writes_of_the_current_one_run(tmp_path: Path) -> None:
