@@ -8,6 +8,9 @@ answered), with its latency model of a real CVAT 2.73 on, not from wall-clock ti
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +23,7 @@ from connectors.cvat.connect import ServerOptions, connect
 from connectors.cvat.driver import JobOutcome, LabelRequest, label_target
 from prelabel.assemble import build_pipeline
 from prelabel.pipeline.stream import ConcurrentWriter, RunPools
-from tests.conftest import TINY_MODEL, run_cli, thread_nice, tiny_model_config, variants
+from tests.conftest import REPO, TINY_MODEL, run_cli, thread_nice, tiny_model_config, variants
 from tests.cvat_fixtures import PASSWORD
 from tests.cvat_server import CvatTestServer, LoggedRequest
 
@@ -152,6 +155,58 @@ def test_the_next_job_starts_while_the_last_writes_of_the_current_one_run(tmp_pa
         assert min(r.started for r in routed) >= writes[0].finished
         assert len(server.annotations(first)["tags"]) == 8 and len(server.annotations(second)["tags"]) == 8
         assert server.violations == []
+
+
+_IMPORT_WATCH = """
+import importlib.abc, json, sys, threading, time
+
+seen = {}
+
+
+class Watch(importlib.abc.MetaPathFinder):
+    # Notes on which thread, and when, torch is first looked for; finds nothing itself.
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.update(thread=threading.current_thread().name, at=time.perf_counter())
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+from prelabel.cli import main
+
+try:
+    main(sys.argv[2:])
+finally:
+    with open(sys.argv[1], "w") as out:
+        json.dump(seen, out)
+"""
+
+
+def test_a_run_imports_torch_on_a_thread_of_its_own_before_it_logs_in(tmp_path: Path) -> None:
+    """torch and open_clip take seconds to import: `prelabel run` starts that import on a thread
+    of its own before its first request, and logs in and plans meanwhile (the test server's log
+    and the child's `time.perf_counter` read the same monotonic clock of the system)."""
+    with CvatTestServer() as server:
+        project_id, (job,) = _project(server, 4, segment_size=4)
+        env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
+        assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+        server.reset_counters()
+        watched, script = tmp_path / "torch.json", tmp_path / "watch.py"
+        script.write_text(_IMPORT_WATCH)
+        done = subprocess.run(
+            [
+                sys.executable, str(script), str(watched), "run", "--project-id", str(project_id),
+                "--model", TINY_MODEL, "--pretrained", "none", "--accept-threshold", "0",
+                "--min-margin", "0", "--state", str(tmp_path / "state.db"), "--no-progress",
+            ],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+            env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        seen = json.loads(watched.read_text())
+        assert seen["thread"] == "prelabel-import"
+        assert seen["at"] < min(r.started for r in server.requests)
+        assert len(server.annotations(job)["tags"]) == 4
 
 
 def test_concurrent_writer_keeps_each_keys_order_and_drops_what_follows_a_failure() -> None:

@@ -56,7 +56,6 @@ from prelabel.pipeline.memory import PeriodicRelease
 from prelabel.pipeline.runner import Pipeline, RunStats, run
 from prelabel.pipeline.stream import RunPools
 from prelabel.pipeline.timing import StageTimer
-from prelabel.pipeline.worker import decode_threads
 from prelabel.state import RunState
 
 Target = dict[str, int]
@@ -390,6 +389,8 @@ def label_target(
 
 def run_pools(labeling: Labeling) -> RunPools:
     """The decode and upload threads for a run of jobs labeled with `labeling` (to be closed)."""
+    from prelabel.pipeline.worker import decode_threads  # torch: loaded with the pipeline by now
+
     return RunPools(
         decode_workers=decode_threads(labeling.pipeline.options),
         upload_workers=labeling.config.cvat.write_concurrency,

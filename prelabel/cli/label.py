@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import threading
 from pathlib import Path
 
 import click
@@ -147,7 +150,7 @@ def run_command(
     target = one_target(target)
     config = load_config(config_path, overrides)
 
-    from connectors.cvat.assign import resolve_reviewers  # cvat-sdk and torch: slow
+    from connectors.cvat.assign import resolve_reviewers  # cvat-sdk: slow (torch is not imported yet)
     from connectors.cvat.driver import LabelRequest, candidate_names, label_target, plan_target, setup_hint
     from connectors.cvat.jobs import read_target
     from prelabel.state import RunState
@@ -163,6 +166,8 @@ def run_command(
         if dry_run:
             raise click.UsageError("--dry-run does not apply with --queue; run it without --queue")
         return run_on_queue(queue_url, target, config, server, request)
+    if not dry_run:  # torch and open_clip take seconds to import: the run logs in and plans meanwhile
+        _import_meanwhile("prelabel.assemble")
     session = connect_to(config, server, target, writes=None if dry_run else "run")
     if dry_run:  # the whole plan, planned concurrently
         planned = plan_target(session, target, config, request)
@@ -174,8 +179,12 @@ def run_command(
     reviewers = resolve_reviewers(session, config.review.reviewers)
     click.echo(f"{listing.where}: labels {', '.join(names)}")
 
-    from prelabel.assemble import build_image_pipeline
     from prelabel.pipeline.runner import format_summary
+
+    def pipeline_for(names):  # on the model's thread: the import there waits for `importing`
+        from prelabel.assemble import build_image_pipeline
+
+        return build_image_pipeline(config, names)  # one label set per target
 
     with RunState(Path(state_path or config.state.path)) as state:
         state.set_meta("host", session.host)
@@ -200,7 +209,7 @@ def run_command(
             session,
             target,
             config,
-            lambda names: build_image_pipeline(config, names),  # one label set per target
+            pipeline_for,
             request=request,
             state=state,
             reviewers=reviewers,
@@ -274,3 +283,19 @@ def write_profile(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     click.echo(f"  profile: {path}")
+
+
+def _import_meanwhile(module: str) -> None:
+    """Start importing `module` on a thread of its own.
+
+    The run reads its target and plans its first jobs meanwhile. Whoever imports the module
+    next waits for this import to end (Python's import lock); if it failed, that import fails
+    again with its own message. The thread is not a daemon, so the process never exits in
+    the middle of the import.
+    """
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # raised again by the import that needs the module
+            importlib.import_module(module)
+
+    threading.Thread(target=load, name="prelabel-import").start()

@@ -2,7 +2,8 @@
 
 A `Pipeline` (built by `prelabel.assemble.build_pipeline`) holds the loaded model and text
 classifier; `run` can be called for any number of sources (a folder, each CVAT job) with
-the same pipeline.
+the same pipeline. Importing this module does not import torch or open_clip (the worker
+does, when `run` first needs it), so that a CVAT run logs in and plans while they load.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
 from prelabel.interface import DecisionSink, FrameSource
-from prelabel.pipeline.classifier import TextClassifier
 from prelabel.pipeline.memory import PeriodicRelease
-from prelabel.pipeline.model import LoadedModel
 from prelabel.pipeline.priors import hub_warnings, predicted_shares
 from prelabel.pipeline.router import RoutingPolicy, route
 from prelabel.pipeline.stream import RunPools
 from prelabel.pipeline.timing import StageTimer
-from prelabel.pipeline.worker import WorkerOptions, predict
+
+if TYPE_CHECKING:  # torch and open_clip take seconds to import: a run logs in and plans meanwhile
+    import torch
+
+    from prelabel.pipeline.classifier import TextClassifier
+    from prelabel.pipeline.model import LoadedModel
+    from prelabel.pipeline.worker import WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +135,8 @@ def run(
     run stays flat: through `release` (the one of a run of several sources, whose clock goes
     on from source to source), else through a `PeriodicRelease` of this call's own.
     """
+    from prelabel.pipeline.worker import predict  # torch: imported once a model is needed
+
     timer = timer or StageTimer()
     stats = RunStats()
     release = release or PeriodicRelease()
