@@ -219,7 +219,8 @@ class CvatConfig(_Strict):
     """Write requests (issues, tag batches) in flight at once; a frame's writes stay in order."""
     prefetch_jobs: Annotated[int, Field(ge=0, le=8)] = 1
     """Jobs whose first `prefetch_chunks` chunks are requested while the current job finishes
-    (0: none); each holds that many more chunks in memory."""
+    (0: none); each holds that many more chunks in memory. With 1 or more, the next job's
+    first batch is also decoded while the model finishes the current job."""
     plan_ahead: Annotated[int, Field(gt=0, le=256)] = 8
     """Jobs planned (their annotations read; data meta and issues once per task), on
     `write_concurrency` threads, ahead of the job being labeled; bounds the plans in memory."""

@@ -22,6 +22,7 @@ import pytest
 from connectors.cvat.connect import ServerOptions, connect
 from connectors.cvat.driver import JobOutcome, LabelRequest, label_target
 from prelabel.assemble import build_pipeline
+from prelabel.pipeline import worker
 from prelabel.pipeline.stream import ConcurrentWriter, RunPools
 from tests.conftest import REPO, TINY_MODEL, run_cli, thread_nice, tiny_model_config, variants
 from tests.cvat_fixtures import PASSWORD
@@ -314,6 +315,58 @@ def test_the_jobs_of_a_run_share_its_threads_which_stop_with_the_run(tmp_path: P
                 assert first <= seen[later][kind], kind
         ours = set().union(*(threads for job in seen.values() for threads in job.values()))
         assert not [t.name for t in ours if t.is_alive()], "threads of the run left running after it"
-        left = [t.name for t in threading.enumerate() if t.name.startswith(("decode", "upload", "download"))]
+        names = ("decode", "upload", "download", "prime")
+        left = [t.name for t in threading.enumerate() if t.name.startswith(names)]
         assert left == [], left
         assert server.violations == []
+
+
+def test_the_next_jobs_first_batch_is_decoded_before_the_model_is_done_with_the_current_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `cvat.prefetch_jobs`, the next job's first batch is decoded (`runner.prime`) while
+    the model scores the current job's last one, so the model does not wait at the boundary.
+    The model's call for the first job's last batch waits for a decode of the second job to
+    begin: that happens during the call only if the second job was primed (without
+    lookahead, it begins only once the call is over)."""
+    real_decode = worker.decode
+    for prefetch_jobs, patience in ((1, 30.0), (0, 1.0)):
+        with CvatTestServer() as server:
+            project_id, (first, second) = _project(server, 16, segment_size=8)
+            env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
+            assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+            config = tiny_model_config(
+                {
+                    "model.batch_size": 4, "model.cache_dir": str(tmp_path / "cache"),
+                    "routing.accept_threshold": 0.0, "routing.min_margin": 0.0,
+                    "cvat.prefetch_jobs": prefetch_jobs,
+                }
+            )  # fmt: skip
+            session = connect(ServerOptions(host=server.url, auth=f"annotator:{PASSWORD}"), config.retry)
+            pipeline = build_pipeline(config, ["cat", "coffee", "rocket"])
+            second_decoding = threading.Event()
+            calls: list[bool] = []  # per model call: did a decode of the second job begin by its end?
+
+            def observed_decode(frame, *args, second=second, seen=second_decoding, **kwargs):
+                if frame.ref.job_id == second:
+                    seen.set()
+                return real_decode(frame, *args, **kwargs)
+
+            def encode_image(
+                pixels, *args, encode=pipeline.loaded.model.encode_image, seen=second_decoding,
+                calls=calls, patience=patience, **kwargs,
+            ):  # fmt: skip
+                # The first job's second (last) batch waits for the second job's decoding.
+                calls.append(seen.wait(patience) if len(calls) == 1 else seen.is_set())
+                return encode(pixels, *args, **kwargs)
+
+            monkeypatch.setattr(worker, "decode", observed_decode)
+            monkeypatch.setattr(pipeline.loaded.model, "encode_image", encode_image)
+            label_target(
+                session, {"project_id": project_id}, config, lambda names, pipeline=pipeline: pipeline,
+                request=LabelRequest(progress=False),
+            )  # fmt: skip
+            assert len(calls) == 4, calls  # two batches of 4 frames per job
+            assert calls[1] is bool(prefetch_jobs), calls
+            assert [len(server.annotations(job)["tags"]) for job in (first, second)] == [8, 8]
+            assert server.violations == []

@@ -16,7 +16,9 @@ still shows is not read again (the server stays the authority: any change re-rea
 Jobs share the download, decode and upload threads of the run (`ChunkDownloads`,
 `RunPools`), started once and stopped at its end: while one job finishes
 (its last chunks, its uploads, its routing), the first chunks of the next
-`cvat.prefetch_jobs` jobs are already being built and downloaded, so no job starts cold.
+`cvat.prefetch_jobs` jobs are already being built and downloaded, so no job starts cold,
+and once the current job's frames have all gone to decoding, the next job's first batch is
+decoded (`runner.prime`), so the model goes from one job to the next without waiting.
 A job is routed (assignee, stage, state) on a thread of its own while the next job is
 labeled, one routing at a time and in job order.
 
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from connectors.cvat.assign import Reviewer, resolve_reviewers, route_job
 from connectors.cvat.frames import DEFAULT_QUALITY, ChunkDownloads, JobFrameSource
@@ -47,16 +50,20 @@ from connectors.cvat.jobs import (
     updated_date,
 )
 from connectors.cvat.labels import CvatLabel, check_schema
-from connectors.cvat.overlap import RememberingSink, SharedFrames, count, decided_elsewhere
+from connectors.cvat.overlap import RememberingSink, SharedFrames, count, decided_elsewhere, shared_frames
 from connectors.cvat.session import CvatSession
 from connectors.cvat.sink import CvatSink, JobResult, SinkSettings
 from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.pipeline.memory import PeriodicRelease
-from prelabel.pipeline.runner import Pipeline, RunStats, run
+from prelabel.pipeline.runner import Pipeline, RunStats, prime, run
 from prelabel.pipeline.stream import RunPools
 from prelabel.pipeline.timing import StageTimer
 from prelabel.state import RunState
+
+if TYPE_CHECKING:
+    from prelabel.interface import Decision
+    from prelabel.pipeline.worker import Primed
 
 Target = dict[str, int]
 """Exactly one of ``{"project_id": N}``, ``{"task_id": N}``, ``{"job_id": N}``."""
@@ -126,6 +133,14 @@ class TargetOutcome:
     @property
     def issues(self) -> int:
         return sum(len(outcome.result.issues_created) for outcome in self.jobs)
+
+
+@dataclass(frozen=True)
+class PrimedJob:
+    """A job whose first batch is being decoded before its turn (`prelabel.pipeline.runner.prime`)."""
+
+    source: JobFrameSource
+    frames: Primed
 
 
 @dataclass(frozen=True)
@@ -260,6 +275,11 @@ def label_target(
     expected: dict[int, list[int]] = {}
     seen: set[tuple[int, int]] = set()
     pending: deque[JobPlan] = deque()
+    primed: dict[int, PrimedJob] = {}
+    # With lookahead on, one job more is planned than prefetched: the next job is primed
+    # before its turn, and its source asks for the chunks of the jobs after it.
+    prefetch_jobs = config.cvat.prefetch_jobs
+    lookahead = prefetch_jobs + 1 if prefetch_jobs else 0
     builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prelabel-model")
     building: Future[Pipeline] | None = None
     labeling: Labeling | None = None
@@ -336,21 +356,34 @@ def label_target(
                         )
                 return True
 
+            def prefetch(following: list[JobPlan]) -> None:
+                """Ask for the first chunks of these jobs (each job's planned frames and timer
+                were kept when it was taken, and are dropped only once it is labeled)."""
+                for later in following:
+                    frames, timer = expected[later.job_id], timers[later.job_id]
+                    downloads.prefetch(later, frames, config.cvat.prefetch_chunks, timer)
+
+            def prime_next() -> None:
+                """Every frame of the job being labeled went to decoding: start decoding the
+                first batch of the next one, unless it shares frames with another job (those
+                take the decisions the jobs before it make, not known yet)."""
+                if not lookahead or not pending or pending[0].job_id in primed or shared_frames(pending[0]):
+                    return
+                plan, following = pending[0], list(pending)[1 : 1 + prefetch_jobs]
+                with_labels, timer = labeling_now(), timers[plan.job_id]
+                source = job_source(with_labels, plan, downloads, timer, then=lambda: prefetch(following))
+                frames = prime(source, with_labels.pipeline, pools_now(), timer)
+                primed[plan.job_id] = PrimedJob(source, frames)
+
             more = True
             try:
                 while True:
-                    while more and len(pending) <= config.cvat.prefetch_jobs:
+                    while more and len(pending) <= lookahead:
                         more = take()
                     if not pending:
                         break
                     plan = pending.popleft()
-                    following = list(pending)[: config.cvat.prefetch_jobs]
-
-                    def prefetch(following: list[JobPlan] = following) -> None:
-                        for later in following:
-                            frames, timer = expected[later.job_id], timers[later.job_id]
-                            downloads.prefetch(later, frames, config.cvat.prefetch_chunks, timer)
-
+                    following = list(pending)[:prefetch_jobs]
                     route = label_job(
                         labeling_now(),
                         plan,
@@ -359,8 +392,10 @@ def label_target(
                         downloads=downloads,
                         pools=pools_now(),
                         timer=timers.pop(plan.job_id),
-                        then=prefetch,
+                        then=lambda following=following: prefetch(following),
                         release=release,
+                        primed=primed.pop(plan.job_id, None),
+                        taken=prime_next,
                     )
                     expected.pop(plan.job_id, None)
                     routing.append(router.submit(route))  # in job order, while the next job is labeled
@@ -379,6 +414,8 @@ def label_target(
                 elif not request.relabel and plan.updated_date is not None:
                     state.record_finished(plan.job_id, plan.updated_date, plan_flags(config, request))
     finally:
+        for unused in primed.values():  # a failed or interrupted run: their downloads stopped with it
+            unused.frames.close()
         if hasattr(stream, "close"):
             stream.close()
         builder.shutdown(wait=True, cancel_futures=True)
@@ -409,6 +446,8 @@ def label_job(
     timer: StageTimer | None = None,
     then: Callable[[], None] | None = None,
     release: PeriodicRelease | None = None,
+    primed: PrimedJob | None = None,
+    taken: Callable[[], None] | None = None,
 ) -> Callable[[], JobOutcome]:
     """Label the planned frames of one job; returns the rest of the job, to be called once,
     which waits for its last writes, routes it (assignee, stage, state) and gives its outcome.
@@ -420,7 +459,10 @@ def label_job(
     `downloads` are the run's shared download threads (with the chunks fetched for this job
     ahead of time), `pools` its shared decode and upload threads (this job's writes are all
     done once its routing has run); `then` is called once every chunk of this job has been
-    asked for; `release` is the run's periodic hand-back of free memory (`runner.run`). The
+    asked for; `release` is the run's periodic hand-back of free memory (`runner.run`).
+    `primed` is this job's source with its first batch decoding already (a job that shares no
+    frames: nothing is copied); `taken` is called once every frame of the job went to
+    decoding (`runner.run`'s `then`: the moment to prime the next job). The
     stage times include ``wait_job`` (from the job's start to its first frame),
     ``last_writes`` (the wait for the writes still running when the model was done with the
     job) and ``route``. Those last writes and the routing are returned rather than waited
@@ -440,18 +482,19 @@ def label_job(
         write_concurrency=config.cvat.write_concurrency,
     )
     timer = timer or StageTimer()
-    copied = decided_elsewhere(plan, shared, pipeline.policy, pipeline.fingerprint, labeling.state)
-    source = JobFrameSource(
-        labeling.session,
-        replace(plan, frames=tuple(frame for frame in plan.frames if frame not in copied)),
-        quality=request.quality,
-        io_threads=config.cvat.download_threads,
-        prefetch_chunks=config.cvat.prefetch_chunks,
-        timer=timer,
-        downloads=downloads,
-        on_last_chunk=then,
-        started=started,
-    )
+    if primed is not None:  # it shares no frames, so no decision is copied (`prime_next`)
+        copied: dict[int, Decision] = {}
+        source = primed.source
+    else:
+        copied = decided_elsewhere(plan, shared, pipeline.policy, pipeline.fingerprint, labeling.state)
+        source = job_source(
+            labeling,
+            replace(plan, frames=tuple(frame for frame in plan.frames if frame not in copied)),
+            downloads,
+            timer,
+            then=then,
+            started=started,
+        )
     sink = CvatSink(
         labeling.session,
         plan,
@@ -479,6 +522,8 @@ def label_job(
         pools=pools,
         release=release,
         close=False,
+        primed=primed.frames if primed is not None else None,
+        then=taken,
     )
     try:
         sink.send_pending()
@@ -498,6 +543,30 @@ def label_job(
         return JobOutcome(plan, stats, sink.result, changes, written_at=written_at)
 
     return route
+
+
+def job_source(
+    labeling: Labeling,
+    plan: JobPlan,
+    downloads: ChunkDownloads | None,
+    timer: StageTimer,
+    *,
+    then: Callable[[], None] | None = None,
+    started: float | None = None,
+) -> JobFrameSource:
+    """The planned frames of the job, from `downloads` (the run's) or threads of its own;
+    `then` and `started` as `JobFrameSource`'s ``on_last_chunk`` and ``started``."""
+    return JobFrameSource(
+        labeling.session,
+        plan,
+        quality=labeling.request.quality,
+        io_threads=labeling.config.cvat.download_threads,
+        prefetch_chunks=labeling.config.cvat.prefetch_chunks,
+        timer=timer,
+        downloads=downloads,
+        on_last_chunk=then,
+        started=started,
+    )
 
 
 def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool) -> dict[str, object]:

@@ -53,6 +53,11 @@ class RememberingSink:
         self.sink.close()
 
 
+def shared_frames(plan: JobPlan) -> set[int]:
+    """The planned frames of the job that another job of its task holds too."""
+    return {frame for frame in plan.frames if any(frame in neighbour.frames for neighbour in plan.neighbours)}
+
+
 def decided_elsewhere(
     plan: JobPlan,
     shared: SharedFrames,
@@ -61,10 +66,8 @@ def decided_elsewhere(
     state: RunState | None = None,
 ) -> dict[int, Decision]:
     """Planned frame -> the decision another job of the task already has for it."""
-    shared_frames = {
-        frame for frame in plan.frames if any(frame in neighbour.frames for neighbour in plan.neighbours)
-    }
-    if not shared_frames:
+    common = shared_frames(plan)
+    if not common:
         return {}
     recorded: dict[int, Prediction] = {}
     if state is not None:
@@ -72,14 +75,14 @@ def decided_elsewhere(
             if (
                 record.task_id == plan.task_id
                 and record.job_id != plan.job_id
-                and record.frame in shared_frames
+                and record.frame in common
                 and record.fingerprint == fingerprint
             ):
                 error = None if record.scores else (record.reason or "").removeprefix("unreadable: ")
                 scores = tuple((str(label), float(p)) for label, p in record.scores)
                 recorded.setdefault(record.frame, Prediction(None, record.name, scores, error))
     found: dict[int, Decision] = {}
-    for frame in sorted(shared_frames):
+    for frame in sorted(common):
         ref = CvatFrameRef(plan.job_id, frame)
         prediction = shared.predictions.get((plan.task_id, frame)) or recorded.get(frame)
         if prediction is not None:

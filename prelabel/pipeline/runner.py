@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -29,9 +29,10 @@ from prelabel.pipeline.timing import StageTimer
 if TYPE_CHECKING:  # torch and open_clip take seconds to import: a run logs in and plans meanwhile
     import torch
 
+    from prelabel.interface import Frame
     from prelabel.pipeline.classifier import TextClassifier
     from prelabel.pipeline.model import LoadedModel
-    from prelabel.pipeline.worker import WorkerOptions
+    from prelabel.pipeline.worker import Primed, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def run(
     pools: RunPools | None = None,
     release: PeriodicRelease | None = None,
     close: bool = True,
+    primed: Primed | None = None,
+    then: Callable[[], None] | None = None,
 ) -> RunStats:
     """Label every frame of `source`; every decision reaches `sink` exactly once.
 
@@ -134,6 +137,10 @@ def run(
     stopped here. Free heap memory goes back to the OS every few seconds, so that a long
     run stays flat: through `release` (the one of a run of several sources, whose clock goes
     on from source to source), else through a `PeriodicRelease` of this call's own.
+
+    `primed` is `prime` of `source` (on `pools`): its first batch is being decoded already.
+    `then` is called, on this thread, once every frame of `source` has been taken for
+    decoding: the moment to prime the next source, while the model finishes this one.
     """
     from prelabel.pipeline.worker import predict  # torch: imported once a model is needed
 
@@ -143,9 +150,12 @@ def run(
     start = time.perf_counter()
     bar = tqdm(total=len(source), unit="img", disable=not progress, leave=False)
     completed = False
+    frames: Iterable[Frame] | Primed = primed if primed is not None else source.frames()
+    if then is not None:
+        frames = _followed_by(frames, then)
     try:
         for prediction in predict(
-            source.frames(),
+            frames,
             pipeline.loaded,
             pipeline.classifier,
             pipeline.options,
@@ -176,6 +186,34 @@ def run(
     stats.seconds = time.perf_counter() - start
     stats.stages = timer.snapshot()
     return stats
+
+
+def prime(source: FrameSource, pipeline: Pipeline, pools: RunPools, timer: StageTimer) -> Primed:
+    """Start decoding the first batch of `source` on `pools` (`worker.prime`), to be passed
+    to `run` as its `primed` when the source's turn comes; `Primed.close` drops it unused."""
+    from prelabel.pipeline.worker import prime as prime_frames
+
+    return prime_frames(
+        source.frames(),
+        pipeline.loaded,
+        pipeline.options,
+        timer,
+        prime_pool=pools.prime,
+        decode_pool=pools.decode,
+    )
+
+
+def _followed_by(frames: Iterable[Frame] | Primed, then: Callable[[], None]) -> Iterable[Frame] | Primed:
+    """`frames` (or the rest of primed frames), calling `then` once the last one was taken."""
+    from prelabel.pipeline.worker import Primed
+
+    def followed(items: Iterable[Frame]) -> Iterator[Frame]:
+        yield from items
+        then()
+
+    if isinstance(frames, Primed):
+        return replace(frames, rest=followed(frames.rest))
+    return followed(frames)
 
 
 def format_summary(

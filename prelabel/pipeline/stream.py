@@ -37,6 +37,7 @@ def ordered_map(
     name: str = "stage",
     pool: Executor | None = None,
     initializer: Callable[[], None] | None = None,
+    started: Iterable[Future[R]] = (),
 ) -> Iterator[R]:
     """``map(func, items)`` on `workers` threads, at most `ahead` results in flight or waiting.
 
@@ -44,7 +45,8 @@ def ordered_map(
     consumed. Closing the iterator early cancels what has not started and waits for what has.
     With `pool` (shared, e.g. `RunPools.decode`) the calls run on its threads, which are left
     running at the end; otherwise on `workers` threads of its own, stopped at the end, each of
-    which first calls `initializer`.
+    which first calls `initializer`. `started` are the results of items before `items`,
+    submitted earlier (on `pool`): they come first, and count towards `ahead`.
     """
     ahead = max(1, ahead)
     with contextlib.ExitStack() as stack:
@@ -53,7 +55,7 @@ def ordered_map(
                 max_workers=max(1, workers), thread_name_prefix=name, initializer=initializer
             )
             pool = stack.enter_context(own)
-        pending: deque[Future[R]] = deque()
+        pending: deque[Future[R]] = deque(started)
         try:
             for item in items:
                 pending.append(pool.submit(func, item))
@@ -207,10 +209,14 @@ class RunPools:
     Created once per run and closed at its end (a context manager; also on an error or an
     interrupt). Jobs pass `decode` to `ordered_map` and `upload` to `ConcurrentWriter`; each
     job keeps its own order, bounds, failures and its own "all my writes are done" (the
-    writer's `close`). Closing waits for the calls that are running and cancels the others.
+    writer's `close`). `prime` is one thread that takes the next job's first frames from its
+    source, which may mean waiting for their download, so that no decode thread waits
+    (`prelabel.pipeline.worker.prime`). Closing waits for the calls that are running and
+    cancels the others.
     """
 
     def __init__(self, *, decode_workers: int, upload_workers: int, decode_nice: int = 0) -> None:
+        self.prime = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prime")
         self.decode = ThreadPoolExecutor(
             max_workers=max(1, decode_workers),
             thread_name_prefix="decode",
@@ -226,6 +232,7 @@ class RunPools:
 
     def close(self) -> None:
         try:
+            self.prime.shutdown(wait=True, cancel_futures=True)
             self.decode.shutdown(wait=True, cancel_futures=True)
         finally:
             self.upload.shutdown(wait=True, cancel_futures=True)

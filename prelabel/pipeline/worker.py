@@ -1,18 +1,20 @@
 """The model worker: frames in, predictions out, in the same order.
 
 Decoding and preprocessing run in a thread pool a few batches ahead of the model (Pillow
-releases the GIL while it decodes), so the model rarely waits for images. With `draft`
-(the default) a large JPEG is decoded at reduced scale and only the centre crop is resized
-(`prelabel.pipeline.preprocess`); without it, frames get exactly open_clip's pixels. Frames that
-cannot be decoded come out as predictions with an `error` instead of scores.
+releases the GIL while it decodes), so the model rarely waits for images; `prime` starts
+on the next source's first batch before its turn. With `draft` (the default) a large JPEG
+is decoded at reduced scale and only the centre crop is resized
+(`prelabel.pipeline.preprocess`); without it, frames get exactly open_clip's pixels. Frames
+that cannot be decoded come out as predictions with an `error` instead of scores.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
+from itertools import islice
 from typing import NamedTuple, TypeVar
 
 import torch
@@ -53,7 +55,7 @@ class _Decoded:
 
 
 def predict(
-    frames: Iterable[Frame],
+    frames: Iterable[Frame] | Primed,
     loaded: LoadedModel,
     classifier: TextClassifier,
     options: WorkerOptions,
@@ -65,6 +67,8 @@ def predict(
 
     At most ``batch_size * (prefetch_batches + 1)`` frames are decoded ahead of the model,
     on `decode_pool` (the run's, shared by its jobs) or else on decode threads of its own.
+    `frames` may be `Primed` (`prime`, on the same `decode_pool`): its first frames are being
+    decoded already.
     """
     timer = timer or StageTimer()
     k = min(options.top_k, len(classifier.labels))
@@ -114,8 +118,51 @@ def embed(
             yield Embedded(item.frame, row, item.error)
 
 
-def _batches(
+@dataclass(frozen=True)
+class Primed:
+    """A source whose first batch is being decoded before its turn (`prime`)."""
+
+    decoding: Future[list[Future[_Decoded]]]
+    """The decodes of its first frames, on the decode pool, once those frames were taken."""
+    rest: Iterator[Frame]
+    """Its other frames, taken by `predict` once `decoding` is done."""
+
+    def close(self) -> None:
+        """Drop it unused: wait until its first frames were taken (or that was cancelled),
+        then close the source's frame stream (a generator), which ends its downloads."""
+        wait([self.decoding])
+        close = getattr(self.rest, "close", None)
+        if close is not None:
+            close()
+
+
+def prime(
     frames: Iterable[Frame],
+    loaded: LoadedModel,
+    options: WorkerOptions,
+    timer: StageTimer,
+    *,
+    prime_pool: Executor,
+    decode_pool: Executor,
+) -> Primed:
+    """Start on a source's first batch now, before `predict` gets to it.
+
+    On `prime_pool` (one thread: taking a frame may mean waiting for its download) the first
+    ``batch_size`` frames are taken and their decodes submitted to `decode_pool`, where they
+    queue behind the decodes submitted before. `predict` on the result then starts with a
+    decoded batch: the model does not wait for decoding when it moves to the next source.
+    """
+    frames = iter(frames)
+    decode = _decoder(loaded, options, timer)
+
+    def take_first() -> list[Future[_Decoded]]:
+        return [decode_pool.submit(decode, frame) for frame in islice(frames, options.batch_size)]
+
+    return Primed(prime_pool.submit(take_first), frames)
+
+
+def _batches(
+    frames: Iterable[Frame] | Primed,
     loaded: LoadedModel,
     options: WorkerOptions,
     timer: StageTimer,
@@ -201,24 +248,33 @@ def decode_threads(options: WorkerOptions) -> int:
 
 
 def _decode_ahead(
-    frames: Iterable[Frame],
+    frames: Iterable[Frame] | Primed,
     loaded: LoadedModel,
     options: WorkerOptions,
     timer: StageTimer,
     pool: Executor | None = None,
 ) -> Iterator[_Decoded]:
     """Decode and preprocess in a thread pool (`pool`, else one of its own), in order, a
-    bounded number of frames ahead."""
-    transform = crop_first(loaded.preprocess) if options.draft else loaded.preprocess
-    return ordered_map(
-        lambda frame: _prepare(frame, loaded.image_size, transform, options.draft, timer),
+    bounded number of frames ahead; `Primed` frames start with the decodes already under way."""
+    started: list[Future[_Decoded]] = []
+    if isinstance(frames, Primed):
+        started, frames = frames.decoding.result(), frames.rest
+    yield from ordered_map(
+        _decoder(loaded, options, timer),
         frames,
         workers=decode_threads(options),
         ahead=options.batch_size * (options.prefetch_batches + 1),
         initializer=lowered_priority(options.decode_nice),
         name="decode",
         pool=pool,
+        started=started,
     )
+
+
+def _decoder(loaded: LoadedModel, options: WorkerOptions, timer: StageTimer) -> Callable[[Frame], _Decoded]:
+    """Decodes and preprocesses one frame for `loaded`, as the options say."""
+    transform = crop_first(loaded.preprocess) if options.draft else loaded.preprocess
+    return lambda frame: _prepare(frame, loaded.image_size, transform, options.draft, timer)
 
 
 def _prepare(
