@@ -463,7 +463,7 @@ def label_job(
     `primed` is this job's source with its first batch decoding already (a job that shares no
     frames: nothing is copied); `taken` is called once every frame of the job went to
     decoding (`runner.run`'s `then`: the moment to prime the next job). The
-    stage times include ``wait_job`` (from the job's start to its first frame),
+    stage times include ``wait_job`` (from the job's start, or from its priming, to its first frame),
     ``last_writes`` (the wait for the writes still running when the model was done with the
     job) and ``route``. Those last writes and the routing are returned rather than waited
     for, so that the model can go on with the next job.
