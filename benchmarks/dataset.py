@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,24 +92,6 @@ def _vary(photo: Image.Image, size: tuple[int, int], rng: random.Random, grain: 
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
 
 
-def quiet_disconnects(server: CvatTestServer) -> None:
-    """Stop the server printing a traceback each time a client process exits mid-connection.
-
-    A prelabel subprocess that exits leaves its keep-alive connection to be reset; the
-    standard library's server reports that on stderr, which only buries the benchmark's output.
-    """
-    httpd = server._httpd
-    if httpd is None:
-        return
-    report = httpd.handle_error
-
-    def handle_error(request, client_address) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            report(request, client_address)
-
-    httpd.handle_error = handle_error  # type: ignore[method-assign]
-
-
 @dataclass
 class BenchProject:
     """A project with the benchmark's tag labels on a running test server."""
@@ -126,7 +107,6 @@ class BenchProject:
     @classmethod
     def create(cls, server: CvatTestServer, spec: FrameSpec, labels: Sequence[str] = LABELS) -> BenchProject:
         """Add the user and the project, and decode the frames once for the server."""
-        quiet_disconnects(server)
         server.add_user(USERNAME, PASSWORD)
         project_id = server.add_project(
             "throughput benchmark",

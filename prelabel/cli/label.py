@@ -181,7 +181,7 @@ def run_command(
 
     from prelabel.pipeline.runner import format_summary
 
-    def pipeline_for(names):  # on the model's thread: the import there waits for `importing`
+    def pipeline_for(names: list[str]):  # on the model's thread, where the import waits for the early one
         from prelabel.assemble import build_image_pipeline
 
         return build_image_pipeline(config, names)  # one label set per target

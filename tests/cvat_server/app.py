@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -220,3 +221,10 @@ class CvatHTTPServer(ThreadingHTTPServer):
     def __init__(self, app: App, host: str = "127.0.0.1", port: int = 0) -> None:
         self.app = app
         super().__init__((host, port), Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """Print the traceback of a handler's error, except when the client hung up mid-answer
+        (its request timed out, or its process ended): a real CVAT notes that in its own log,
+        while this server shares its stderr with the CLI runs and benchmarks that use it."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
