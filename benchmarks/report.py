@@ -39,7 +39,8 @@ brackets; a ratio is computed within each repetition, then summarised the same w
 Columns:
 
 - **latency**: the server's latency profile (`none`: answers at once); `+cpu builds`: its
-  chunk builds used this machine's CPU (`--server-cpu`).
+  chunk builds used this machine's CPU (`--server-cpu`); `+cpu all calls`: so did the modelled
+  time of all of its calls (`--server-cpu all`, an upper bound).
 - **case**: `accepted` (every frame accepted: thresholds 0), `review-30%` (the accept
   threshold set so that 30% of the frames go to review), `review-all` (every frame to
   review). A review frame costs an issue POST and a suggestion tag. **review** is the

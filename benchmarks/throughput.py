@@ -73,9 +73,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--server-cpu",
-        action="store_true",
-        help="the server's chunk builds use the CPU (this machine's, as a CVAT on it would) "
-        "instead of sleeping; the latency column says '+cpu builds'",
+        nargs="?",
+        const="builds",
+        choices=("builds", "all"),
+        help="the server's chunk builds (builds, the default), or all of its calls' modelled "
+        "time (all: an upper bound), use this machine's CPU, as a CVAT on it would, instead of "
+        "sleeping; the latency column says '+cpu builds' or '+cpu all calls'",
     )
     parser.add_argument(
         "--cases",
@@ -121,6 +124,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def cpu_note(server_cpu: str | None) -> str:
+    """What the latency column adds for `--server-cpu`."""
+    return {None: "", "builds": " +cpu builds", "all": " +cpu all calls"}[server_cpu]
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 
@@ -146,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_answers=False,
             latency=args.latency,
             chunk_builders=args.chunk_builders,
-            builds_use_cpu=args.server_cpu,
+            builds_use_cpu=args.server_cpu is not None,
+            calls_use_cpu=args.server_cpu == "all",
         ) as server,
     ):
         latency = server.latency.describe()
@@ -300,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             date=today(),
             machine=machine,
             model=args.model.rpartition("/")[2] if args.model.startswith("local-dir:") else args.model,
-            latency=server.latency.profile.name + (" +cpu builds" if args.server_cpu else ""),
+            latency=server.latency.profile.name + cpu_note(args.server_cpu),
             variant=variant.name,
             case=case.name,
             review_share=Spread.of([run.review / run.frames for run in done]),

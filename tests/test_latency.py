@@ -133,3 +133,22 @@ def test_a_build_on_the_cpu_spends_its_modelled_time_computing_instead_of_sleepi
         used[on_cpu] = cpu
     assert used[True] >= 0.2  # this thread's own CPU time: the build ran here
     assert used[False] < 0.05
+
+
+def test_with_calls_on_the_cpu_a_write_and_serving_a_built_chunk_spend_their_time_computing() -> None:
+    """`calls_use_cpu` (`make bench --server-cpu all`): a call's modelled time, and the serving
+    time of a chunk already built, are this thread's CPU time instead of a sleep."""
+    model = LatencyProfile("cpu-test", issue_create=0.15, chunk_serve_per_frame=0.05)
+    used = {}
+    for on_cpu in (True, False):
+        latency = Latency(model, calls_use_cpu=on_cpu)
+        latency.chunk(("task", 1), 4, False, lambda: b"the chunk")  # built (no build cost here)
+        cpu, wall = time.thread_time(), time.perf_counter()
+        with latency.request("POST", "/api/issues", {}, {}):
+            pass
+        assert latency.chunk(("task", 1), 4, False, lambda: b"not again") == b"the chunk"
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        assert wall >= 0.35  # 0.15 s for the issue, 4 x 0.05 s to serve the chunk
+        used[on_cpu] = cpu
+    assert used[True] >= 0.35
+    assert used[False] < 0.05

@@ -30,8 +30,9 @@ opens every image, and a ``compressed`` chunk re-encodes each one as JPEG; CVAT'
 client on the same machine. With ``builds_use_cpu`` the test server spends a build's
 modelled time computing (hashing, which releases the GIL) instead of sleeping, until its
 thread has used that much CPU time: on a busy machine a build then takes longer, as a real
-one does. Off by default; how much of the other calls' time is CPU work on a real server is
-not measured, so they always sleep.
+one does. Off by default. How much of the other calls' time is CPU work on a real server is
+not measured; ``calls_use_cpu`` takes all of it as CPU work (serving a built chunk, every
+read and write), an upper bound for a CVAT on the client's machine.
 """
 
 from __future__ import annotations
@@ -153,13 +154,19 @@ class Latency:
     """Applies a `LatencyProfile` to the test server's requests and chunk builds (thread-safe)."""
 
     def __init__(
-        self, latency: LatencyProfile | str = "none", *, chunk_builders: int = 2, builds_use_cpu: bool = False
+        self,
+        latency: LatencyProfile | str = "none",
+        *,
+        chunk_builders: int = 2,
+        builds_use_cpu: bool = False,
+        calls_use_cpu: bool = False,
     ) -> None:
         if chunk_builders < 1:
             raise ValueError("chunk_builders must be at least 1")
         self.profile = profile(latency) if isinstance(latency, str) else latency
         self.chunk_builders = chunk_builders
         self.builds_use_cpu = builds_use_cpu
+        self.calls_use_cpu = calls_use_cpu
         self._builders = threading.BoundedSemaphore(chunk_builders)
         self._lock = threading.Lock()
         self._built: dict[Hashable, bytes] = {}
@@ -170,6 +177,7 @@ class Latency:
         if self.profile.is_off:
             return f"{self.profile.name} (no added latency)"
         cpu = ", chunk builds use the CPU" if self.builds_use_cpu else ""
+        cpu += ", every call's time is CPU work" if self.calls_use_cpu else ""
         return f"{self.profile.name} (at most {self.chunk_builders} chunk builds at once{cpu})"
 
     @contextlib.contextmanager
@@ -179,7 +187,7 @@ class Latency:
         """Around answering one request: pads its time up to the modelled time."""
         auth = headers.get("Authorization") or ""
         seconds = self.profile.request_seconds(method, path, query, basic_auth=auth.startswith("Basic "))
-        with _at_least(seconds):
+        with (_computing if self.calls_use_cpu else _at_least)(seconds):
             yield
 
     def chunk(self, key: Hashable, frames: int, compressed: bool, build: Callable[[], bytes]) -> bytes:
@@ -198,7 +206,7 @@ class Latency:
                     done = self._building[key] = threading.Event()
                     break
             if data is not None:
-                _sleep(serve)
+                self._serve(serve)
                 return data
             waiting.wait()  # the same chunk is being built for another request
         try:
@@ -210,8 +218,16 @@ class Latency:
             with self._lock:
                 del self._building[key]
             done.set()
-        _sleep(serve)
+        self._serve(serve)
         return data
+
+    def _serve(self, seconds: float) -> None:
+        """The time of sending a built chunk: CPU work with `calls_use_cpu`, else a sleep."""
+        if self.calls_use_cpu:
+            with _computing(seconds):
+                pass
+        else:
+            _sleep(seconds)
 
 
 _BLOCK = bytes(1 << 18)

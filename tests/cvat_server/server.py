@@ -47,6 +47,7 @@ class CvatTestServer:
         latency: LatencyProfile | str = "none",
         chunk_builders: int = 2,
         builds_use_cpu: bool = False,
+        calls_use_cpu: bool = False,
     ) -> None:
         """`tls` is (certificate file, key file): serve HTTPS with that certificate.
 
@@ -54,12 +55,15 @@ class CvatTestServer:
         `latency` makes the server as slow as a real CVAT: a profile, or its name, optionally
         scaled (``"cvat-2.73-2core*0.1"``); see `latency.py`. At most `chunk_builders`
         chunks are built at once, and with `builds_use_cpu` a build spends its modelled time
-        on the CPU, as a real server's does. The default, ``"none"``, adds no delay.
+        on the CPU, as a real server's does; `calls_use_cpu` does the same for every other
+        call (an upper bound). The default, ``"none"``, adds no delay.
         """
         self._tls = tls
         self.state = State()
         self.faults = FaultInjector(seed)
-        self.latency = Latency(latency, chunk_builders=chunk_builders, builds_use_cpu=builds_use_cpu)
+        self.latency = Latency(
+            latency, chunk_builders=chunk_builders, builds_use_cpu=builds_use_cpu, calls_use_cpu=calls_use_cpu
+        )
         self._app = App(self.state, self.faults, self.latency, check_answers=check_answers)
         self._host, self._port = host, port
         self._httpd: CvatHTTPServer | None = None
