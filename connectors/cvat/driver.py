@@ -101,8 +101,6 @@ class JobOutcome:
     stats: RunStats
     result: JobResult
     job_changes: dict[str, object] = field(default_factory=dict)
-    written_at: float = 0.0
-    """`time.perf_counter()` when every write of the job's frames was done (before routing)."""
 
 
 @dataclass(frozen=True)
@@ -540,7 +538,7 @@ def label_job(
         changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
         stats.stages["last_writes"] = written_at - closing
         stats.stages["route"] = time.perf_counter() - written_at
-        return JobOutcome(plan, stats, sink.result, changes, written_at=written_at)
+        return JobOutcome(plan, stats, sink.result, changes)
 
     return route
 
