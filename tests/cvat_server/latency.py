@@ -187,7 +187,7 @@ class Latency:
         """Around answering one request: pads its time up to the modelled time."""
         auth = headers.get("Authorization") or ""
         seconds = self.profile.request_seconds(method, path, query, basic_auth=auth.startswith("Basic "))
-        with (_computing if self.calls_use_cpu else _at_least)(seconds):
+        with _spending(seconds, on_cpu=self.calls_use_cpu):
             yield
 
     def chunk(self, key: Hashable, frames: int, compressed: bool, build: Callable[[], bytes]) -> bytes:
@@ -206,28 +206,26 @@ class Latency:
                     done = self._building[key] = threading.Event()
                     break
             if data is not None:
-                self._serve(serve)
-                return data
+                break
             waiting.wait()  # the same chunk is being built for another request
-        try:
-            with self._builders, (_computing if self.builds_use_cpu else _at_least)(build_time):
-                data = build()
-            with self._lock:
-                self._built[key] = data
-        finally:
-            with self._lock:
-                del self._building[key]
-            done.set()
-        self._serve(serve)
-        return data
+        if data is None:  # this request builds it
+            try:
+                with self._builders, _spending(build_time, on_cpu=self.builds_use_cpu):
+                    data = build()
+                with self._lock:
+                    self._built[key] = data
+            finally:
+                with self._lock:
+                    del self._building[key]
+                done.set()
+        with _spending(serve, on_cpu=self.calls_use_cpu):  # sending the chunk
+            return data
 
-    def _serve(self, seconds: float) -> None:
-        """The time of sending a built chunk: CPU work with `calls_use_cpu`, else a sleep."""
-        if self.calls_use_cpu:
-            with _computing(seconds):
-                pass
-        else:
-            _sleep(seconds)
+
+def _spending(seconds: float, *, on_cpu: bool) -> contextlib.AbstractContextManager[None]:
+    """Around a block that takes `seconds` in all: computing them (`_computing`) or sleeping
+    what the block left of them (`_at_least`)."""
+    return _computing(seconds) if on_cpu else _at_least(seconds)
 
 
 _BLOCK = bytes(1 << 18)
@@ -242,11 +240,6 @@ def _computing(seconds: float) -> Iterator[None]:
     yield
     while time.thread_time() - start < seconds:
         hashlib.sha256(_BLOCK)
-
-
-def _sleep(seconds: float) -> None:
-    if seconds > 0:
-        time.sleep(seconds)
 
 
 @contextlib.contextmanager
