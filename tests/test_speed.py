@@ -50,9 +50,15 @@ def _project(server: CvatTestServer, frames: int, segment_size: int) -> tuple[in
     return project_id, [job["id"] for job in server.jobs(task)]
 
 
-def _run(server: CvatTestServer, project_id: int, tmp_path: Path, name: str, **cvat: object) -> None:
+def _set_up(server: CvatTestServer, project_id: int) -> dict[str, str]:
+    """`prelabel setup` on the project; returns the environment the CLI logs in with."""
     env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
     assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+    return env
+
+
+def _run(server: CvatTestServer, project_id: int, tmp_path: Path, name: str, **cvat: object) -> None:
+    env = _set_up(server, project_id)
     accept = cvat.pop("accept_threshold")
     lines = [
         f'model:\n  name: "{TINY_MODEL}"\n  pretrained: none\n  batch_size: 4',
@@ -192,8 +198,7 @@ def test_a_run_imports_torch_on_a_thread_of_its_own_while_it_logs_in(tmp_path: P
     log and the child's `time.perf_counter` read the system's monotonic clock."""
     with CvatTestServer(latency="cvat-2.73-2core") as server:
         project_id, (job,) = _project(server, 4, segment_size=4)
-        env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
-        assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+        env = _set_up(server, project_id)
         server.reset_counters()
         watched, script = tmp_path / "torch.json", tmp_path / "watch.py"
         script.write_text(_IMPORT_WATCH)
@@ -283,8 +288,7 @@ def test_writers_sharing_one_pool_each_wait_for_and_fail_on_their_own_calls() ->
 def test_the_jobs_of_a_run_share_its_threads_which_stop_with_the_run(tmp_path: Path) -> None:
     with CvatTestServer(latency="cvat-2.73-2core*0.2") as server:
         project_id, jobs = _project(server, 24, segment_size=8)
-        env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
-        assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+        _set_up(server, project_id)
         nice = 5 if sys.platform == "linux" else 0  # decode.nice: the decode threads' own priority
         config = tiny_model_config(
             {
@@ -338,8 +342,7 @@ def test_the_next_jobs_first_batch_is_decoded_before_the_model_is_done_with_the_
     for prefetch_jobs, patience in ((1, 30.0), (0, 1.0)):
         with CvatTestServer() as server:
             project_id, (first, second) = _project(server, 16, segment_size=8)
-            env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
-            assert run_cli("setup", "--project-id", str(project_id), env=env).returncode == 0
+            _set_up(server, project_id)
             config = tiny_model_config(
                 {
                     "model.batch_size": 4, "model.cache_dir": str(tmp_path / "cache"),
