@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from prelabel.config import ModelConfig
 from prelabel.errors import ModelError
@@ -59,6 +60,42 @@ def test_a_checkpoint_missing_weights_is_an_error_not_a_half_built_model(tmp_pat
     with pytest.raises(ModelError, match=r"cannot load model .*visual\.proj"):
         load_model(ModelConfig(name=_local_dir(tmp_path / "partial", model_cfg, state), pretrained="x"))
 
+
+
+class _InitialisersSeen(TorchFunctionMode):
+    """Counts the random initialisations of parameters that reach torch on this thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        random_init = getattr(func, "__name__", "") in ("uniform_", "normal_", "kaiming_uniform_")
+        if random_init and isinstance(target, torch.nn.Parameter):
+            self.calls += 1
+        return func(*args, **kwargs)
+
+
+def test_under_a_checkpoint_the_parameters_are_not_randomly_initialised_first(tmp_path: Path):
+    model_cfg = json.loads((TINY_DIR / "open_clip_config.json").read_text())["model_cfg"]
+    state = _tiny_state(0.01)
+    checkpoint_dir = _local_dir(tmp_path / "tiny", model_cfg, state)
+    with _InitialisersSeen() as random_build:
+        random_model = load_model(ModelConfig(name=checkpoint_dir, pretrained="none")).model
+    with _InitialisersSeen() as checkpoint_build:
+        loaded = load_model(ModelConfig(name=checkpoint_dir, pretrained="x"))
+    assert random_build.calls > 20  # every Linear, embedding and norm of the tiny model
+    assert checkpoint_build.calls == 0
+    weights = loaded.model.state_dict()
+    assert all(torch.equal(weights[key], tensor) for key, tensor in state.items())
+    # Buffers the checkpoint does not hold are built as with random weights.
+    assert torch.equal(loaded.model.attn_mask, random_model.attn_mask)
+    pixels = torch.rand(2, 3, *loaded.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        features = loaded.model.encode_image(pixels)
+    assert features.isfinite().all()
 
 _PEAK = textwrap.dedent(
     """

@@ -12,7 +12,7 @@ batch, and the heap keeps up to 128 MiB of free memory at its top instead of tri
 it after every batch.
 
 What that heap would keep for good is the one-off garbage of loading the model (the
-random initialisation a checkpoint overwrites, the text tower a labeling run frees):
+tensors a checkpoint replaces, the text tower a labeling run frees):
 `release_free_memory` hands it back once, after the model is ready. During a run, what the
 batches leave scattered in the heap grows slowly (ViT-B-32 through a folder: about 7% more
 peak RSS over 512 frames than over 64), so every run hands it back every few seconds

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import open_clip
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from prelabel.config import ModelConfig
 from prelabel.errors import ConfigError, ModelError
@@ -118,7 +119,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
     """Load the model `config` names, in eval mode, on the configured device.
 
     Raises `ModelError` with a hint when the weights cannot be found or downloaded. For the
-    CPU, the GPU libraries' pages are let go of first (`release_gpu_libraries`).
+    CPU, the GPU libraries' pages are let go of first (`release_gpu_libraries`). Under a
+    checkpoint the model's parameters are not randomly initialised before the checkpoint
+    replaces them (`_parameters_left_uninitialised`).
     `pretrained: none` loads random weights (seeded, so runs repeat) and logs a loud
     warning: predictions are then meaningless, which is only useful for tests.
     """
@@ -138,9 +141,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
         identity = _identity_and_check(name, config.pretrained, is_schema, config.cache_dir)
 
     try:
-        with torch.random.fork_rng(devices=[]), _no_random_init_warning(not random_weights):
+        checkpoint = None if random_weights else _checkpoint_file(name, config.pretrained, config.cache_dir)
+        with (
+            torch.random.fork_rng(devices=[]),
+            _no_random_init_warning(not random_weights),
+            _parameters_left_uninitialised(checkpoint is not None and _replaces_every_parameter(checkpoint)),
+        ):
             torch.manual_seed(RANDOM_SEED)
-            # Built with random weights on the CPU; a checkpoint is then loaded in place.
+            # Built on the CPU, with random weights or none; a checkpoint is then loaded in place.
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name,
                 pretrained=None if random_weights or is_schema else config.pretrained,
@@ -148,8 +156,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
                 pretrained_text=random_weights,  # no base text-tower download under a checkpoint
                 cache_dir=config.cache_dir,
             )
-        if not random_weights:
-            _load_in_place(model, _checkpoint_file(name, config.pretrained, config.cache_dir))
+        if checkpoint is not None:
+            _load_in_place(model, checkpoint)
         model.to(device)
         tokenizer = open_clip.get_tokenizer(name, cache_dir=config.cache_dir)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as exc:
@@ -246,6 +254,57 @@ def _weights_in(folder: Path) -> Path | None:
     return Path(found) if found else None
 
 
+_INITIALISERS = frozenset(
+    {
+        # torch.nn.init's initialisers that a torch function mode sees (the others call
+        # these or the tensor methods below)
+        torch.nn.init.uniform_,
+        torch.nn.init.normal_,
+        torch.nn.init.constant_,
+        torch.nn.init.kaiming_uniform_,
+        torch.Tensor.uniform_,
+        torch.Tensor.normal_,
+        torch.Tensor.random_,
+        torch.Tensor.bernoulli_,
+        torch.Tensor.exponential_,
+        torch.Tensor.log_normal_,
+        torch.Tensor.cauchy_,
+        torch.Tensor.geometric_,
+    }
+)
+
+
+class _SkipParameterInit(TorchFunctionMode):
+    """Leaves new parameters as allocated: `_INITIALISERS` called on an
+    ``nn.Parameter`` do nothing. Other tensors (buffers such as a causal mask) are built as usual."""
+
+    def __torch_function__(
+        self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
+    ) -> object:
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.nn.Parameter):
+                return target
+        return func(*args, **kwargs)
+
+
+def _parameters_left_uninitialised(active: bool) -> contextlib.AbstractContextManager:
+    """While a model whose every parameter a checkpoint replaces is built, skip the random
+    initialisation of its parameters (ViT-B-32: 1.2 s, ViT-L-14: 2.5 s of a CPU core).
+
+    Only on the calling thread (torch function modes are per thread). The checkpoint then
+    replaces every parameter, and `_load_in_place` fails if one is left over.
+    """
+    return _SkipParameterInit() if active else contextlib.nullcontext()
+
+
+def _replaces_every_parameter(checkpoint: str) -> bool:
+    """Whether `_load_in_place` assigns `checkpoint`'s tensors (and checks that none is
+    missing), rather than copying into the model's own (big_vision ``.npz`` weights)."""
+    return Path(checkpoint).suffix not in (".npz", ".npy")
+
+
 def _load_in_place(model: torch.nn.Module, checkpoint: str) -> None:
     """Load `checkpoint` into `model` (as `open_clip.load_checkpoint`, strict), holding one
     copy of the weights rather than two.
@@ -256,7 +315,7 @@ def _load_in_place(model: torch.nn.Module, checkpoint: str) -> None:
     the meta device) and the checkpoint's tensors become the model's
     (``load_state_dict(assign=True)``), cast to float32 where the file holds half precision.
     """
-    if Path(checkpoint).suffix in (".npz", ".npy"):  # big_vision weights: open_clip copies them itself
+    if not _replaces_every_parameter(checkpoint):  # big_vision weights: open_clip copies them itself
         open_clip.load_checkpoint(model, checkpoint)
         return
     for module in model.modules():
