@@ -131,6 +131,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
     random_weights = config.pretrained.lower() == "none"
     name = config.name
     is_schema = name.startswith(("hf-hub:", "local-dir:"))
+    # What open_clip builds from: a cached `hf-hub:` model from its cached folder, so that
+    # nothing asks the hub (`_cached_hub_model`); the identity keeps the name.
+    source = (_cached_hub_model(name, config.cache_dir) if not random_weights else None) or name
     if random_weights:
         log.warning(
             "!!! pretrained: none -- the model has RANDOM weights; its tags are meaningless. "
@@ -139,9 +142,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
         identity = f"{name}/random-seed{RANDOM_SEED}"
     else:
         identity = _identity_and_check(name, config.pretrained, is_schema, config.cache_dir)
+    # A pretrained tag's preprocessing is passed on as such: handed the tag itself, open_clip
+    # would look its weights up on the hub again (`_cached_weights`).
+    tag = None if random_weights or is_schema or os.path.isfile(config.pretrained) else config.pretrained
 
     try:
-        checkpoint = None if random_weights else _checkpoint_file(name, config.pretrained, config.cache_dir)
+        checkpoint = None if random_weights else _checkpoint_file(source, config.pretrained, config.cache_dir)
         with (
             torch.random.fork_rng(devices=[]),
             _no_random_init_warning(not random_weights),
@@ -150,16 +156,17 @@ def load_model(config: ModelConfig) -> LoadedModel:
             torch.manual_seed(RANDOM_SEED)
             # Built on the CPU, with random weights or none; a checkpoint is then loaded in place.
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name,
-                pretrained=None if random_weights or is_schema else config.pretrained,
+                source,
+                pretrained=None if random_weights or is_schema or tag else config.pretrained,
                 load_weights=False,
                 pretrained_text=random_weights,  # no base text-tower download under a checkpoint
                 cache_dir=config.cache_dir,
+                **(_tag_preprocessing(name, tag) if tag else {}),
             )
         if checkpoint is not None:
             _load_in_place(model, checkpoint)
         model.to(device)
-        tokenizer = open_clip.get_tokenizer(name, cache_dir=config.cache_dir)
+        tokenizer = open_clip.get_tokenizer(source, cache_dir=config.cache_dir)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as exc:
         raise ModelError(
             f"cannot load model {name!r} with pretrained {config.pretrained!r}: {_first_line(exc)}",
@@ -228,7 +235,70 @@ def _checkpoint_file(name: str, pretrained: str, cache_dir: str | None) -> str:
         return open_clip.pretrained.download_pretrained_from_hf(repo, cache_dir=cache_dir)
     if os.path.isfile(pretrained):
         return pretrained
+    cached = _cached_weights(name, pretrained, cache_dir)
+    if cached is not None:
+        return cached
     return open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, pretrained), cache_dir=cache_dir)
+
+
+def _tag_preprocessing(name: str, tag: str) -> dict[str, object]:
+    """The image preprocessing `name`'s `tag` was trained with, as arguments of open_clip's
+    ``create_model_and_transforms`` (what open_clip itself takes from the tag)."""
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if cfg.get("quick_gelu", False) != (open_clip.get_model_config(name) or {}).get("quick_gelu", False):
+        log.warning(
+            "%s/%s was trained with quick_gelu=%s, unlike %s's config (as open_clip warns): "
+            "its embeddings will be off; use the model name with -quickgelu",
+            name, tag, cfg.get("quick_gelu", False), name,
+        )  # fmt: skip
+    return {
+        "image_mean": cfg.get("mean"),
+        "image_std": cfg.get("std"),
+        "image_interpolation": cfg.get("interpolation"),
+        "image_resize_mode": cfg.get("resize_mode"),
+    }
+
+
+def _cached_weights(name: str, tag: str, cache_dir: str | None) -> str | None:
+    """The Hugging Face cache's file of `name`'s pretrained `tag`, as open_clip would pick it
+    (a ``.safetensors`` twin first); None if the tag is not on the hub or nothing is cached.
+
+    Taken without asking the hub whether a newer file exists: a tag names fixed weights, and
+    asking costs a request per candidate file on every start, and about 45 s of retries per
+    file where the hub cannot be reached.
+    """
+    hub_entry = open_clip.get_pretrained_cfg(name, tag).get("hf_hub") or ""
+    if not hub_entry:
+        return None
+    # As open_clip.pretrained.download_pretrained reads it: "org/repo/" or "org/repo/file".
+    repo, filename = os.path.split(hub_entry)
+    filename = filename or "open_clip_pytorch_model.bin"
+    candidates = [filename]  # after its .safetensors twin, as open_clip.pretrained._get_safe_alternatives
+    if filename == "open_clip_pytorch_model.bin":
+        candidates.insert(0, "open_clip_model.safetensors")
+    elif filename.endswith((".bin", ".pth")):
+        candidates.insert(0, filename[:-4] + ".safetensors")
+    found = (_in_hub_cache(repo, candidate, cache_dir) for candidate in candidates)
+    return next((path for path in found if path is not None), None)
+
+
+def _cached_hub_model(name: str, cache_dir: str | None) -> str | None:
+    """``local-dir:`` of the cached folder of an `hf-hub:` model that holds its config and
+    weights, for open_clip to build from without asking the hub; None otherwise."""
+    if not name.startswith("hf-hub:"):
+        return None
+    found = _in_hub_cache(name.removeprefix("hf-hub:").strip("/"), "open_clip_config.json", cache_dir)
+    if found is None or _weights_in(Path(found).parent) is None:
+        return None
+    return f"local-dir:{Path(found).parent}"
+
+
+def _in_hub_cache(repo: str, filename: str, cache_dir: str | None) -> str | None:
+    """The path of `filename` of the hub's `repo` in the local cache (its ``main``), if there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+    return found if isinstance(found, str) else None
 
 
 @contextlib.contextmanager
@@ -339,18 +409,9 @@ def _load_in_place(model: torch.nn.Module, checkpoint: str) -> None:
 
 def _check_downloadable(name: str, tag: str, cache_dir: str | None) -> None:
     """Fail in seconds, not minutes of retries, when weights are neither cached nor reachable."""
-    cfg = open_clip.get_pretrained_cfg(name, tag)
-    hub_entry = cfg.get("hf_hub") or ""
-    if not hub_entry or os.environ.get("HF_HUB_OFFLINE") == "1":
+    hub_entry = open_clip.get_pretrained_cfg(name, tag).get("hf_hub") or ""
+    if not hub_entry or os.environ.get("HF_HUB_OFFLINE") == "1" or _cached_weights(name, tag, cache_dir):
         return
-    from huggingface_hub import try_to_load_from_cache
-
-    # As open_clip.pretrained.download_pretrained reads it: "org/repo/" or "org/repo/file".
-    repo, filename = os.path.split(hub_entry)
-    candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    for candidate in candidates:
-        if isinstance(try_to_load_from_cache(repo, candidate, cache_dir=cache_dir), str):
-            return
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
