@@ -1,7 +1,7 @@
 """Weights in the Hugging Face cache load without asking the hub.
 
-Asking costs a request per candidate file on every start where the hub answers, and about
-45 s of retries per file where it cannot be reached (a firewalled CVAT site). Here the hub is
+Asking costs a request per candidate file on every start where the hub answers, and 20-25 s
+of retries per file where it cannot be reached (a firewalled CVAT site). Here the hub is
 a loopback server that records every request and answers 404: asking it would show in its
 record and fail the load. The cached repositories are laid out as huggingface_hub keeps
 them (``models--org--name/refs/main`` and ``snapshots/<revision>/<file>``), holding the tiny
