@@ -1,4 +1,4 @@
-"""`crop_first` against open_clip's own inference transforms, on the sample photographs."""
+"""`crop_first` and `split` against open_clip's own inference transforms, on the sample photographs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
+from torchvision import transforms
 
-from prelabel.pipeline.preprocess import crop_first
+from prelabel.pipeline.preprocess import crop_first, split
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "images"
 
@@ -70,3 +72,43 @@ def test_a_tensor_goes_through_the_original_transform() -> None:
     transform = open_clip.image_transform(224, is_train=False)
     pixels = torch.rand(3, 224, 224)
     assert torch.equal(crop_first(transform)(pixels), transform(pixels))
+
+
+SPLIT_CASES = [
+    (224, "bicubic", "shortest"),
+    (256, "bilinear", "shortest"),
+    (224, "bicubic", "squash"),
+    (224, "bicubic", "longest"),
+]
+
+
+@pytest.mark.parametrize(("image_size", "interpolation", "resize_mode"), SPLIT_CASES)
+def test_split_gives_open_clip_s_values_exactly(
+    image_size: int, interpolation: str, resize_mode: str
+) -> None:
+    transform = image_transform_v2(
+        PreprocessCfg(size=image_size, interpolation=interpolation, resize_mode=resize_mode),
+        is_train=False,
+    )
+    images = _photos(SHRUNK[:6] + OTHERS)
+    expected = torch.stack([transform(image) for image in images])
+    exact = split(transform, crop=False)
+    pixels = [exact.frame(image) for image in images]
+    assert all(p.dtype == torch.uint8 and p.shape == (image_size, image_size, 3) for p in pixels)
+    assert torch.equal(exact.batch(torch.stack(pixels)), expected)
+    # With the crop moved into the resize, the values are crop_first's, exactly.
+    cropped = split(transform, crop=True)
+    fast = crop_first(transform)
+    got = cropped.batch(torch.stack([cropped.frame(image) for image in images]))
+    assert torch.equal(got, torch.stack([fast(image) for image in images]))
+
+
+def test_split_runs_a_transform_it_cannot_cut_whole_on_each_frame() -> None:
+    transform = open_clip.image_transform(224, is_train=False)
+    ends_otherwise = transforms.Compose([*transform.transforms, transforms.Lambda(lambda t: t * 2)])
+    image = _photos([(300, 200)])[0]
+    for uncut in (ends_otherwise, lambda image: torch.zeros(3, 4, 4)):
+        parts = split(uncut, crop=False)
+        assert parts.frame is uncut
+        stacked = torch.stack([uncut(image)])
+        assert parts.batch(stacked) is stacked

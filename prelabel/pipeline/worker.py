@@ -4,8 +4,10 @@ Decoding and preprocessing run in a thread pool a few batches ahead of the model
 releases the GIL while it decodes), so the model rarely waits for images; `prime` starts
 on the next source's first batch before its turn. With `draft` (the default) a large JPEG
 is decoded at reduced scale and only the centre crop is resized
-(`prelabel.pipeline.preprocess`); without it, frames get exactly open_clip's pixels. Frames
-that cannot be decoded come out as predictions with an `error` instead of scores.
+(`prelabel.pipeline.preprocess`); without it, frames get exactly open_clip's pixels. The
+threads keep each frame's 8-bit pixels; the model's thread scales and normalises a whole
+batch at once (`preprocess.split`). Frames that cannot be decoded come out as predictions
+with an `error` instead of scores.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from itertools import islice
 from typing import NamedTuple, TypeVar
 
 import torch
+from PIL import Image
 
 from prelabel.interface import Frame, Prediction
 from prelabel.pipeline.classifier import TextClassifier
 from prelabel.pipeline.decode import DecodeError, decode
 from prelabel.pipeline.model import LoadedModel, inference
-from prelabel.pipeline.preprocess import Transform, crop_first
+from prelabel.pipeline.preprocess import SplitTransform, split
 from prelabel.pipeline.stream import lowered_priority, ordered_map
 from prelabel.pipeline.timing import StageTimer
 
@@ -50,6 +53,7 @@ class WorkerOptions:
 class _Decoded:
     frame: Frame
     tensor: torch.Tensor | None
+    """The frame's pixels as `SplitTransform.frame` gives them."""
     size: tuple[int, int] | None
     error: str | None
 
@@ -72,9 +76,10 @@ def predict(
     """
     timer = timer or StageTimer()
     k = min(options.top_k, len(classifier.labels))
+    finish = _preprocessing(loaded, options).batch
     for batch in _batches(frames, loaded, options, timer, decode_pool):
         rows = _through_model(
-            batch, lambda pixels: score_and_fit_batch(pixels, loaded, classifier).rows(), timer
+            batch, finish, lambda pixels: score_and_fit_batch(pixels, loaded, classifier).rows(), timer
         )
         for item, row in zip(batch, rows, strict=True):
             scores: tuple[tuple[str, float], ...] = ()
@@ -112,8 +117,9 @@ def embed(
 ) -> Iterator[Embedded]:
     """Yield each frame's image embedding, in input order, encoding frames in batches."""
     timer = timer or StageTimer()
+    finish = _preprocessing(loaded, options).batch
     for batch in _batches(frames, loaded, options, timer):
-        features = _through_model(batch, lambda pixels: encode_batch(pixels, loaded), timer)
+        features = _through_model(batch, finish, lambda pixels: encode_batch(pixels, loaded), timer)
         for item, row in zip(batch, features, strict=True):
             yield Embedded(item.frame, row, item.error)
 
@@ -185,15 +191,18 @@ def _batches(
 
 
 def _through_model(
-    batch: list[_Decoded], model: Callable[[torch.Tensor], Sequence[_Row]], timer: StageTimer
+    batch: list[_Decoded],
+    finish: Callable[[torch.Tensor], torch.Tensor],
+    model: Callable[[torch.Tensor], Sequence[_Row]],
+    timer: StageTimer,
 ) -> list[_Row | None]:
-    """`model` applied to the batch's decoded frames at once: one row per frame, None where
-    the frame could not be decoded."""
+    """`model` applied to the batch's decoded frames at once (stacked, then `finish`ed into
+    the model's input): one row per frame, None where the frame could not be decoded."""
     good = [item.tensor for item in batch if item.tensor is not None]
     if not good:
         return [None] * len(batch)
     with timer.stage("model"):
-        rows = iter(model(torch.stack(good)))
+        rows = iter(model(finish(torch.stack(good))))
     return [next(rows) if item.tensor is not None else None for item in batch]
 
 
@@ -271,14 +280,23 @@ def _decode_ahead(
     )
 
 
+def _preprocessing(loaded: LoadedModel, options: WorkerOptions) -> SplitTransform:
+    """`loaded`'s transform split into its per-frame and per-batch parts, as the options say."""
+    return split(loaded.preprocess, crop=options.draft)
+
+
 def _decoder(loaded: LoadedModel, options: WorkerOptions, timer: StageTimer) -> Callable[[Frame], _Decoded]:
     """Decodes and preprocesses one frame for `loaded`, as the options say."""
-    transform = crop_first(loaded.preprocess) if options.draft else loaded.preprocess
+    transform = _preprocessing(loaded, options).frame
     return lambda frame: _prepare(frame, loaded.image_size, transform, options.draft, timer)
 
 
 def _prepare(
-    frame: Frame, image_size: tuple[int, int], transform: Transform, draft: bool, timer: StageTimer
+    frame: Frame,
+    image_size: tuple[int, int],
+    transform: Callable[[Image.Image], torch.Tensor],
+    draft: bool,
+    timer: StageTimer,
 ) -> _Decoded:
     with timer.stage("decode"):
         try:
