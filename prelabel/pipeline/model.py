@@ -142,8 +142,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         identity = f"{name}/random-seed{RANDOM_SEED}"
     else:
         identity = _identity_and_check(name, config.pretrained, is_schema, config.cache_dir)
-    # A pretrained tag's preprocessing is passed on as such: handed the tag itself, open_clip
-    # would look its weights up on the hub again (`_cached_weights`).
+    # A pretrained tag reaches open_clip as its preprocessing settings, not as the tag: given
+    # the tag, open_clip looks its weights up on the hub again (see `_cached_weights`).
     tag = None if random_weights or is_schema or os.path.isfile(config.pretrained) else config.pretrained
 
     try:
@@ -381,8 +381,8 @@ def _load_in_place(model: torch.nn.Module, checkpoint: str) -> None:
 
     open_clip copies a checkpoint into the model's own tensors, so for a moment the process
     holds the random weights and the file's: ViT-B-32 peaked at 1903 MiB against 1356 MiB
-    with random weights alone. Here the random tensors are dropped first (their shapes stay, on
-    the meta device) and the checkpoint's tensors become the model's
+    with random weights alone. Here the model's own tensors are dropped first (their shapes
+    stay, on the meta device) and the checkpoint's tensors become the model's
     (``load_state_dict(assign=True)``), cast to float32 where the file holds half precision.
     """
     if not _replaces_every_parameter(checkpoint):  # big_vision weights: open_clip copies them itself
