@@ -141,7 +141,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         )
         identity = f"{name}/random-seed{RANDOM_SEED}"
     else:
-        identity = _identity_and_check(name, config.pretrained, is_schema, config.cache_dir)
+        identity = _identity_and_check(name, config.pretrained, is_schema)
     # A pretrained tag reaches open_clip as its preprocessing settings, not as the tag: given
     # the tag, open_clip looks its weights up on the hub again (see `_cached_weights`).
     tag = None if random_weights or is_schema or os.path.isfile(config.pretrained) else config.pretrained
@@ -197,8 +197,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
     )
 
 
-def _identity_and_check(name: str, pretrained: str, is_schema: bool, cache_dir: str | None) -> str:
-    """Name the weights exactly, and fail fast when they cannot be had."""
+def _identity_and_check(name: str, pretrained: str, is_schema: bool) -> str:
+    """Name the weights exactly, and fail fast when they are not there (no weights file, an
+    unknown tag); `_checkpoint_file` fails fast when they cannot be downloaded."""
     if name.startswith("local-dir:"):
         folder = Path(name.removeprefix("local-dir:"))
         weights = _weights_in(folder)
@@ -219,7 +220,6 @@ def _identity_and_check(name: str, pretrained: str, is_schema: bool, cache_dir: 
             f"{pretrained!r} is neither a pretrained tag of {name!r} nor a checkpoint file",
             hint=f"tags for {name}: {tags}",
         )
-    _check_downloadable(name, pretrained, cache_dir)
     return f"{name}/{pretrained}"
 
 
@@ -238,6 +238,7 @@ def _checkpoint_file(name: str, pretrained: str, cache_dir: str | None) -> str:
     cached = _cached_weights(name, pretrained, cache_dir)
     if cached is not None:
         return cached
+    _check_downloadable(name, pretrained)
     return open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, pretrained), cache_dir=cache_dir)
 
 
@@ -407,10 +408,11 @@ def _load_in_place(model: torch.nn.Module, checkpoint: str) -> None:
         raise RuntimeError(f"the checkpoint left {len(missing)} weights unloaded (first: {missing[0]})")
 
 
-def _check_downloadable(name: str, tag: str, cache_dir: str | None) -> None:
-    """Fail in seconds, not minutes of retries, when weights are neither cached nor reachable."""
+def _check_downloadable(name: str, tag: str) -> None:
+    """Fail in seconds, not minutes of retries, when weights that are not cached cannot be
+    downloaded either."""
     hub_entry = open_clip.get_pretrained_cfg(name, tag).get("hf_hub") or ""
-    if not hub_entry or os.environ.get("HF_HUB_OFFLINE") == "1" or _cached_weights(name, tag, cache_dir):
+    if not hub_entry or os.environ.get("HF_HUB_OFFLINE") == "1":
         return
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
