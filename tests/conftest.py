@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,6 +21,8 @@ import pytest
 from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
+    import torch
+
     from prelabel.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,26 @@ def tiny_model_config(overrides: Mapping[str, object] | None = None, path: Path 
     from prelabel.config import load_config
 
     return load_config(path, {"model.name": TINY_MODEL, "model.pretrained": "none", **(overrides or {})})
+
+
+def tiny_open_clip_config() -> dict:
+    """The tiny model's ``open_clip_config.json`` (``model_cfg`` and ``preprocess_cfg``)."""
+    return json.loads((Path(TINY_MODEL.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
+
+
+def tiny_state(shift: float) -> dict[str, torch.Tensor]:
+    """The tiny model's seeded random weights, each moved by `shift` (a checkpoint's, not the
+    random init's, once `shift` is not 0)."""
+    import torch
+
+    from prelabel.config import ModelConfig
+    from prelabel.pipeline.model import load_model
+
+    model = load_model(ModelConfig(name=TINY_MODEL, pretrained="none")).model
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(shift)
+    return {key: tensor.clone() for key, tensor in model.state_dict().items()}
 
 
 def resident_kib(selected: Callable[[int, str], bool]) -> int:

@@ -15,31 +15,21 @@ from torch.overrides import TorchFunctionMode
 from prelabel.config import ModelConfig
 from prelabel.errors import ModelError
 from prelabel.pipeline.model import load_model
-from tests.conftest import REPO, TINY_MODEL
-
-TINY_DIR = Path(TINY_MODEL.removeprefix("local-dir:"))
+from tests.conftest import REPO, tiny_open_clip_config, tiny_state
 
 
 def _local_dir(folder: Path, model_cfg: dict, state: dict[str, torch.Tensor]) -> str:
     """A `local-dir:` model folder holding `model_cfg` and the weights `state`."""
     folder.mkdir()
-    tiny = json.loads((TINY_DIR / "open_clip_config.json").read_text())
+    tiny = tiny_open_clip_config()
     (folder / "open_clip_config.json").write_text(json.dumps({**tiny, "model_cfg": model_cfg}))
     torch.save(state, folder / "open_clip_pytorch_model.bin")
     return f"local-dir:{folder}"
 
 
-def _tiny_state(shift: float) -> dict[str, torch.Tensor]:
-    model = load_model(ModelConfig(name=TINY_MODEL, pretrained="none")).model
-    with torch.no_grad():  # weights that differ from the seeded random init
-        for parameter in model.parameters():
-            parameter.add_(shift)
-    return {key: tensor.clone() for key, tensor in model.state_dict().items()}
-
-
 def test_a_half_precision_checkpoint_loads_as_its_values_in_float32(tmp_path: Path, caplog):
-    state = {key: tensor.half() for key, tensor in _tiny_state(0.01).items()}
-    model_cfg = json.loads((TINY_DIR / "open_clip_config.json").read_text())["model_cfg"]
+    state = {key: tensor.half() for key, tensor in tiny_state(0.01).items()}
+    model_cfg = tiny_open_clip_config()["model_cfg"]
     caplog.clear()
     loaded = load_model(ModelConfig(name=_local_dir(tmp_path / "half", model_cfg, state), pretrained="x"))
     assert not [r for r in caplog.records if "randomly" in r.getMessage()]  # it is not random
@@ -54,12 +44,11 @@ def test_a_half_precision_checkpoint_loads_as_its_values_in_float32(tmp_path: Pa
 
 
 def test_a_checkpoint_missing_weights_is_an_error_not_a_half_built_model(tmp_path: Path):
-    state = _tiny_state(0.0)
+    state = tiny_state(0.0)
     del state["visual.proj"]
-    model_cfg = json.loads((TINY_DIR / "open_clip_config.json").read_text())["model_cfg"]
+    model_cfg = tiny_open_clip_config()["model_cfg"]
     with pytest.raises(ModelError, match=r"cannot load model .*visual\.proj"):
         load_model(ModelConfig(name=_local_dir(tmp_path / "partial", model_cfg, state), pretrained="x"))
-
 
 
 class _InitialisersSeen(TorchFunctionMode):
@@ -79,8 +68,8 @@ class _InitialisersSeen(TorchFunctionMode):
 
 
 def test_under_a_checkpoint_the_parameters_are_not_randomly_initialised_first(tmp_path: Path):
-    model_cfg = json.loads((TINY_DIR / "open_clip_config.json").read_text())["model_cfg"]
-    state = _tiny_state(0.01)
+    model_cfg = tiny_open_clip_config()["model_cfg"]
+    state = tiny_state(0.01)
     checkpoint_dir = _local_dir(tmp_path / "tiny", model_cfg, state)
     with _InitialisersSeen() as random_build:
         random_model = load_model(ModelConfig(name=checkpoint_dir, pretrained="none")).model
@@ -96,6 +85,7 @@ def test_under_a_checkpoint_the_parameters_are_not_randomly_initialised_first(tm
     with torch.inference_mode():
         features = loaded.model.encode_image(pixels)
     assert features.isfinite().all()
+
 
 _PEAK = textwrap.dedent(
     """

@@ -24,9 +24,9 @@ import torch
 from prelabel.config import ModelConfig
 from prelabel.errors import ModelError
 from prelabel.pipeline.model import load_model
-from tests.conftest import TINY_MODEL
+from tests.conftest import tiny_open_clip_config, tiny_state
 
-TINY_CONFIG = json.loads((Path(TINY_MODEL.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
+TINY_CONFIG = tiny_open_clip_config()
 REPO_ID = "prelabel-tests/tiny-clip"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 # Preprocessing unlike open_clip's defaults, so that it shows whether it was taken.
@@ -72,14 +72,6 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         server.server_close()
 
 
-def _tiny_state() -> dict[str, torch.Tensor]:
-    model = load_model(ModelConfig(name=TINY_MODEL, pretrained="none")).model
-    with torch.no_grad():  # not the seeded random weights
-        for parameter in model.parameters():
-            parameter.add_(0.01)
-    return {key: tensor.clone() for key, tensor in model.state_dict().items()}
-
-
 def _cache(root: Path, files: dict[str, str | dict[str, torch.Tensor]]) -> None:
     """`files` (text, or a state dict saved with torch.save) as the cached `REPO_ID`."""
     repo = root / f"models--{REPO_ID.replace('/', '--')}"
@@ -116,7 +108,7 @@ def _assert_preprocessing(loaded) -> None:
 
 
 def test_a_pretrained_tags_cached_weights_load_without_asking_the_hub(tmp_path: Path, hub, tiny_tag):
-    state = _tiny_state()
+    state = tiny_state(0.01)
     _cache(tmp_path, {"open_clip_pytorch_model.bin": state})
     loaded = load_model(ModelConfig(name=tiny_tag, pretrained="cached", cache_dir=str(tmp_path)))
     assert hub == []
@@ -132,7 +124,7 @@ def test_a_pretrained_tag_that_is_not_cached_is_asked_of_the_hub(tmp_path: Path,
 
 
 def test_a_cached_hf_hub_model_loads_without_asking_the_hub(tmp_path: Path, hub):
-    state = _tiny_state()
+    state = tiny_state(0.01)
     config = {**TINY_CONFIG, "preprocess_cfg": PREPROCESS}
     _cache(tmp_path, {"open_clip_config.json": json.dumps(config), "open_clip_pytorch_model.bin": state})
     loaded = load_model(ModelConfig(name=f"hf-hub:{REPO_ID}", cache_dir=str(tmp_path)))
