@@ -10,7 +10,7 @@ MODEL      ?= ViT-B-32
 PRETRAINED ?= laion2b_s34b_b79k
 DEMO_OUT   ?= out/demo
 
-.PHONY: install test demo lint clean prelabel setup review bench bench-memory bench-preprocess eval calibrate workers bench-scale bench-queue bench-big
+.PHONY: install test demo lint clean prelabel setup review bench bench-memory bench-preprocess eval calibrate workers bench-scale bench-queue bench-big gpu-check
 
 install: $(VENV)/.installed
 
@@ -83,6 +83,18 @@ bench-memory: install
 # CPU ms per frame of decoding and preprocessing, open_clip's transform next to crop_first's
 bench-preprocess: install
 	$(BIN)/python -m benchmarks.preprocess $(ARGS)
+
+# On a machine with a CUDA GPU: the GPU tests (tests/test_gpu.py, skipped elsewhere), then
+# make bench's GPU rows for ViT-B-32 and ViT-L-14. GPU_PYTHON is an interpreter that has
+# prelabel's dependencies (default: this checkout's venv). make gpu-check [GPU_FRAMES=2048]
+GPU_PYTHON ?= $(BIN)/python
+GPU_FRAMES ?= 1024
+gpu-check:
+	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_gpu.py
+	for model in ViT-B-32 ViT-L-14; do \
+		$(GPU_PYTHON) -m benchmarks.throughput --device cuda --model $$model --frames $(GPU_FRAMES) \
+			--segment-size $$(($(GPU_FRAMES) / 4)) --repeats 2 --cases accepted,review-30% $(ARGS) || exit; \
+	done
 
 # ruff, and the layering contracts of pyproject.toml [tool.importlinter] (lint-imports)
 lint: install

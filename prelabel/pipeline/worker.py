@@ -76,7 +76,7 @@ def predict(
     """
     timer = timer or StageTimer()
     k = min(options.top_k, len(classifier.labels))
-    finish = _preprocessing(loaded, options).batch
+    finish = _finishing(loaded, options)
     for batch in _batches(frames, loaded, options, timer, decode_pool):
         rows = _through_model(
             batch, finish, lambda pixels: score_and_fit_batch(pixels, loaded, classifier).rows(), timer
@@ -117,7 +117,7 @@ def embed(
 ) -> Iterator[Embedded]:
     """Yield each frame's image embedding, in input order, encoding frames in batches."""
     timer = timer or StageTimer()
-    finish = _preprocessing(loaded, options).batch
+    finish = _finishing(loaded, options)
     for batch in _batches(frames, loaded, options, timer):
         features = _through_model(batch, finish, lambda pixels: encode_batch(pixels, loaded), timer)
         for item, row in zip(batch, features, strict=True):
@@ -208,9 +208,15 @@ def _through_model(
 
 def _encode(pixels: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
     """Unit image embeddings on the model's device; call inside `inference(loaded)`."""
-    if loaded.device.type == "cuda":
-        pixels = pixels.pin_memory()  # lets the copy to the GPU run asynchronously
-    return loaded.model.encode_image(pixels.to(loaded.device, non_blocking=True), normalize=True)
+    return loaded.model.encode_image(_to_device(pixels, loaded.device), normalize=True)
+
+
+def _to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`pixels` on `device`. A CPU tensor bound for a GPU goes through pinned memory, which
+    lets the copy run asynchronously; a tensor already there is returned as it is."""
+    if device.type == "cuda" and pixels.device.type == "cpu":
+        pixels = pixels.pin_memory()
+    return pixels.to(device, non_blocking=True)
 
 
 def encode_batch(pixels: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
@@ -278,6 +284,14 @@ def _decode_ahead(
         pool=pool,
         started=started,
     )
+
+
+def _finishing(loaded: LoadedModel, options: WorkerOptions) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-batch part of `loaded`'s transform, on the model's device: a stack of 8-bit
+    pixels is copied to a GPU as it is (a quarter of the bytes of the floats) and scaled and
+    normalised there, so the model's thread does not do that work on the CPU."""
+    batch = _preprocessing(loaded, options).batch
+    return lambda pixels: batch(_to_device(pixels, loaded.device))
 
 
 def _preprocessing(loaded: LoadedModel, options: WorkerOptions) -> SplitTransform:
