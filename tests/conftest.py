@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
     from prelabel.config import Config
 
+# Under pytest-xdist each worker gets its share of the cores for torch's threads (and so do the
+# CLI processes the tests start): two workers each running two OpenMP threads on two cores
+# keep them waiting for each other at every parallel region. Read when torch first computes.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "images"
 TINY_MODEL = f"local-dir:{REPO / 'tests' / 'assets' / 'tiny-clip'}"
