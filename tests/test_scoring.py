@@ -19,9 +19,14 @@ from prelabel.interface import Decision
 from prelabel.pipeline.classifier import build_classifier, label_prompts
 from prelabel.pipeline.model import load_model
 from prelabel.pipeline.runner import run
-from tests.conftest import LABELS, TINY_MODEL, tiny_model_config, write_jpegs
-
-TINY_DIR = Path(TINY_MODEL.removeprefix("local-dir:"))
+from tests.conftest import (
+    LABELS,
+    TINY_MODEL,
+    tiny_model_config,
+    tiny_open_clip_config,
+    tiny_state,
+    write_jpegs,
+)
 
 
 class ListSink:
@@ -122,12 +127,8 @@ def test_classifier_is_cached_on_disk_under_its_fingerprint(tmp_path: Path):
 
 
 def test_local_checkpoint_file_and_local_dir_load_the_saved_weights(tmp_path: Path):
-    reference = load_model(ModelConfig(name=TINY_MODEL, pretrained="none"))
-    with torch.no_grad():  # weights that differ from the seeded random init
-        for parameter in reference.model.parameters():
-            parameter.add_(0.01)
-    state = reference.model.state_dict()
-    tiny_json = json.loads((TINY_DIR / "open_clip_config.json").read_text())
+    state = tiny_state(0.01)  # weights that differ from the seeded random init
+    tiny_json = tiny_open_clip_config()
 
     # An architecture registered with open_clip plus a checkpoint file as `pretrained`.
     (tmp_path / "prelabel-tiny.json").write_text(json.dumps(tiny_json["model_cfg"]))
