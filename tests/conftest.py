@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # Under pytest-xdist each worker gets its share of the cores for torch's threads (and so do the
 # CLI processes the tests start): two workers each running two OpenMP threads on two cores
-# keep them waiting for each other at every parallel region. Read when torch first computes.
+# keep them waiting for each other at every parallel region. Set before any test imports torch.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))

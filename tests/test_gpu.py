@@ -37,8 +37,11 @@ def test_the_batch_step_on_the_gpu_gives_the_cpu_values():
 def test_predictions_on_the_gpu_match_the_cpu(tmp_path: Path, precision: str):
     write_jpegs(tmp_path, variants(40, (1280, 720)))
     frames = list(FolderSource(tmp_path).frames())
-    on_cpu = build_pipeline(tiny_model_config({"model.device": "cpu"}), LABELS)
-    on_gpu = build_pipeline(tiny_model_config({"model.device": "cuda", "model.precision": precision}), LABELS)
+    every_label = {"routing.top_k": len(LABELS)}
+    on_cpu = build_pipeline(tiny_model_config({"model.device": "cpu", **every_label}), LABELS)
+    on_gpu = build_pipeline(
+        tiny_model_config({"model.device": "cuda", "model.precision": precision, **every_label}), LABELS
+    )
     assert on_gpu.loaded.device.type == "cuda" and on_gpu.options.batch_size == 128
 
     expected = list(predict(frames, on_cpu.loaded, on_cpu.classifier, on_cpu.options))
