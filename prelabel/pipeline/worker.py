@@ -20,13 +20,12 @@ from itertools import islice
 from typing import NamedTuple, TypeVar
 
 import torch
-from PIL import Image
 
 from prelabel.interface import Frame, Prediction
 from prelabel.pipeline.classifier import TextClassifier
 from prelabel.pipeline.decode import DecodeError, decode
 from prelabel.pipeline.model import LoadedModel, inference
-from prelabel.pipeline.preprocess import SplitTransform, split
+from prelabel.pipeline.preprocess import SplitTransform, Transform, split
 from prelabel.pipeline.stream import lowered_priority, ordered_map
 from prelabel.pipeline.timing import StageTimer
 
@@ -308,7 +307,7 @@ def _decoder(loaded: LoadedModel, options: WorkerOptions, timer: StageTimer) -> 
 def _prepare(
     frame: Frame,
     image_size: tuple[int, int],
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Transform,
     draft: bool,
     timer: StageTimer,
 ) -> _Decoded:
