@@ -96,9 +96,11 @@ gpu-check:
 			--segment-size $$(($(GPU_FRAMES) / 4)) --repeats 2 --cases accepted,review-30% $(ARGS) || exit; \
 	done
 
-# ruff, and the layering contracts of pyproject.toml [tool.importlinter] (lint-imports)
+# ruff (lint rules and formatting), and the layering contracts of pyproject.toml
+# [tool.importlinter] (lint-imports)
 lint: install
 	$(BIN)/ruff check prelabel connectors tests benchmarks
+	$(BIN)/ruff format --check prelabel connectors tests benchmarks
 	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
 
 clean:

@@ -113,9 +113,7 @@ class PipelineCache:
         self._pipelines: dict[str, Pipeline] = {}
         self._models: dict[str, LoadedModel] = {}
 
-    def get(
-        self, config: Config, labels: Sequence[str], calibration: Calibration | None = None
-    ) -> Pipeline:
+    def get(self, config: Config, labels: Sequence[str], calibration: Calibration | None = None) -> Pipeline:
         """The pipeline for `labels` under `config` (and `calibration`, when given)."""
         model_key = _key(config.model.model_dump(mode="json"))
         learned = asdict(calibration) if calibration else None

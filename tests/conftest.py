@@ -219,7 +219,12 @@ def _as_a_new_process(cwd: str | Path) -> Iterator[None]:
 
 
 _LOGGERS_THE_CLI_SETS = (
-    "urllib3", "PIL", "huggingface_hub", "connectors.queue", "connectors.cvat.queued", "prelabel.serve"
+    "urllib3",
+    "PIL",
+    "huggingface_hub",
+    "connectors.queue",
+    "connectors.cvat.queued",
+    "prelabel.serve",
 )
 
 

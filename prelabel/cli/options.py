@@ -50,9 +50,9 @@ def _bundle(name: str, keys: tuple[str, ...], make: Callable[..., Any]) -> Calla
 
 
 def config_option(func: Callable) -> Callable:
-    return click.option(
-        "--config", "config_path", type=click.Path(path_type=Path), help="YAML config file."
-    )(func)
+    return click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file.")(
+        func
+    )
 
 
 def state_option(func: Callable) -> Callable:

@@ -150,8 +150,13 @@ class Handler(BaseHTTPRequestHandler):
         if before is not None:
             app.record(
                 LoggedRequest(
-                    method, path, query, before.answer_status, fault=before.kind,
-                    started=started, finished=time.perf_counter(),
+                    method,
+                    path,
+                    query,
+                    before.answer_status,
+                    fault=before.kind,
+                    started=started,
+                    finished=time.perf_counter(),
                 ),
                 write=False,
             )
@@ -165,8 +170,14 @@ class Handler(BaseHTTPRequestHandler):
         if after is not None and write:
             app.record(
                 LoggedRequest(
-                    method, path, query, after.answer_status, username, after.kind,
-                    started=started, finished=time.perf_counter(),
+                    method,
+                    path,
+                    query,
+                    after.answer_status,
+                    username,
+                    after.kind,
+                    started=started,
+                    finished=time.perf_counter(),
                 ),
                 write=True,
             )
