@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLES, TINY_MODEL, run_cli, run_cli_process
+from tests.conftest import SAMPLES, TINY_MODEL, run_cli, run_cli_process, tiny_open_clip_config
 
 
 def assert_one_line_error(result, fragment: str) -> None:
@@ -132,6 +133,22 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, photo_dir, tiny_config, se
         config.write_text(f'model:\n  name: "{TINY_MODEL}"\n  pretrained: none\n')
     result = run_cli("folder", str(images), "--config", str(config), "--out", str(tmp_path / "o"), *labels)
     assert_one_line_error(result, fragment)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed")
+def test_a_model_whose_tokenizer_needs_a_missing_package_says_which(tmp_path, photo_dir):
+    """SigLIP-style models take their tokenizer from `transformers`, which open_clip does not
+    install: the user is told what to install, in one line, and nothing is written."""
+    config = tiny_open_clip_config()
+    config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    out = tmp_path / "o"
+    args = ["folder", str(photo_dir), "--labels", "cat,dog", "--out", str(out), "--no-progress"]
+    result = run_cli(*args, "--model", f"local-dir:{tmp_path}", "--pretrained", "none")
+    assert_one_line_error(result, "needs the Python package 'transformers', which is not installed")
+    assert "hint: pip install transformers" in result.stderr
+    assert result.returncode == 3
+    assert not out.exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -167,6 +167,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
             _load_in_place(model, checkpoint)
         model.to(device)
         tokenizer = open_clip.get_tokenizer(source, cache_dir=config.cache_dir)
+    except ImportError as exc:  # e.g. SigLIP's tokenizer comes from `transformers`, an optional package
+        package = (exc.name or "").partition(".")[0]
+        if not package:
+            raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
+        raise ModelError(
+            f"model {name!r} needs the Python package {package!r}, which is not installed",
+            hint=f"pip install {package}",
+        ) from exc
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as exc:
         raise ModelError(
             f"cannot load model {name!r} with pretrained {config.pretrained!r}: {_first_line(exc)}",
