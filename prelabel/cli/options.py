@@ -50,9 +50,8 @@ def _bundle(name: str, keys: tuple[str, ...], make: Callable[..., Any]) -> Calla
 
 
 def config_option(func: Callable) -> Callable:
-    return click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config file.")(
-        func
-    )
+    path = click.Path(path_type=Path)
+    return click.option("--config", "config_path", type=path, help="YAML config file.")(func)
 
 
 def state_option(func: Callable) -> Callable:

@@ -168,8 +168,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model.to(device)
         tokenizer = open_clip.get_tokenizer(source, cache_dir=config.cache_dir)
     except ImportError as exc:  # e.g. SigLIP's tokenizer comes from `transformers`, an optional package
-        package = (exc.name or "").partition(".")[0]
-        if not package:
+        package = (exc.name or "").partition(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+        if not package:  # not a missing module (a name missing from one, say): say what it is
             raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
         raise ModelError(
             f"model {name!r} needs the Python package {package!r}, which is not installed",
