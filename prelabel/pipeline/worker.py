@@ -305,11 +305,7 @@ def _decoder(loaded: LoadedModel, options: WorkerOptions, timer: StageTimer) -> 
 
 
 def _prepare(
-    frame: Frame,
-    image_size: tuple[int, int],
-    transform: Transform,
-    draft: bool,
-    timer: StageTimer,
+    frame: Frame, image_size: tuple[int, int], transform: Transform, draft: bool, timer: StageTimer
 ) -> _Decoded:
     with timer.stage("decode"):
         try:
