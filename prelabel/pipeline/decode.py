@@ -6,10 +6,11 @@ up in the review queue; nothing here stops a run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from prelabel.interface import Frame
 
@@ -22,6 +23,10 @@ MAX_PIXELS = 64_000_000
 at a reduced scale, other formats go to review."""
 
 
+_TURNED = frozenset({5, 6, 7, 8})
+"""EXIF orientations that turn the image by a quarter: its shown width is its stored height."""
+
+
 class DecodeError(Exception):
     """The frame cannot be turned into an image; the message is the review reason."""
 
@@ -29,12 +34,14 @@ class DecodeError(Exception):
 def decode(
     frame: Frame, size: tuple[int, int], *, draft: bool, max_pixels: int = MAX_PIXELS
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode `frame` to RGB; returns the image and the frame's original (width, height).
+    """Decode `frame` to RGB, upright; returns the image and the frame's original (width, height).
 
+    A frame is turned as its EXIF orientation says, and its size is the turned one: what a
+    viewer shows, and what CVAT shows and stores (its chunks hold such frames turned already).
     With `draft`, a JPEG much larger than `size` is decoded at a reduced scale (Pillow's
-    draft mode picks the largest 1/2, 1/4 or 1/8 scale that still covers `size`). A JPEG
-    over `max_pixels` is always decoded at reduced scale; any other image over it is an
-    error, so that one huge frame cannot exhaust memory.
+    draft mode picks the largest 1/2, 1/4 or 1/8 scale that still covers `size`, either way
+    round). A JPEG over `max_pixels` is always decoded at reduced scale; any other image over
+    it is an error, so that one huge frame cannot exhaust memory.
     """
     if frame.error is not None:
         raise DecodeError(frame.error)
@@ -48,12 +55,15 @@ def decode(
         original = image.size
         huge = original[0] * original[1] > max_pixels
         if image.format == "JPEG" and (draft or huge):
-            image.draft("RGB", size)
+            side = max(size)  # covers `size` whichever way the orientation turns the frame
+            image.draft("RGB", (side, side))
         if image.size[0] * image.size[1] > max_pixels:
             raise DecodeError(
                 f"image too large: {original[0]}x{original[1]} pixels (at most {max_pixels} are decoded)"
             )
         image.load()
+        if _turn_upright(image):
+            original = (original[1], original[0])
         return _to_rgb(image), original
     except UnidentifiedImageError:
         raise DecodeError("not an image (unknown or unsupported format)") from None
@@ -61,6 +71,19 @@ def decode(
         raise DecodeError(f"image too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DecodeError(f"corrupt or truncated image: {exc}") from None
+
+
+def _turn_upright(image: Image.Image) -> bool:
+    """Turn `image` in place as its EXIF orientation says; True if that swapped its sides.
+
+    Pillow raises on some broken EXIF blocks, before turning the image or after; either way
+    the pixels are good, so the frame is still decoded, as far as it was turned.
+    """
+    orientation = 1
+    with contextlib.suppress(Exception):  # a failure here is in the metadata, not in the pixels
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        ImageOps.exif_transpose(image, in_place=True)
+    return orientation in _TURNED
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

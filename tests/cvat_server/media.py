@@ -9,12 +9,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import av
-from PIL import Image
+from PIL import Image, ImageOps
+
+ORIENTATION = 0x0112
+"""The EXIF orientation tag (274)."""
 
 
 @dataclass
 class Frame:
-    """One task frame: its upload name, size, original bytes and decoded image."""
+    """One task frame: its upload name, its size as shown, the bytes its original-quality
+    chunk holds, and its decoded image, upright."""
 
     name: str
     width: int
@@ -24,9 +28,21 @@ class Frame:
 
 
 def image_frame(name: str, data: bytes) -> Frame:
-    """A frame from an uploaded image file (JPEG/PNG bytes)."""
+    """A frame from an uploaded image file (JPEG/PNG bytes), as CVAT keeps it.
+
+    Follows cvat/apps/engine/media_extractors.py: an image whose EXIF orientation is not 1
+    is served upright in both chunk qualities (ZipChunkWriter re-saves it turned, in its own
+    format at quality 100 and without EXIF; ZipCompressedChunkWriter turns it before
+    re-encoding), and its size is the turned one (`image_size_within_orientation`).
+    Any other upload is stored as it came.
+    """
     image = Image.open(io.BytesIO(data))
     image.load()
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        upright = ImageOps.exif_transpose(image)
+        buffer = io.BytesIO()
+        upright.save(buffer, format=image.format, quality=100, subsampling=0)
+        image, data = upright, buffer.getvalue()
     return Frame(name, image.width, image.height, data, image.convert("RGB"))
 
 
@@ -47,7 +63,7 @@ def image_chunk(frames: Sequence[Frame], *, compressed: bool, quality: int) -> b
 
     Follows cvat/apps/engine/media_extractors.py: ZipCompressedChunkWriter re-encodes
     each image as `{idx:06d}.jpeg`; ZipChunkWriter (original quality) stores the file as
-    uploaded, named `{idx:06d}{original extension}`.
+    `image_frame` keeps it, named `{idx:06d}{original extension}` (its case kept).
     """
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
@@ -55,7 +71,7 @@ def image_chunk(frames: Sequence[Frame], *, compressed: bool, quality: int) -> b
             if compressed:
                 zf.writestr(f"{idx:06d}.jpeg", encode_jpeg(frame.image, quality))
             else:
-                ext = os.path.splitext(frame.name)[1].lower() or ".jpeg"
+                ext = os.path.splitext(frame.name)[1] or ".jpeg"
                 zf.writestr(f"{idx:06d}{ext}", frame.data)
     return buf.getvalue()
 
