@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
+from cvat_sdk import make_client
 
 from tests.conftest import run_cli
 from tests.cvat_fixtures import PASSWORD, Project, build_project, server_state, tiny_args
@@ -145,3 +148,50 @@ def test_least_privilege(project: Project, tmp_path: Path):
     assert allowed.returncode == 0, allowed.stderr
     assert server_state(project)["tags"], "the assigned user labeled the project"
     assert PASSWORD not in allowed.stdout + allowed.stderr
+
+
+def _point_cloud(points: int) -> bytes:
+    """A small ASCII ``.pcd`` file (version 0.7), as a lidar export looks."""
+    header = (
+        "# .PCD v0.7 - Point Cloud Data file format\nVERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\n"
+        f"TYPE F F F\nCOUNT 1 1 1\nWIDTH {points}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\n"
+        f"POINTS {points}\nDATA ascii\n"
+    )
+    return (header + "".join(f"{i} {i * 0.5} 0\n" for i in range(points))).encode()
+
+
+def test_a_point_cloud_project_is_refused_and_left_untouched(tmp_path: Path):
+    with CvatTestServer() as server:
+        server.add_user("annotator", PASSWORD)
+        project_id = server.add_project(
+            "lidar",
+            owner="annotator",
+            labels=[{"name": name, "type": "tag", "attributes": []} for name in ("car", "tree")],
+        )
+        clouds = [(f"scan_{i}.pcd", _point_cloud(5 + i)) for i in range(4)]
+        task_id = server.add_point_cloud_task(project_id, clouds, name="scans", segment_size=2)
+        job_id = server.jobs(task_id)[0]["id"]
+        env = {"CVAT_HOST": server.url, "CVAT_USERNAME": "annotator", "CVAT_PASSWORD": PASSWORD}
+        client = make_client(server.url, credentials=("annotator", PASSWORD))
+        assert client.projects.retrieve(project_id).dimension == "3d"
+        assert client.jobs.retrieve(job_id).dimension == "3d"
+        _, response = client.api_client.jobs_api.retrieve_data(
+            job_id, type="chunk", index=0, quality="original", _parse_response=False
+        )
+        with zipfile.ZipFile(io.BytesIO(response.data)) as chunk:  # the files, as CVAT serves them
+            assert [chunk.read(name) for name in chunk.namelist()] == [data for _, data in clouds[:2]]
+            assert chunk.namelist() == ["000000.pcd", "000001.pcd"]
+        labels_before = server.labels(project_id)
+        for command, target in [
+            ("setup", ["--project-id", str(project_id)]),
+            ("run", ["--project-id", str(project_id), *tiny_args()]),
+            ("run", ["--task-id", str(task_id), *tiny_args()]),
+            ("run", ["--job-id", str(job_id), *tiny_args()]),
+        ]:
+            server.reset_counters()
+            result = run_cli(command, *target, env=env, cwd=tmp_path)
+            assert_one_line_error(result, "holds 3D point clouds; prelabel tags 2D images and video")
+            assert server.write_count == 0
+        assert server.labels(project_id) == labels_before
+        assert all(not server.annotations(job["id"])["tags"] for job in server.jobs(task_id))
+        assert server.issues() == []

@@ -10,6 +10,7 @@ replica) and some of its frames are neither deleted nor tagged. A frame that car
 tag, manual or auto, is skipped unless `include_tagged` is set; a human's tag is never
 touched either way. Frame numbers are CVAT's relative ones (`numbering`): a job covers
 every frame from its `start_frame` to its `stop_frame`, whatever the task's frame step.
+A 3D target (point clouds) is refused before anything is read of it but itself.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from connectors.cvat.errors import CvatError
 from connectors.cvat.existing import JobOnServer, TaskIssues, read_job
 from connectors.cvat.labels import CvatLabel, candidate_labels
 from connectors.cvat.meta import JobMeta, TaskMetas, read_job_meta, whole_video
@@ -402,6 +404,8 @@ def _read_target(
         where, key, value = f"job {job_id}", "job_id", job_id
         retrieve = session.client.jobs.retrieve
     target = session.call(f"reading {where}", lambda: retrieve(value))
+    if getattr(target, "dimension", None) == "3d":  # a project's tasks are all 2D or all 3D
+        raise CvatError(f"{where} holds 3D point clouds; prelabel tags 2D images and video frames only")
     labels = session.list_all(f"reading the labels of {where}", api.labels_api.list_endpoint, **{key: value})
     jobs = []
     if with_jobs and key == "job_id":

@@ -472,11 +472,13 @@ class Api:
         return Reply(body=data, content_type="video/mp4" if video else "application/zip")
 
     def _frame(self, task: dict[str, Any], number: int, allowed: Iterable[int], ctx: Ctx) -> Reply:
-        """One frame as an image (JPEG re-encoded for `compressed`)."""
+        """One frame as an image (JPEG re-encoded for `compressed`); a point cloud as its file."""
         compressed = self._quality(ctx)
         if number not in allowed:
             raise bad_request(f"Incorrect requested frame number: {number}")
         frame = task["frames"][number]
+        if frame.image is None:
+            return Reply(body=frame.data, content_type="application/octet-stream")
         if compressed or task["media_type"] == "video":
             return Reply(
                 body=media.encode_jpeg(frame.image, task["image_quality"]),
@@ -542,7 +544,7 @@ class Api:
                     "task_name": lambda j: tasks[j["task_id"]]["name"],
                     "project_name": lambda j: projects[tasks[j["task_id"]]["project_id"]]["name"],
                     "media_type": lambda j: tasks[j["task_id"]]["media_type"],
-                    "dimension": lambda j: "2d",
+                    "dimension": lambda j: tasks[j["task_id"]]["dimension"],
                 },
             )
             return self.paginate(ctx, self._sorted(items), self.ser.job)

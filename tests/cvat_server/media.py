@@ -18,13 +18,13 @@ ORIENTATION = 0x0112
 @dataclass
 class Frame:
     """One task frame: its upload name, its size as shown, the bytes its original-quality
-    chunk holds, and its decoded image, upright."""
+    chunk holds, and its decoded image, upright (None for a point cloud)."""
 
     name: str
     width: int
     height: int
     data: bytes
-    image: Image.Image = field(repr=False)
+    image: Image.Image | None = field(repr=False)
 
 
 def image_frame(name: str, data: bytes) -> Frame:
@@ -46,6 +46,17 @@ def image_frame(name: str, data: bytes) -> Frame:
     return Frame(name, image.width, image.height, data, image.convert("RGB"))
 
 
+def point_cloud_frame(name: str, data: bytes) -> Frame:
+    """A frame of a 3D task from a ``.pcd`` file; its size is the header's WIDTH and HEIGHT, as
+    CVAT's `ValidateDimension.get_pcd_properties` reads them."""
+    header = dict(
+        line.split(maxsplit=1)
+        for line in data.decode("ascii", "replace").splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    return Frame(name, int(header["WIDTH"]), int(header["HEIGHT"]), data, None)
+
+
 def pil_frame(name: str, image: Image.Image, quality: int = 95) -> Frame:
     """A frame from a PIL image (stored as JPEG)."""
     return image_frame(name, encode_jpeg(image.convert("RGB"), quality))
@@ -63,12 +74,15 @@ def image_chunk(frames: Sequence[Frame], *, compressed: bool, quality: int) -> b
 
     Follows cvat/apps/engine/media_extractors.py: ZipCompressedChunkWriter re-encodes
     each image as `{idx:06d}.jpeg`; ZipChunkWriter (original quality) stores the file as
-    `image_frame` keeps it, named `{idx:06d}{original extension}` (its case kept).
+    `image_frame` keeps it, named `{idx:06d}{original extension}` (its case kept). Both store
+    a point cloud's file as it is, as `{idx:06d}.pcd`.
     """
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for idx, frame in enumerate(frames):
-            if compressed:
+            if frame.image is None:
+                zf.writestr(f"{idx:06d}.pcd", frame.data)
+            elif compressed:
                 zf.writestr(f"{idx:06d}.jpeg", encode_jpeg(frame.image, quality))
             else:
                 ext = os.path.splitext(frame.name)[1] or ".jpeg"

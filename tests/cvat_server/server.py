@@ -215,6 +215,31 @@ class CvatTestServer:
             overlap=overlap,
         )
 
+    def add_point_cloud_task(
+        self,
+        project_id: int,
+        clouds: Sequence[tuple[str, bytes]],
+        *,
+        name: str,
+        segment_size: int,
+        chunk_size: int = 72,
+        owner: str | None = None,
+    ) -> int:
+        """A 3D task (`dimension` "3d") from (filename, ``.pcd`` bytes) pairs; its chunks hold
+        the files as they are. CVAT keeps a project's tasks all 2D or all 3D."""
+        frames = [media.point_cloud_frame(n, data) for n, data in clouds]
+        return self.state.add_task(
+            project_id,
+            frames,
+            name=name,
+            owner=owner,
+            segment_size=segment_size,
+            chunk_size=chunk_size,
+            media_type="image",
+            image_quality=70,
+            dimension="3d",
+        )
+
     def add_video_task(
         self,
         project_id: int,

@@ -353,6 +353,7 @@ class State:
         frame_step: int = 1,
         overlap: int | None = None,
         use_zip_chunks: bool = False,
+        dimension: str = "2d",
     ) -> int:
         """Create a task with data and its annotation jobs split by segment_size.
 
@@ -382,6 +383,7 @@ class State:
                 "chunk_size": chunk_size,
                 "image_quality": image_quality,
                 "media_type": media_type,
+                "dimension": dimension,
                 "use_zip_chunks": use_zip_chunks,
                 "frames": list(frames),
                 "deleted_frames": sorted(set(deleted_frames)),
