@@ -6,10 +6,11 @@ them, and hands them out in job-id order (`find_work` collects them all). A job 
 knows to be unchanged since prelabel finished it (`unchanged`) is not read at all.
 
 A job needs pre-labels when it is an annotation job (not ground truth, not a consensus
-replica) and some of its frames are neither deleted nor tagged. A frame that carries any
-tag, manual or auto, is skipped unless `include_tagged` is set; a human's tag is never
-touched either way. Frame numbers are CVAT's relative ones (`numbering`): a job covers
-every frame from its `start_frame` to its `stop_frame`, whatever the task's frame step.
+replica) that people have not finished (stage acceptance or state completed), and some of
+its frames are neither deleted nor tagged. A frame that carries any tag, manual or auto, is
+skipped unless `include_tagged` is set; a human's tag is never touched either way. Frame
+numbers are CVAT's relative ones (`numbering`): a job covers every frame from its
+`start_frame` to its `stop_frame`, whatever the task's frame step.
 A 3D target (point clouds) is refused before anything is read of it but itself.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from connectors.cvat.errors import CvatError
 from connectors.cvat.existing import JobOnServer, TaskIssues, read_job
-from connectors.cvat.labels import CvatLabel, candidate_labels
+from connectors.cvat.labels import CvatLabel, candidate_labels, text_value
 from connectors.cvat.meta import JobMeta, TaskMetas, read_job_meta, whole_video
 from connectors.cvat.numbering import frame_step
 from connectors.cvat.session import CvatSession
@@ -233,7 +234,7 @@ def plan_stream(
     known_task: int | None = None
     jobs = listing.jobs
     if budget is not None and budget <= 0:
-        yield from (Planned(job.id, None, _type_skip(job) or "beyond --limit") for job in jobs)
+        yield from (Planned(job.id, None, _skip_reason(job) or "beyond --limit") for job in jobs)
         return
     if budget is not None:
         ahead = 1 if ahead is None else ahead  # never read much beyond the budget
@@ -272,12 +273,18 @@ def plan_stream(
     finally:
         planned.close()
     for job in jobs[taken:]:  # after the budget ran out: not read
-        yield Planned(job.id, None, _type_skip(job) or "beyond --limit")
+        yield Planned(job.id, None, _skip_reason(job) or "beyond --limit")
 
 
-def _type_skip(job) -> str | None:
-    """Why a job is never labeled (its type), or None for an annotation job."""
-    return None if job.type == "annotation" else f"a {job.type.replace('_', ' ')} job"
+def _skip_reason(job) -> str | None:
+    """Why a job is never labeled, or None: only annotation jobs that people have not finished
+    (stage acceptance or state completed, as `review sync` reads them) are labeled."""
+    if job.type != "annotation":
+        return f"a {job.type.replace('_', ' ')} job"
+    stage, state = text_value(job.stage), text_value(job.state)
+    if stage == "acceptance" or state == "completed":
+        return f"finished by people (stage {stage}, state {state})"
+    return None
 
 
 def _planned_ahead(
@@ -295,7 +302,7 @@ def _planned_ahead(
     """Each job's `Planned` (no budget, no neighbours), in order, read on a bounded thread pool."""
     # A task's meta and issues are read whole only for a task several jobs of this run share:
     # a single job's own are smaller (a task of 100,000 frames lists every one in its meta).
-    per_task = Counter(job.task_id for job in jobs if _type_skip(job) is None)
+    per_task = Counter(job.task_id for job in jobs if _skip_reason(job) is None)
     issues, metas = TaskIssues(session), TaskMetas(session)
 
     def plan(job) -> Planned:
@@ -325,7 +332,7 @@ def _planned_ahead(
             job = next(remaining, None)
             if job is None:
                 return
-            why = _type_skip(job)
+            why = _skip_reason(job)
             if why is None and not relabel and unchanged is not None and unchanged(job):
                 why = UNCHANGED
             if why is not None:
