@@ -150,7 +150,7 @@ def test_ground_truth_and_consensus_jobs_are_skipped(project: Project):
     assert f"job {replica}: skipped, a consensus replica job" in result.stdout
 
 
-def test_jobs_people_finished_are_left_as_they_are(project: Project, tmp_path: Path):
+def test_finished_jobs_are_left_as_they_are(project: Project, tmp_path: Path):
     server = project.server
     assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
     accepted, completed = (job["id"] for job in server.jobs(project.image_tasks[0]))
@@ -170,10 +170,8 @@ def test_jobs_people_finished_are_left_as_they_are(project: Project, tmp_path: P
         env=project.env(), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert f"job {accepted}: skipped, finished by people (stage acceptance, " in result.stdout
-    assert (
-        f"job {completed}: skipped, finished by people (stage annotation, state completed)" in result.stdout
-    )
+    assert f"job {accepted}: skipped, finished (stage acceptance, " in result.stdout
+    assert f"job {completed}: skipped, finished (stage annotation, state completed)" in result.stdout
     assert as_they_are() == before
     others = [job["id"] for job in project.annotation_jobs() if job["id"] not in before]
     assert others and all(server.annotations(job)["tags"] or server.issues(job) for job in others)

@@ -6,7 +6,7 @@ them, and hands them out in job-id order (`find_work` collects them all). A job 
 knows to be unchanged since prelabel finished it (`unchanged`) is not read at all.
 
 A job needs pre-labels when it is an annotation job (not ground truth, not a consensus
-replica) that people have not finished (stage acceptance or state completed), and some of
+replica) that is not finished (stage acceptance or state completed), and some of
 its frames are neither deleted nor tagged. A frame that carries any tag, manual or auto, is
 skipped unless `include_tagged` is set; a human's tag is never touched either way. Frame
 numbers are CVAT's relative ones (`numbering`): a job covers every frame from its
@@ -277,13 +277,14 @@ def plan_stream(
 
 
 def _skip_reason(job) -> str | None:
-    """Why a job is never labeled, or None: only annotation jobs that people have not finished
-    (stage acceptance or state completed, as `review sync` reads them) are labeled."""
+    """Why a job is never labeled, or None: only annotation jobs that are not finished (stage
+    acceptance or state completed, as `review sync` reads them) are labeled, whoever finished
+    them (reviewers, or prelabel's routing configured so)."""
     if job.type != "annotation":
         return f"a {job.type.replace('_', ' ')} job"
     stage, state = text_value(job.stage), text_value(job.state)
     if stage == "acceptance" or state == "completed":
-        return f"finished by people (stage {stage}, state {state})"
+        return f"finished (stage {stage}, state {state}): left as it is"
     return None
 
 
