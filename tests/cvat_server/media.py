@@ -49,11 +49,13 @@ def image_frame(name: str, data: bytes) -> Frame:
 def point_cloud_frame(name: str, data: bytes) -> Frame:
     """A frame of a 3D task from a ``.pcd`` file; its size is the header's WIDTH and HEIGHT, as
     CVAT's `ValidateDimension.get_pcd_properties` reads them."""
-    header = dict(
-        line.split(maxsplit=1)
-        for line in data.decode("ascii", "replace").splitlines()
-        if line.strip() and not line.startswith("#")
-    )
+    header: dict[str, str] = {}
+    for line in data.decode("ascii", "replace").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "DATA":  # the points follow, in ascii or binary
+            break
+        if key and not key.startswith("#"):
+            header[key] = value
     return Frame(name, int(header["WIDTH"]), int(header["HEIGHT"]), data, None)
 
 
