@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cvat_sdk import Client, make_client, models
@@ -46,6 +47,14 @@ class Project:
             "jobs": [self.server.job(job["id"]) for job in self.annotation_jobs()],
             "labels": self.server.labels(self.project_id),
         }
+
+
+def tag_project(server: CvatTestServer, name: str, labels: Sequence[str] = LABELS) -> int:
+    """A project whose labels are `labels`, as tag labels without attributes (`prelabel setup`
+    adds them), owned by the user "annotator" (added here, with `PASSWORD`); returns its id."""
+    server.add_user("annotator", PASSWORD)
+    tags = [{"name": label, "type": "tag", "attributes": []} for label in labels]
+    return server.add_project(name, owner="annotator", labels=tags)
 
 
 def build_project(server: CvatTestServer) -> Project:

@@ -12,7 +12,7 @@ import pytest
 from cvat_sdk import make_client
 
 from tests.conftest import run_cli
-from tests.cvat_fixtures import PASSWORD, Project, build_project, server_state, tiny_args
+from tests.cvat_fixtures import PASSWORD, Project, build_project, server_state, tag_project, tiny_args
 from tests.cvat_server import CvatTestServer
 
 
@@ -162,12 +162,7 @@ def _point_cloud(points: int) -> bytes:
 
 def test_a_point_cloud_project_is_refused_and_left_untouched(tmp_path: Path):
     with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        project_id = server.add_project(
-            "lidar",
-            owner="annotator",
-            labels=[{"name": name, "type": "tag", "attributes": []} for name in ("car", "tree")],
-        )
+        project_id = tag_project(server, "lidar", ("car", "tree"))
         clouds = [(f"scan_{i}.pcd", _point_cloud(5 + i)) for i in range(4)]
         task_id = server.add_point_cloud_task(project_id, clouds, name="scans", segment_size=2)
         job_id = server.jobs(task_id)[0]["id"]

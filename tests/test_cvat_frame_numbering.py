@@ -25,7 +25,7 @@ from prelabel.interface import Decision, Frame, Prediction
 from prelabel.pipeline.worker import predict
 from prelabel.state import RunState
 from tests.conftest import run_cli, tiny_model_config
-from tests.cvat_fixtures import LABELS, PASSWORD, tiny_args
+from tests.cvat_fixtures import LABELS, PASSWORD, tag_project, tiny_args
 from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
 
 
@@ -44,12 +44,7 @@ def stepped():
     0-3, 2-5, 4-6) and an image task (11 images, start 1, step 2: 5 frames, overlap 1, jobs
     0-2 and 2-4, frame 3 deleted)."""
     with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        project_id = server.add_project(
-            "stepped",
-            owner="annotator",
-            labels=[{"name": name, "type": "tag", "attributes": []} for name in LABELS],
-        )
+        project_id = tag_project(server, "stepped")
         video = server.add_video_task(
             project_id,
             sample_frames(15, (160, 120)),
@@ -240,9 +235,7 @@ def test_a_video_task_with_zip_chunks_is_read_in_either_quality(quality: str):
     original chunks of video (cvat/apps/engine/task.py): each quality is decoded as what it
     is, and every frame is the image the single-frame endpoint shows for it."""
     with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        labels = [{"name": name, "type": "tag", "attributes": []} for name in LABELS]
-        project_id = server.add_project("zipped", owner="annotator", labels=labels)
+        project_id = tag_project(server, "zipped")
         task_id = server.add_video_task(
             project_id, sample_frames(9, (160, 120)), name="clip", chunk_size=4, use_zip_chunks=True
         )

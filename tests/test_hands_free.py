@@ -36,7 +36,7 @@ from prelabel.pipeline.worker import predict
 from prelabel.service.deliveries import DeliveryLog
 from prelabel.state import RunState
 from tests.conftest import TINY_MODEL, run_cli, tiny_model_config, variants
-from tests.cvat_fixtures import PASSWORD
+from tests.cvat_fixtures import PASSWORD, tag_project
 from tests.cvat_server import CvatTestServer
 from tests.test_webhooks import scrape
 
@@ -125,12 +125,7 @@ def hands_free(tmp_path_factory) -> Iterator[HandsFree]:
     """A project set up for prelabel, `prelabel serve` listening, and the webhook installed by the CLI."""
     tmp = tmp_path_factory.mktemp("hands-free")
     with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        project_id = server.add_project(
-            "hands-free",
-            owner="annotator",
-            labels=[{"name": name, "type": "tag", "attributes": []} for name in LABELS],
-        )
+        project_id = tag_project(server, "hands-free", LABELS)
         client = make_client(server.url, credentials=("annotator", PASSWORD))
         session = CvatSession(client)
         add_missing_attributes(session, find_labels(session, project_id=project_id)[1])
@@ -390,12 +385,7 @@ def test_the_function_module_tags_through_annotate_task():
     from prelabel import cvat_function
 
     with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        project_id = server.add_project(
-            "function",
-            owner="annotator",
-            labels=[{"name": name, "type": "tag", "attributes": []} for name in LABELS],
-        )
+        project_id = tag_project(server, "function", LABELS)
         task_id = server.add_image_task(project_id, _jpegs(5, "g_"), name="fn", segment_size=3)
         client = make_client(server.url, credentials=("annotator", PASSWORD))
         # The function knows one label the task lacks ("galaxy"); accept everything.

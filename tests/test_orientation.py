@@ -25,7 +25,7 @@ from prelabel.pipeline.decode import decode
 from prelabel.pipeline.runner import run
 from prelabel.pipeline.worker import predict
 from tests.conftest import LABELS, SAMPLES
-from tests.cvat_fixtures import PASSWORD
+from tests.cvat_fixtures import PASSWORD, tag_project
 from tests.cvat_server import CvatTestServer
 from tests.test_scoring import ListSink, _tiny_config
 
@@ -116,12 +116,7 @@ def turned_task():
         ("turned.JPG", _turned(upright, "JPEG")),
     ]
     with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        project_id = server.add_project(
-            "phone photos",
-            owner="annotator",
-            labels=[{"name": name, "type": "tag", "attributes": []} for name in LABELS],
-        )
+        project_id = tag_project(server, "phone photos", LABELS)
         task_id = server.add_image_task(project_id, uploads, name="photos", segment_size=3, chunk_size=3)
         yield server, project_id, task_id, upright, uploads
 

@@ -22,7 +22,7 @@ from cvat_sdk import make_client, models
 from connectors.cvat.meta import TaskMetas, read_job_meta
 from connectors.cvat.session import CvatSession
 from tests.conftest import run_cli
-from tests.cvat_fixtures import LABELS, PASSWORD, tiny_args
+from tests.cvat_fixtures import PASSWORD, tag_project, tiny_args
 from tests.cvat_server import CvatTestServer, sample_frames, sample_jpegs
 
 JOBS = 12
@@ -35,12 +35,7 @@ JOB_PATH = re.compile(r"^/api/jobs/(\d+)(/|$)")
 def many_jobs(tmp_path: Path):
     """A project of `JOBS` 2-frame jobs, set up; yields (server, project id, env, job ids, config)."""
     with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        project_id = server.add_project(
-            "many jobs",
-            owner="annotator",
-            labels=[{"name": name, "type": "tag", "attributes": []} for name in LABELS],
-        )
+        project_id = tag_project(server, "many jobs")
         task = server.add_image_task(
             project_id, sample_jpegs(2 * JOBS, prefix="m_"), name="m", segment_size=2, chunk_size=2
         )
@@ -255,8 +250,7 @@ def test_a_job_s_meta_cut_from_its_task_s_is_the_job_s_own_meta():
     """One task meta read serves every job of an image or video task (deleted frames, overlap,
     a step and a start frame included); an image task with a frame filter reads each job's."""
     with CvatTestServer() as server:
-        server.add_user("annotator", PASSWORD)
-        project_id = server.add_project("metas", owner="annotator", labels=[{"name": "cat", "type": "tag"}])
+        project_id = tag_project(server, "metas", ["cat"])
         tasks = {
             "images": server.add_image_task(
                 project_id, sample_jpegs(10, prefix="a_"), name="a", segment_size=4, chunk_size=3,
