@@ -177,6 +177,30 @@ def test_finished_jobs_are_left_as_they_are(project: Project, tmp_path: Path):
     assert others and all(server.annotations(job)["tags"] or server.issues(job) for job in others)
 
 
+def test_the_parent_of_consensus_replicas_is_left_as_it_is(project: Project, tmp_path: Path):
+    # CVAT's consensus merge clears the parent's annotations and merges only into a parent at
+    # stage annotation: pre-labels there would be lost, and routing would block the merge.
+    server = project.server
+    assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
+    parent, other = (job["id"] for job in server.jobs(project.image_tasks[0]))
+    replicas = server.add_consensus_replicas(parent, 2)
+
+    def as_they_are() -> dict:
+        return {
+            job: (server.job(job), server.annotations(job), server.issues(job)) for job in [parent, *replicas]
+        }
+
+    before = as_they_are()
+    result = run_cli(
+        "run", "--task-id", str(project.image_tasks[0]), *tiny_args("--accept-threshold", "0.3"),
+        env=project.env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"job {parent}: skipped, its annotators work in its 2 consensus replica jobs" in result.stdout
+    assert as_they_are() == before
+    assert server.annotations(other)["tags"] or server.issues(other)
+
+
 @pytest.mark.parametrize(
     ("case", "fragment"),
     [

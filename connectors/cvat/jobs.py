@@ -6,11 +6,12 @@ them, and hands them out in job-id order (`find_work` collects them all). A job 
 knows to be unchanged since prelabel finished it (`unchanged`) is not read at all.
 
 A job needs pre-labels when it is an annotation job (not ground truth, not a consensus
-replica) that is not finished (stage acceptance or state completed), and some of
-its frames are neither deleted nor tagged. A frame that carries any tag, manual or auto, is
-skipped unless `include_tagged` is set; a human's tag is never touched either way. Frame
-numbers are CVAT's relative ones (`numbering`): a job covers every frame from its
-`start_frame` to its `stop_frame`, whatever the task's frame step.
+replica, not the parent of consensus replicas) that is not finished (stage acceptance or
+state completed), and some of its frames are neither deleted nor tagged. A frame that
+carries any tag, manual or auto, is skipped unless `include_tagged` is set; a human's tag
+is never touched either way. Frame numbers are CVAT's relative ones (`numbering`): a job
+covers every frame from its `start_frame` to its `stop_frame`, whatever the task's frame
+step.
 A 3D target (point clouds) is refused before anything is read of it but itself.
 """
 
@@ -279,12 +280,23 @@ def plan_stream(
 def _skip_reason(job) -> str | None:
     """Why a job is never labeled, or None: only annotation jobs that are not finished (stage
     acceptance or state completed, as `review sync` reads them) are labeled, whoever finished
-    them (reviewers, or prelabel's routing configured so)."""
+    them (reviewers, or prelabel's routing configured so).
+
+    Nor is the parent job of consensus replicas. Its annotators work in the replicas, and
+    CVAT's consensus merge clears the parent's annotations before writing the merged ones,
+    and merges only into a parent at stage annotation, which prelabel's routing would leave.
+    """
     if job.type != "annotation":
         return f"a {job.type.replace('_', ' ')} job"
     stage, state = text_value(job.stage), text_value(job.state)
     if stage == "acceptance" or state == "completed":
         return f"finished (stage {stage}, state {state}): left as it is"
+    replicas = getattr(job, "replicas_count", None) or 0
+    if replicas:
+        return (
+            f"its annotators work in its {replicas} consensus replica jobs, and CVAT's merge "
+            "of them replaces its annotations: left as it is"
+        )
     return None
 
 
