@@ -179,7 +179,8 @@ def test_finished_jobs_are_left_as_they_are(project: Project, tmp_path: Path):
 
 def test_the_parent_of_consensus_replicas_is_left_as_it_is(project: Project, tmp_path: Path):
     # CVAT's consensus merge clears the parent's annotations and merges only into a parent at
-    # stage annotation: pre-labels there would be lost, and routing would block the merge.
+    # stage annotation: pre-labels there would be lost, and routing could block the merge.
+    # (CVAT gives every job of a consensus task its replicas; one job is enough here.)
     server = project.server
     assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
     parent, other = (job["id"] for job in server.jobs(project.image_tasks[0]))

@@ -284,7 +284,8 @@ def _skip_reason(job) -> str | None:
 
     Nor is the parent job of consensus replicas. Its annotators work in the replicas, and
     CVAT's consensus merge clears the parent's annotations before writing the merged ones,
-    and merges only into a parent at stage annotation, which prelabel's routing would leave.
+    and merges only into a parent still at stage annotation, from which prelabel's routing
+    may move it.
     """
     if job.type != "annotation":
         return f"a {job.type.replace('_', ' ')} job"
