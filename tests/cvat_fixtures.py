@@ -136,3 +136,28 @@ def resolve_and_accept(reviewer: Client, project: Project) -> None:
         reviewer.api_client.jobs_api.partial_update(
             job["id"], patched_job_write_request=models.PatchedJobWriteRequest(stage="acceptance")
         )
+
+
+def delete_tag(client, job_id: int, tag: dict) -> None:
+    """Delete a tag as CVAT's UI does: PATCH action=delete."""
+    request = models.PatchedLabeledDataRequest(
+        version=0,
+        tags=[
+            models.LabeledImageRequest(
+                id=tag["id"],
+                frame=tag["frame"],
+                label_id=tag["label_id"],
+                source=tag["source"],
+                group=tag.get("group") or 0,
+                attributes=[
+                    models.AttributeValRequest(spec_id=a["spec_id"], value=a["value"])
+                    for a in tag["attributes"]
+                ],
+            )
+        ],
+        shapes=[],
+        tracks=[],
+    )
+    client.api_client.jobs_api.partial_update_annotations(
+        "delete", job_id, patched_labeled_data_request=request
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from cvat_sdk import make_client, models
+from cvat_sdk import make_client
 
 from connectors.cvat.frames import JobFrameSource
 from connectors.cvat.jobs import find_work
@@ -20,7 +20,7 @@ from prelabel.assemble import build_pipeline
 from prelabel.interface import Prediction
 from prelabel.pipeline.worker import WorkerOptions, predict
 from tests.conftest import run_cli, tiny_model_config
-from tests.cvat_fixtures import LABELS, PASSWORD, Project, resolve_and_accept, tiny_args
+from tests.cvat_fixtures import LABELS, PASSWORD, Project, delete_tag, resolve_and_accept, tiny_args
 from tests.cvat_server import sample_jpegs
 from tests.test_calibrate_cvat import big_project, first_run  # noqa: F401  (fixture)
 
@@ -43,31 +43,6 @@ def predictions(
     }
 
 
-def _delete_tag(client, job_id: int, tag: dict) -> None:
-    """Delete a tag as CVAT's UI does: PATCH action=delete."""
-    request = models.PatchedLabeledDataRequest(
-        version=0,
-        tags=[
-            models.LabeledImageRequest(
-                id=tag["id"],
-                frame=tag["frame"],
-                label_id=tag["label_id"],
-                source=tag["source"],
-                group=tag.get("group") or 0,
-                attributes=[
-                    models.AttributeValRequest(spec_id=a["spec_id"], value=a["value"])
-                    for a in tag["attributes"]
-                ],
-            )
-        ],
-        shapes=[],
-        tracks=[],
-    )
-    client.api_client.jobs_api.partial_update_annotations(
-        "delete", job_id, patched_labeled_data_request=request
-    )
-
-
 def test_none_of_these_frames_teach_the_floor_and_route_to_review(big_project: Project, tmp_path: Path):  # noqa: F811
     project, server = big_project, big_project.server
     calibration_file, config, state, common, env = first_run(project, tmp_path)
@@ -83,7 +58,7 @@ def test_none_of_these_frames_teach_the_floor_and_route_to_review(big_project: P
     for job in project.annotation_jobs():
         for tag in server.annotations(job["id"])["tags"]:
             if (job["id"], tag["frame"]) in none:
-                _delete_tag(reviewer, job["id"], tag)
+                delete_tag(reviewer, job["id"], tag)
     resolve_and_accept(reviewer, project)
     synced = run_cli("review", "sync", "--config", str(config), "--state", str(state), env=env)
     assert synced.returncode == 0, synced.stderr
