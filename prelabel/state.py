@@ -401,6 +401,14 @@ class RunState:
         )
         return {row["job_id"]: row["finished_at"] for row in rows}
 
+    def tagged_frames(self, job_id: int) -> frozenset[int]:
+        """The job's frames where prelabel's tags were written and confirmed by the server
+        (status uploaded, tag ids recorded), as `record_upload` left them."""
+        rows = self._query(
+            "SELECT frame FROM frames WHERE job_id = ? AND status = 'uploaded' AND tag_ids != '[]'", (job_id,)
+        )
+        return frozenset(row["frame"] for row in rows)
+
     def job_routed(self, job_id: int) -> bool:
         """Whether the job's routing was applied once, under any model or thresholds.
 

@@ -20,6 +20,7 @@ from tests.cvat_fixtures import (
     PASSWORD,
     Project,
     build_project,
+    delete_tag,
     expected_top1,
     server_state,
     split_threshold,
@@ -311,6 +312,55 @@ def test_relabel_replaces_only_prelabels_own_work(project: Project, tmp_path: Pa
         for tag in server.annotations(job["id"])["tags"]:
             per_frame.setdefault((job["id"], tag["frame"]), []).append(tag)
     assert all(len(tags) == 1 for tags in per_frame.values()), "no frame has two tags"
+    assert server.violations == []
+
+
+def test_tags_a_reviewer_removed_are_never_written_again(project: Project, tmp_path: Path):
+    from prelabel.state import RunState
+
+    prepare(project)
+    config = write_config(tmp_path, split_threshold(project))
+    state = tmp_path / "state.db"
+    server = project.server
+    assert run_cli(*run_args(project, config, state), env=lead_env(project)).returncode == 0
+
+    # A reviewer removes an accepted tag ("none of these") and a suggestion, whose issue stays open.
+    ours: dict[str, tuple[int, dict]] = {}  # needs_review -> the first such tag and its job
+    for job in project.annotation_jobs():
+        for tag in server.annotations(job["id"])["tags"]:
+            ours.setdefault(_attribute(server, job, tag, "needs_review"), (job["id"], tag))
+    assert set(ours) == {"false", "true"}
+    removed = {(job_id, tag["frame"]) for job_id, tag in ours.values()}
+    for job_id, tag in ours.values():
+        delete_tag(_client(project), job_id, tag)
+    open_issues = {
+        (job["id"], i["id"]) for job in project.annotation_jobs() for i in server.issues(job["id"])
+    }
+    before = server_state(project)
+
+    project.server.reset_counters()
+    again = run_cli(*run_args(project, config, state), env=lead_env(project))
+    assert again.returncode == 0, again.stderr
+    assert project.server.write_count == 0 and server_state(project) == before
+
+    relabeled = run_cli(*run_args(project, config, state, "--relabel"), env=lead_env(project))
+    assert relabeled.returncode == 0, relabeled.stderr
+    assert "whose tags people removed)" in relabeled.stdout
+    tagged = {
+        (job["id"], t["frame"])
+        for job in project.annotation_jobs()
+        for t in server.annotations(job["id"])["tags"]
+    }
+    assert not removed & tagged, "a tag a reviewer removed was written again"
+    suggestion_job, suggestion = ours["true"]
+    kept = {i["id"] for i in server.issues(suggestion_job) if i["frame"] == suggestion["frame"]}
+    assert kept and {(suggestion_job, issue) for issue in kept} <= open_issues  # its issue is left open
+
+    synced = run_cli("review", "sync", "--config", str(config), "--state", str(state), env=lead_env(project))
+    assert synced.returncode == 0, synced.stderr
+    with RunState(state, lock=False) as records:
+        outcomes = {(o.job_id, o.frame): o.outcome for o in records.outcomes()}
+    assert outcomes[(ours["false"][0], ours["false"][1]["frame"])] == "deleted"
     assert server.violations == []
 
 

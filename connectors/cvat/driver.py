@@ -186,8 +186,10 @@ def plan_flags(config: Config, request: LabelRequest) -> str:
 def _stream(
     session: CvatSession, listing: Listing, config: Config, request: LabelRequest, state: RunState | None
 ) -> Iterator[Planned]:
-    """The listing's jobs, planned as `label_target` takes them; with a state file (and no
-    relabel), a job it saw finished at the `updated_date` the listing shows is not read."""
+    """The listing's jobs, planned as `label_target` takes them. With a state file, a frame
+    where it records prelabel's tags and the server now holds none is left (a person removed
+    them: a reviewer's "none of these", never undone, with --relabel too); and without
+    relabel, a job it saw finished at the `updated_date` the listing shows is not read."""
     unchanged = None
     if state is not None and not request.relabel:
         seen = state.finished_jobs(plan_flags(config, request))
@@ -205,6 +207,7 @@ def _stream(
         threads=config.cvat.write_concurrency,
         ahead=config.cvat.plan_ahead if request.limit is None else None,
         unchanged=unchanged,
+        tagged=state.tagged_frames if state is not None else None,
     )
 
 

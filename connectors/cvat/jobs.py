@@ -9,9 +9,10 @@ A job needs pre-labels when it is an annotation job (not ground truth, not a con
 replica, not the parent of consensus replicas) that is not finished (stage acceptance or
 state completed), and some of its frames are neither deleted nor tagged. A frame that
 carries any tag, manual or auto, is skipped unless `include_tagged` is set; a human's tag
-is never touched either way. Frame numbers are CVAT's relative ones (`numbering`): a job
-covers every frame from its `start_frame` to its `stop_frame`, whatever the task's frame
-step.
+is never touched either way. So is a frame whose tags from prelabel a person removed, when
+the caller knows prelabel wrote them (`Tagged`, from the state file). Frame numbers are
+CVAT's relative ones (`numbering`): a job covers every frame from its `start_frame` to its
+`stop_frame`, whatever the task's frame step.
 A 3D target (point clouds) is refused before anything is read of it but itself.
 """
 
@@ -68,6 +69,8 @@ class JobPlan:
     """Frames skipped because a person tagged them."""
     already_done: int = 0
     """Frames skipped because prelabel already tagged them or queued them for review."""
+    removed: int = 0
+    """Frames skipped because a person removed the tags prelabel wrote there (see `Tagged`)."""
     neighbours: tuple[Neighbour, ...] = field(default=(), repr=False)
     """The task's other annotation jobs that share frames with this one."""
     updated_date: str | None = field(default=None, repr=False)
@@ -136,6 +139,9 @@ UNCHANGED = "nothing to label (unchanged since prelabel finished it)"
 
 Unchanged = Callable[[object], bool]
 """Whether a listed job (`JobRead`) is known finished and unchanged since: it is not read."""
+
+Tagged = Callable[[int], frozenset[int]]
+"""A job id's frames where prelabel's tags were written before (the state file's record)."""
 
 
 def updated_date(job) -> str | None:
@@ -219,6 +225,7 @@ def plan_stream(
     threads: int = 4,
     ahead: int | None = None,
     unchanged: Unchanged | None = None,
+    tagged: Tagged | None = None,
 ) -> Iterator[Planned]:
     """Every job of the listing, planned, in job-id order: read on `threads` threads, at most
     `ahead` jobs (default: twice `threads`) read before the consumer takes them.
@@ -226,7 +233,9 @@ def plan_stream(
     The `limit` budget is spent in order as jobs are taken (a job that exceeds it is
     truncated, the ones after it are not read). Each plan with frames carries its
     overlapping neighbours: the jobs taken before it, or read now (never a job skipped
-    as `unchanged`: its state was not read). Closing the iterator stops the planning.
+    as `unchanged`: its state was not read). A frame where `tagged` records prelabel's tags
+    but the server holds none of prelabel's or a person's is not planned: a person removed
+    them. Closing the iterator stops the planning.
     """
     labels = {label.id: label for label in listing.labels}
     budget = limit
@@ -249,6 +258,7 @@ def plan_stream(
         threads=threads,
         ahead=ahead if ahead is not None else 2 * threads,
         unchanged=unchanged,
+        tagged=tagged,
     )
     taken = 0
     try:
@@ -312,6 +322,7 @@ def _planned_ahead(
     threads: int,
     ahead: int,
     unchanged: Unchanged | None,
+    tagged: Tagged | None,
 ) -> Iterator[Planned]:
     """Each job's `Planned` (no budget, no neighbours), in order, read on a bounded thread pool."""
     # A task's meta and issues are read whole only for a task several jobs of this run share:
@@ -330,6 +341,7 @@ def _planned_ahead(
                 include_tagged=include_tagged,
                 relabel=relabel,
                 suggestions=suggestions,
+                tagged=tagged(job.id) if tagged is not None else frozenset(),
                 issues=issues if shared else None,
                 metas=metas if shared else None,
             ),
@@ -444,6 +456,7 @@ def _plan_job(
     include_tagged: bool,
     relabel: bool,
     suggestions: bool,
+    tagged: frozenset[int] = frozenset(),
     issues: TaskIssues | None = None,
     metas: TaskMetas | None = None,
 ) -> JobPlan:
@@ -452,7 +465,13 @@ def _plan_job(
     existing = read_job(session, job.id, labels, found)
     job_frames = range(job.start_frame, job.stop_frame + 1)
     deleted = set(meta.deleted_frames)
-    live = [frame for frame in job_frames if frame not in deleted and not existing.reviewed(frame)]
+    removed = {frame for frame in tagged if frame in job_frames and not existing.tags.get(frame)}
+    removed -= existing.human_frames | deleted
+    live = [
+        frame
+        for frame in job_frames
+        if frame not in deleted and frame not in removed and not existing.reviewed(frame)
+    ]
     human = [frame for frame in live if frame in existing.human_frames]
     if not include_tagged:
         live = [frame for frame in live if frame not in existing.human_frames]
@@ -466,6 +485,7 @@ def _plan_job(
         deleted=len(deleted & set(job_frames)),
         already_tagged=len(human),
         already_done=0 if relabel else len(done),
+        removed=len(removed),
     )
 
 

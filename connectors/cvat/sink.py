@@ -292,7 +292,13 @@ class CvatSink:
             self.state.record_upload(job_id, frame, issue_id=issue_id)
 
     def _remove_ours(self, frame: int, tags: list[OurTag], issue: OurIssue | None) -> None:
-        """--relabel: delete prelabel's own tags and open issue on this frame, nothing else."""
+        """--relabel: delete prelabel's own tags and open issue on this frame, nothing else.
+
+        The state file forgets them first: a tag it still records but the server no longer
+        holds is one a person removed, which no later run writes again (`jobs._plan_job`).
+        """
+        if self.state is not None:
+            self.state.forget_uploads(self.plan.job_id, frame)
         if tags:
             request = models.PatchedLabeledDataRequest(
                 version=0,
@@ -318,8 +324,6 @@ class CvatSink:
             )
             with self._lock:
                 self.result.issues_deleted.append(issue.id)
-        if self.state is not None:
-            self.state.forget_uploads(self.plan.job_id, frame)
 
 
 class Outcome:

@@ -247,10 +247,11 @@ def print_planned(item) -> None:
 
 
 def _job_line(plan, prefix: str) -> str:
+    removed = f", {plan.removed} whose tags people removed" if plan.removed else ""
     return (
         f"  job {plan.job_id} (task {plan.task_id}): {prefix} {len(plan.frames)} frames"
         f" ({plan.already_done} done before, {plan.already_tagged} tagged by people,"
-        f" {plan.deleted} deleted)"
+        f" {plan.deleted} deleted{removed})"
     )
 
 
