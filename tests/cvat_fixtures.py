@@ -140,6 +140,11 @@ def resolve_and_accept(reviewer: Client, project: Project) -> None:
 
 def delete_tag(client, job_id: int, tag: dict) -> None:
     """Delete a tag as CVAT's UI does: PATCH action=delete."""
+    patch_tag(client, job_id, tag, "delete")
+
+
+def patch_tag(client, job_id: int, tag: dict, action: str) -> None:
+    """One tag, whole, in `PATCH /api/jobs/{id}/annotations?action=...` (``update`` or ``delete``)."""
     request = models.PatchedLabeledDataRequest(
         version=0,
         tags=[
@@ -159,5 +164,5 @@ def delete_tag(client, job_id: int, tag: dict) -> None:
         tracks=[],
     )
     client.api_client.jobs_api.partial_update_annotations(
-        "delete", job_id, patched_labeled_data_request=request
+        action, job_id, patched_labeled_data_request=request
     )

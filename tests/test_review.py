@@ -22,6 +22,7 @@ from tests.cvat_fixtures import (
     build_project,
     delete_tag,
     expected_top1,
+    patch_tag,
     server_state,
     split_threshold,
     tiny_args,
@@ -395,28 +396,7 @@ def _same_attributes(project: Project, tag: dict, label_id: int) -> list[dict]:
 
 def _edit_tag(client, job_id: int, tag: dict, **changes) -> None:
     """Change a tag as CVAT's UI does: PATCH action=update with the whole tag."""
-    edited = {**tag, **changes}
-    request = models.PatchedLabeledDataRequest(
-        version=0,
-        tags=[
-            models.LabeledImageRequest(
-                id=edited["id"],
-                frame=edited["frame"],
-                label_id=edited["label_id"],
-                source=edited["source"],
-                group=edited.get("group") or 0,
-                attributes=[
-                    models.AttributeValRequest(spec_id=a["spec_id"], value=a["value"])
-                    for a in edited["attributes"]
-                ],
-            )
-        ],
-        shapes=[],
-        tracks=[],
-    )
-    client.api_client.jobs_api.partial_update_annotations(
-        "update", job_id, patched_labeled_data_request=request
-    )
+    patch_tag(client, job_id, {**tag, **changes}, "update")
 
 
 def _margin(candidates: str) -> float:
