@@ -22,11 +22,12 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prelabel.errors import PrelabelError
@@ -116,6 +117,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 class StateLockedError(PrelabelError):
     """Another prelabel process holds the run lock of this state file."""
+
+
+class StateServerError(PrelabelError):
+    """The state file records the work of another CVAT server than the one connected to."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,26 @@ class RunState:
     def meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
+
+    def claim_host(self, host: str) -> None:
+        """Bind this file to the CVAT server at `host`: recorded in a file that names no server
+        yet; a file that names another raises `StateServerError` and is left as it is.
+
+        Its records are keyed by job, task and frame numbers, which every CVAT server counts
+        from 1: another server's job 5 would read this one's records, and each frame prelabel
+        tagged there would look like a tag a person removed here, never to be written again.
+        """
+        host = host.rstrip("/")
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'host'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('host', ?)", (host,))
+            elif _server(row["value"]) != _server(host):
+                raise StateServerError(
+                    f"the state file {self.path} records the work of the CVAT server {row['value']}, "
+                    f"not of {host}: job numbers of two servers would mix",
+                    hint="give each server its own state file (--state FILE, or state.path in the config)",
+                )
 
     # -- frames -----------------------------------------------------------------------------
     def record_decision(
@@ -512,3 +537,42 @@ class RunState:
             )
             for r in rows
         ]
+
+
+def _server(host: str) -> str:
+    """A CVAT server's address as two spellings of it compare."""
+    return host.rstrip("/").lower()
+
+
+@dataclass
+class StatesByServer:
+    """One state file per CVAT server, for a process that serves several (a queue worker):
+    `first`, bound to the first server it is asked for (or the one it already records), and
+    beside it ``<stem>@<server><suffix>`` for each other server, opened and locked on first use."""
+
+    first: RunState
+    _others: dict[str, RunState] = field(default_factory=dict)
+
+    def for_host(self, host: str) -> RunState:
+        """The open state file of the server at `host` (`RunState.claim_host`)."""
+        recorded = self.first.meta("host")
+        if recorded is None or _server(recorded) == _server(host):
+            self.first.claim_host(host)
+            return self.first
+        key = _server(host)
+        if key not in self._others:
+            name = re.sub(r"[^a-z0-9.-]+", "_", key.split("://", 1)[-1]).strip("_")
+            path = self.first.path
+            state = RunState(path.with_name(f"{path.stem}@{name}{path.suffix}"))
+            state.open()
+            try:
+                state.claim_host(host)
+            except BaseException:
+                state.close()
+                raise
+            self._others[key] = state
+        return self._others[key]
+
+    def close(self) -> None:
+        for state in [*self._others.values(), self.first]:
+            state.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prelabel.errors import PrelabelError
-from prelabel.state import SCHEMA_VERSION, FrameRecord, Outcome, RunState
+from prelabel.state import SCHEMA_VERSION, FrameRecord, Outcome, RunState, StatesByServer, StateServerError
 
 # prelabel 0.1's DDL, exactly as prelabel/state.py had it (schema version 0, none recorded).
 PREVIOUS_RELEASE_DDL = """
@@ -165,3 +165,30 @@ def test_a_version_1_file_gains_the_review_and_task_indexes_and_pages_from_them(
         )
         assert "frames_by_task" in plan, plan
         assert [f.frame for f in state.frames(task_id=3)] == [0, 1] and state.frames(task_id=4) == []
+
+
+def test_a_state_file_is_bound_to_one_server(tmp_path: Path):
+    path = tmp_path / "state.db"
+    with RunState(path) as state:
+        state.claim_host("https://cvat.example.com/")
+        state.claim_host("HTTPS://CVAT.example.com")  # the same server, spelled otherwise
+        state.record_job(5, 2, "fp", 0, routed=True)
+        with pytest.raises(StateServerError) as refused:
+            state.claim_host("https://staging.example.com")
+        assert state.meta("host") == "https://cvat.example.com" and state.job_routed(5)
+    assert "records the work of the CVAT server https://cvat.example.com, not of https://staging" in str(
+        refused.value
+    )
+
+    states = StatesByServer(RunState(path))  # a worker whose file already serves one server
+    states.first.open()
+    try:
+        other = states.for_host("https://staging.example.com:8443")
+        assert other.path == tmp_path / "state@staging.example.com_8443.db"
+        assert other.meta("host") == "https://staging.example.com:8443" and not other.job_routed(5)
+        assert states.for_host("https://staging.example.com:8443") is other
+        assert states.for_host("https://cvat.example.com") is states.first
+    finally:
+        states.close()
+    with RunState(tmp_path / "state@staging.example.com_8443.db") as reopened:  # its lock was let go
+        assert reopened.meta("host") == "https://staging.example.com:8443"
