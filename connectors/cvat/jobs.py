@@ -134,7 +134,9 @@ class Planned:
         return self.plan is not None and not self.plan.frames
 
 
-NOTHING_LEFT = "nothing to label (every frame is tagged, queued for review or deleted)"
+NOTHING_LEFT = (
+    "nothing to label (every frame is tagged, queued for review or deleted, or a person removed its tag)"
+)
 UNCHANGED = "nothing to label (unchanged since prelabel finished it)"
 
 Unchanged = Callable[[object], bool]
