@@ -13,7 +13,8 @@ import pytest
 from cvat_sdk import make_client
 
 from tests.conftest import TINY_MODEL, run_cli
-from tests.cvat_fixtures import LABELS, PASSWORD, Project, expected_top1, tiny_args
+from tests.cvat_fixtures import LABELS, PASSWORD, Project, build_project, expected_top1, tiny_args
+from tests.cvat_server import CvatTestServer
 
 
 def test_setup_is_idempotent_and_changes_nothing_else(project: Project):
@@ -200,6 +201,52 @@ def test_the_parent_of_consensus_replicas_is_left_as_it_is(project: Project, tmp
     assert f"job {parent}: skipped, its annotators work in its 2 consensus replica jobs" in result.stdout
     assert as_they_are() == before
     assert server.annotations(other)["tags"] or server.issues(other)
+
+
+def test_a_state_file_serves_one_server(project: Project, tmp_path: Path):
+    # A second server built by the same calls has the same job, task and frame numbers. Read
+    # through the first server's state file, each of its frames would look like one whose tag
+    # a person removed: nothing would ever be labeled there.
+    state = tmp_path / "state.db"
+    tiny = tiny_args("--accept-threshold", "0", "--min-margin", "0")
+
+    def run(target: Project, state_file: Path):
+        return run_cli(
+            "run", "--project-id", str(target.project_id), "--state", str(state_file), *tiny,
+            env=target.env(), cwd=tmp_path,
+        )  # fmt: skip
+
+    with CvatTestServer() as other_server:
+        other = build_project(other_server)
+        for target in (project, other):
+            assert run_cli("setup", "--project-id", str(target.project_id), env=target.env()).returncode == 0
+        assert run(project, state).returncode == 0
+        state_before = state.read_bytes()
+
+        other_server.reset_counters()
+        target = ("--project-id", str(other.project_id))
+        for refused in (
+            run(other, state),
+            run_cli("review", "sync", "--state", str(state), env=other.env(), cwd=tmp_path),
+            run_cli("eval", *target, "--state", str(state), *tiny_args(), env=other.env(), cwd=tmp_path),
+            run_cli(
+                "serve", "--listen", "127.0.0.1:0", "--state", str(state),
+                env=other.env(PRELABEL_WEBHOOK_SECRET="a secret"), cwd=tmp_path,
+            ),
+        ):  # fmt: skip
+            assert refused.returncode != 0 and "Traceback" not in refused.stderr
+            (line,) = [text for text in refused.stderr.splitlines() if text.startswith("error:")]
+            assert f"the CVAT server {project.server.url}, not of {other.server.url}" in line
+        assert other_server.write_count == 0 and state.read_bytes() == state_before
+
+        assert run(other, tmp_path / "other.db").returncode == 0  # its own state file
+        for job in other.annotation_jobs():
+            tagged = {tag["frame"] for tag in other_server.annotations(job["id"])["tags"]}
+            wanted = set(range(job["start_frame"], job["stop_frame"] + 1)) - {
+                frame for task, frame in other.deleted if task == job["task_id"]
+            }
+            assert tagged == wanted, job["id"]
+        assert run(project, state).returncode == 0  # and the first server's still works
 
 
 @pytest.mark.parametrize(

@@ -197,6 +197,37 @@ def test_four_workers_process_every_job_exactly_once_like_a_single_run(queue: st
         assert all(counted[name]["images_per_second"] > 0 for name in by_worker)
 
 
+def test_a_worker_keeps_one_state_file_per_server(queue: str, tmp_path: Path):
+    # Two servers built by the same calls number their jobs alike. In one state file, the
+    # second server's frames would look like frames whose tags a person removed: left unlabeled.
+    from prelabel.state import RunState
+
+    config = write_config(tmp_path)
+    with CvatTestServer() as first_server, CvatTestServer() as second_server:
+        first = many_jobs_project(first_server, image_frames=4, video_frames=2)
+        second = many_jobs_project(second_server, image_frames=4, video_frames=2)
+        job_ids = {job["id"] for job in first.annotation_jobs()}
+        assert job_ids == {job["id"] for job in second.annotation_jobs()}
+        for project in (first, second):  # the first server's jobs go first
+            enqueue_here(queue, project, config)
+        (worker,) = start_workers(queue, first, tmp_path, 1)
+        wait_all([worker])
+        assert worker.returncode == 0, _logs(tmp_path)
+        assert len(completions(queue)) == 2 * len(job_ids)
+        assert server_state(second) == server_state(first)  # every frame labeled on both
+        assert all(first_server.annotations(job["id"])["tags"] for job in first.annotation_jobs())
+        port = second_server.url.rsplit(":", 1)[1]
+        files = {
+            tmp_path / "w0.db": first_server.url,
+            tmp_path / f"w0@127.0.0.1_{port}.db": second_server.url,  # the second server's, beside it
+        }
+
+    for path, host in files.items():
+        with RunState(path, lock=False) as state:
+            assert state.meta("host") == host
+            assert {record.job_id for record in state.frames()} == job_ids
+
+
 def test_a_killed_worker_s_job_completes_on_another_without_duplicates(queue: str, tmp_path: Path):
     config = write_config(tmp_path, upload_batch_size=1)  # writes reach CVAT frame by frame
     with CvatTestServer() as server:
@@ -411,7 +442,7 @@ def test_entries_carry_the_calibration_in_use_and_workers_apply_only_it(queue: s
 
     # a worker machine with another calibration file at the same path: the entry's wins
     write_calibration(Calibration(**{**asdict(learned), "temperature": 9.0}), tmp_path / "calibration.yaml")
-    worker = EntryWorker(WorkerSettings(name="w", state=None), Redis.from_url(queue), build_pipeline)
+    worker = EntryWorker(WorkerSettings(name="w", states=None), Redis.from_url(queue), build_pipeline)
     pipeline = worker.pipeline(entries[0], worker.config(entries[0]), labels)
     assert pipeline.classifier.temperature == 1.7
     assert pipeline.policy.accept_threshold == 0.52 and pipeline.policy.threshold("cat") == 0.61

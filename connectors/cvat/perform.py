@@ -67,7 +67,7 @@ class CvatWork:
         if self._reviewers is None:
             self._reviewers = resolve_reviewers(self.session, self.config.review.reviewers)
         with RunState(self.state_path) as state:
-            state.set_meta("host", self.session.host)
+            state.claim_host(self.session.host)
             outcome = label_target(
                 self.session,
                 {"task_id": task_id},
@@ -101,6 +101,7 @@ class CvatWork:
     def sync_job(self, job_id: int) -> str:
         """Record the reviewers' outcomes for one job's frames, as `review sync --job-id` would."""
         with RunState(self.state_path) as state:
+            state.claim_host(self.session.host)
             counts = sync_reviews(self.session, state, [job_id])
         summary = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items()))
         return f"job {job_id}: synced {summary or 'nothing (prelabel has no frames of it)'}"

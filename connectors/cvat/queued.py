@@ -34,7 +34,7 @@ from prelabel.config import Config
 from prelabel.errors import ConfigError
 from prelabel.pipeline.runner import Pipeline
 from prelabel.service.metrics import Metrics
-from prelabel.state import RunState
+from prelabel.state import StatesByServer
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,9 @@ class WorkerSettings:
     """What a worker process adds to each entry: its identity, device and login."""
 
     name: str
-    state: RunState | None
-    """This worker's own state file (a record; the server's state decides what is written)."""
+    states: StatesByServer | None
+    """This worker's own state files, one per CVAT server (a record; the server's state
+    decides what is written)."""
     device: str | None = None
     batch_size: int | None = None
     auth: str | None = None
@@ -125,7 +126,7 @@ class EntryWorker:
                     quality=entry.quality,
                     progress=False,
                 ),
-                state=self.settings.state,
+                state=self.settings.states.for_host(session.host) if self.settings.states else None,
                 reviewers=self.reviewers(session, config),
                 on_job=(lambda job: record_job(metrics, job)) if metrics is not None else None,
             )

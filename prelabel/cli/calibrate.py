@@ -60,6 +60,7 @@ def _load(config, ground_truth, labels, target, server, state):
 
     target = one_target(target)
     session = connect_to(config, server, target)
+    state.claim_host(session.host)  # its review outcomes and embeddings are this server's
     source = CvatGroundTruth(session, **target, state=state)
     check_schema(source.labels, source.where, setup_hint(target))
     return source, [label.name for label in source.labels]

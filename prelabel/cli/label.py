@@ -187,7 +187,7 @@ def run_command(
         return build_image_pipeline(config, names)  # one label set per target
 
     with RunState(Path(state_path or config.state.path)) as state:
-        state.set_meta("host", session.host)
+        state.claim_host(session.host)
         per_job = {}
 
         def report(outcome) -> None:

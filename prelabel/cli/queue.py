@@ -155,6 +155,7 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, metrics_port
     from prelabel.assemble import build_pipeline
     from prelabel.service.http import ProbeServer
     from prelabel.service.metrics import Metrics, Probes
+    from prelabel.state import StatesByServer
 
     root = click.get_current_context().find_root()
     quiet = root.params.get("quiet")
@@ -163,12 +164,12 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, metrics_port
     logging.getLogger("connectors.queue").setLevel(level)
     logging.getLogger("connectors.cvat.queued").setLevel(level)
     name = worker_name(device)
-    state = _worker_state(state_path)
+    states = StatesByServer(_worker_state(state_path))
     server_ = None
     try:
         settings = WorkerSettings(
             name=name,
-            state=state,
+            states=states,
             device=device,
             batch_size=batch_size,
             auth=server["auth"],
@@ -184,12 +185,12 @@ def worker(queue_url, device, batch_size, burst, state_path, lease, metrics_port
             server_ = ProbeServer(probes, (metrics_host, metrics_port))
             host, port = server_.start()
             click.echo(f"worker {name}: metrics on http://{host}:{port}/metrics", err=True)
-        click.echo(f"worker {name}: state {state.path}; waiting for entries", err=True)
+        click.echo(f"worker {name}: state {states.first.path}; waiting for entries", err=True)
         run_worker(connection, name, context, burst=burst, lease=lease, level=level)
     finally:
         if server_ is not None:
             server_.stop()
-        state.close()
+        states.close()
 
 
 def _worker_state(path: Path | None):

@@ -85,6 +85,7 @@ def review_sync(config_path, state_path, job_ids, server):
     path = _state_file(config, state_path)
     session = connect_to(config, server)
     with RunState(path) as state:
+        state.claim_host(session.host)
         counts = sync_reviews(session, state, list(job_ids) or None)
     summary = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items())) or "nothing to sync"
     click.echo(f"synced: {summary}")

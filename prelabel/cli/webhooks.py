@@ -80,6 +80,7 @@ def serve(listen, config_path, state_path, project_ids, queue_url, server):
         use_json_logs,
     )
     from prelabel.service.metrics import Metrics
+    from prelabel.state import RunState
 
     config = load_config(config_path)
     secret = _secret(config)
@@ -97,6 +98,8 @@ def serve(listen, config_path, state_path, project_ids, queue_url, server):
     if connection is not None:
         checks["redis"] = connection.ping
     state = Path(state_path or config.state.path)
+    with RunState(state, lock=False) as records:  # another server's state file stops it here
+        records.claim_host(session.host)
     with DeliveryLog(state.with_name("deliveries.db")) as deliveries:
         perform = CvatWork(session, config, state, connection, metrics)
         worker = InProcessWorker(perform, deliveries, config.webhook.queue_size, metrics)
