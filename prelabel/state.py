@@ -1,12 +1,14 @@
 """The run state: a SQLite file that records what prelabel decided and wrote, frame by frame.
 
 It is a record and a cache, never the source of truth: a run decides what to write from
-the server's state, so a lost or stale state file costs nothing but a re-read. It holds,
-per (job, frame): the prediction (top-k with scores), the decision, the upload status, the
-server ids of the created tags and issue, and the fingerprint of model, prompts and
-thresholds; per job, whether its review routing was applied and the server's `updated_date`
-at which prelabel last saw it finished (a rerun skips reading it while that date holds); and
-the outcomes that `review sync` read back. No secret is ever stored here.
+the server's state, so a lost state file costs a re-read, and the memory of which of
+prelabel's tags people removed (`tagged_frames`). It serves one CVAT server (`claim_host`).
+It holds, per (job, frame): the prediction (top-k with scores), the decision, the upload
+status, the server ids of the created tags and issue, and the fingerprint of model, prompts
+and thresholds; per job, whether its review routing was applied, its `created_date` on the
+server, and the `updated_date` at which prelabel last saw it finished (a rerun skips reading
+it while that date holds); and the outcomes that `review sync` read back. No secret is ever
+stored here.
 
 The file carries its schema version (SQLite's ``user_version``); opening a file of an older
 release migrates it in place, step by step (`_MIGRATIONS`), keeping every record. Rows are
@@ -34,7 +36,7 @@ from prelabel.errors import PrelabelError
 
 DEFAULT_STATE_PATH = Path(".prelabel/state.db")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The version this release writes. 0: prelabel 0.1 (no version recorded)."""
 
 _SCHEMA = """
@@ -111,6 +113,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN finished_at TEXT",
         "ALTER TABLE jobs ADD COLUMN finished_flags TEXT",
     ),
+    # 3 -> 4: the server's created_date of a job, which tells it from a job of the same
+    # number on a server rebuilt at the same address (CVAT numbers jobs from 1 again).
+    3: ("ALTER TABLE jobs ADD COLUMN created_at TEXT",),
 }
 """From version N to N + 1: the statements, run in one transaction with the version bump."""
 
@@ -387,14 +392,16 @@ class RunState:
         *,
         finished_at: str | None = None,
         finished_flags: str | None = None,
+        created_at: str | None = None,
     ) -> None:
         """Record a job's routing; `finished_at` is the server's `updated_date` of the job once
-        nothing was left to label under `finished_flags` (None: not known finished)."""
+        nothing was left to label under `finished_flags` (None: not known finished), and
+        `created_at` its `created_date`."""
         with self.transaction() as db:
             db.execute(
                 """INSERT OR REPLACE INTO jobs (job_id, task_id, fingerprint, review_items, routed, updated,
-                                               finished_at, finished_flags)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                                               finished_at, finished_flags, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     job_id,
                     task_id,
@@ -404,6 +411,7 @@ class RunState:
                     time.time(),
                     finished_at,
                     finished_flags if finished_at is not None else None,
+                    created_at,
                 ),
             )
 
@@ -426,11 +434,20 @@ class RunState:
         )
         return {row["job_id"]: row["finished_at"] for row in rows}
 
-    def tagged_frames(self, job_id: int) -> frozenset[int]:
+    def tagged_frames(self, job_id: int, created_at: str | None) -> frozenset[int]:
         """The job's frames where prelabel's tags were written and confirmed by the server
-        (status uploaded, tag ids recorded), as `record_upload` left them."""
+        (status uploaded, tag ids recorded), as `record_upload` left them.
+
+        Only for the job created at `created_at` (its `created_date`, recorded with its
+        routing): a job of the same number on a server rebuilt at the same address, or a
+        job whose routing was never recorded, gets none.
+        """
+        if created_at is None:
+            return frozenset()
         rows = self._query(
-            "SELECT frame FROM frames WHERE job_id = ? AND status = 'uploaded' AND tag_ids != '[]'", (job_id,)
+            """SELECT frame FROM frames JOIN jobs USING (job_id)
+               WHERE job_id = ? AND jobs.created_at = ? AND status = 'uploaded' AND tag_ids != '[]'""",
+            (job_id, created_at),
         )
         return frozenset(row["frame"] for row in rows)
 

@@ -249,6 +249,33 @@ def test_a_state_file_serves_one_server(project: Project, tmp_path: Path):
         assert run(project, state).returncode == 0  # and the first server's still works
 
 
+def test_a_server_rebuilt_at_the_same_address_is_labeled_again(tmp_path: Path):
+    # A CVAT rebuilt from scratch (docker compose down -v; up) numbers its jobs from 1 again
+    # at the same address. Its jobs are not the ones prelabel tagged before, so no frame of
+    # theirs is one whose tag a person removed.
+    state = tmp_path / "state.db"
+    tiny = tiny_args("--accept-threshold", "0", "--min-margin", "0")
+
+    def labeled(target: Project) -> dict[int, set[int]]:
+        assert run_cli("setup", "--project-id", str(target.project_id), env=target.env()).returncode == 0
+        result = run_cli(
+            "run", "--project-id", str(target.project_id), "--state", str(state), *tiny,
+            env=target.env(), cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return {
+            job["id"]: {tag["frame"] for tag in target.server.annotations(job["id"])["tags"]}
+            for job in target.annotation_jobs()
+        }
+
+    with CvatTestServer() as before:
+        first = labeled(build_project(before))
+        port = int(before.url.rsplit(":", 1)[1])
+    assert all(first.values())
+    with CvatTestServer(port=port) as rebuilt:
+        assert labeled(build_project(rebuilt)) == first
+
+
 @pytest.mark.parametrize(
     ("case", "fragment"),
     [

@@ -45,6 +45,7 @@ from connectors.cvat.jobs import (
     Planned,
     Work,
     collect,
+    created_date,
     plan_stream,
     read_target,
     updated_date,
@@ -207,7 +208,7 @@ def _stream(
         threads=config.cvat.write_concurrency,
         ahead=config.cvat.plan_ahead if request.limit is None else None,
         unchanged=unchanged,
-        tagged=state.tagged_frames if state is not None else None,
+        tagged=(lambda job: state.tagged_frames(job.id, created_date(job))) if state is not None else None,
     )
 
 
@@ -600,6 +601,7 @@ def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool)
             routed=True,
             finished_at=date if finished else None,
             finished_flags=plan_flags(labeling.config, labeling.request),
+            created_at=plan.created_date,
         )
     return changes
 

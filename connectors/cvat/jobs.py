@@ -75,6 +75,8 @@ class JobPlan:
     """The task's other annotation jobs that share frames with this one."""
     updated_date: str | None = field(default=None, repr=False)
     """The job's `updated_date` in the listing the plan was made from (ISO 8601)."""
+    created_date: str | None = field(default=None, repr=False)
+    """The job's `created_date` (ISO 8601): with its id, it names the job on its server."""
     truncated: bool = False
     """`--limit` left some of the job's frames out."""
 
@@ -142,13 +144,23 @@ UNCHANGED = "nothing to label (unchanged since prelabel finished it)"
 Unchanged = Callable[[object], bool]
 """Whether a listed job (`JobRead`) is known finished and unchanged since: it is not read."""
 
-Tagged = Callable[[int], frozenset[int]]
-"""A job id's frames where prelabel's tags were written before (the state file's record)."""
+Tagged = Callable[[object], frozenset[int]]
+"""A listed job's (`JobRead`) frames where prelabel's tags were written before (the state
+file's record of the job of that number and `created_date`)."""
 
 
 def updated_date(job) -> str | None:
     """A job's `updated_date` as ISO 8601 text (None when the server gave none)."""
-    value = getattr(job, "updated_date", None)
+    return _date(job, "updated_date")
+
+
+def created_date(job) -> str | None:
+    """A job's `created_date` as ISO 8601 text (None when the server gave none)."""
+    return _date(job, "created_date")
+
+
+def _date(job, name: str) -> str | None:
+    value = getattr(job, name, None)
     return value.isoformat() if value is not None and hasattr(value, "isoformat") else value
 
 
@@ -343,7 +355,7 @@ def _planned_ahead(
                 include_tagged=include_tagged,
                 relabel=relabel,
                 suggestions=suggestions,
-                tagged=tagged(job.id) if tagged is not None else frozenset(),
+                tagged=tagged(job) if tagged is not None else frozenset(),
                 issues=issues if shared else None,
                 metas=metas if shared else None,
             ),
@@ -515,6 +527,7 @@ def plan_for(job, meta: JobMeta, frames: Sequence[int], existing: JobOnServer, *
         sizes=sizes,
         existing=existing,
         updated_date=updated_date(job),
+        created_date=created_date(job),
         **counts,
     )
 
