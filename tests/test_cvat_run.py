@@ -203,6 +203,18 @@ def test_the_parent_of_consensus_replicas_is_left_as_it_is(project: Project, tmp
     assert server.annotations(other)["tags"] or server.issues(other)
 
 
+def untagged(target: Project) -> dict[int, set[int]]:
+    """Job id -> its frames that are neither deleted nor tagged, for the jobs that have any."""
+    found = {}
+    for job in target.annotation_jobs():
+        frames = set(range(job["start_frame"], job["stop_frame"] + 1))
+        frames -= {frame for task, frame in target.deleted if task == job["task_id"]}
+        frames -= {tag["frame"] for tag in target.server.annotations(job["id"])["tags"]}
+        if frames:
+            found[job["id"]] = frames
+    return found
+
+
 def test_a_state_file_serves_one_server(project: Project, tmp_path: Path):
     # A second server built by the same calls has the same job, task and frame numbers. Read
     # through the first server's state file, each of its frames would look like one whose tag
@@ -240,13 +252,37 @@ def test_a_state_file_serves_one_server(project: Project, tmp_path: Path):
         assert other_server.write_count == 0 and state.read_bytes() == state_before
 
         assert run(other, tmp_path / "other.db").returncode == 0  # its own state file
-        for job in other.annotation_jobs():
-            tagged = {tag["frame"] for tag in other_server.annotations(job["id"])["tags"]}
-            wanted = set(range(job["start_frame"], job["stop_frame"] + 1)) - {
-                frame for task, frame in other.deleted if task == job["task_id"]
-            }
-            assert tagged == wanted, job["id"]
+        assert untagged(other) == {}
         assert run(project, state).returncode == 0  # and the first server's still works
+
+
+def test_a_trial_with_limit_leaves_its_jobs_where_they_are(project: Project, tmp_path: Path):
+    # With accepted jobs routed to acceptance, a trial that routed its cut-short job there
+    # would have every later run skip that job as finished, its other frames never labeled.
+    server = project.server
+    config = tmp_path / "config.yaml"
+    config.write_text("review:\n  accepted_stage: acceptance\n")
+    state = tmp_path / "state.db"
+    jobs = [job["id"] for job in project.annotation_jobs()]
+
+    def run(*extra: str):
+        result = run_cli(
+            "run", "--project-id", str(project.project_id), "--config", str(config), "--state", str(state),
+            *tiny_args("--accept-threshold", "0", "--min-margin", "0", *extra),
+            env=project.env(), cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result
+
+    assert run_cli("setup", "--project-id", str(project.project_id), env=project.env()).returncode == 0
+    before = {job: server.job(job) for job in jobs}
+    run("--limit", "2")
+    assert {job: server.job(job)["stage"] for job in jobs} == {job: before[job]["stage"] for job in jobs}
+    assert len(server.annotations(jobs[0])["tags"]) == 2
+
+    run()
+    assert untagged(project) == {}
+    assert {server.job(job)["stage"] for job in jobs} == {"acceptance"}
 
 
 def test_a_server_rebuilt_at_the_same_address_is_labeled_again(tmp_path: Path):

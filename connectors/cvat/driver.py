@@ -575,15 +575,18 @@ def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool)
     """Route the job once: after any write to it, or when the state has no record of routing it.
 
     A job that was already routed and got no new writes is left alone, so that a person
-    can move it on without a rerun moving it back. The state records the job's
-    `updated_date` after its writes and routing as the moment it was seen finished (a job
-    finished when planned: the listing's date, unless routing just changed the job), unless
-    `--limit` left frames out or the run relabels.
+    can move it on without a rerun moving it back. A job that `--limit` cut short is not
+    routed: its outcome is not known yet, and a stage such as acceptance would have the
+    next run skip it as finished. The state records the job's `updated_date` after its
+    writes and routing as the moment it was seen finished (a job finished when planned: the
+    listing's date, unless routing just changed the job), unless `--limit` left frames out
+    or the run relabels.
     """
     state = labeling.state
     changes: dict[str, object] = {}
     date = None
-    if wrote or state is None or not state.job_routed(plan.job_id):
+    routed = not plan.truncated
+    if routed and (wrote or state is None or not state.job_routed(plan.job_id)):
         changes, date = route_job(
             labeling.session, plan.job_id, review_items, labeling.reviewers, labeling.config.review
         )
@@ -598,7 +601,7 @@ def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool)
             plan.task_id,
             labeling.pipeline.fingerprint,
             review_items,
-            routed=True,
+            routed=routed or state.job_routed(plan.job_id),
             finished_at=date if finished else None,
             finished_flags=plan_flags(labeling.config, labeling.request),
             created_at=plan.created_date,
