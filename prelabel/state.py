@@ -298,12 +298,22 @@ class RunState:
             row = db.execute("SELECT value FROM meta WHERE key = 'host'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta (key, value) VALUES ('host', ?)", (host,))
-            elif _server(row["value"]) != _server(host):
-                raise StateServerError(
-                    f"the state file {self.path} records the work of the CVAT server {row['value']}, "
-                    f"not of {host}: job numbers of two servers would mix",
-                    hint="give each server its own state file (--state FILE, or state.path in the config)",
-                )
+            else:
+                self._check_server(row["value"], host)
+
+    def check_host(self, host: str) -> None:
+        """`claim_host` without recording: for a look that writes nothing (``run --dry-run``)."""
+        recorded = self.meta("host")
+        if recorded is not None:
+            self._check_server(recorded, host)
+
+    def _check_server(self, recorded: str, host: str) -> None:
+        if _server(recorded) != _server(host):
+            raise StateServerError(
+                f"the state file {self.path} records the work of the CVAT server {recorded}, "
+                f"not of {host.rstrip('/')}: job numbers of two servers would mix",
+                hint="give each server its own state file (--state FILE, or state.path in the config)",
+            )
 
     # -- frames -----------------------------------------------------------------------------
     def record_decision(

@@ -239,6 +239,7 @@ def test_a_state_file_serves_one_server(project: Project, tmp_path: Path):
         target = ("--project-id", str(other.project_id))
         for refused in (
             run(other, state),
+            run_cli("run", *target, "--state", str(state), "--dry-run", env=other.env(), cwd=tmp_path),
             run_cli("review", "sync", "--state", str(state), env=other.env(), cwd=tmp_path),
             run_cli("eval", *target, "--state", str(state), *tiny_args(), env=other.env(), cwd=tmp_path),
             run_cli(

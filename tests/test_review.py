@@ -339,6 +339,8 @@ def test_tags_a_reviewer_removed_are_never_written_again(project: Project, tmp_p
     }
     before = server_state(project)
 
+    dry = run_cli(*run_args(project, config, state, "--dry-run"), env=lead_env(project))  # as the run plans
+    assert dry.returncode == 0 and "\n  0 frames in 0 jobs" in dry.stdout, dry.stdout
     project.server.reset_counters()
     again = run_cli(*run_args(project, config, state), env=lead_env(project))
     assert again.returncode == 0, again.stderr

@@ -213,14 +213,18 @@ def _stream(
 
 
 def plan_target(
-    session: CvatSession, target: Target, config: Config, request: LabelRequest | None = None
+    session: CvatSession,
+    target: Target,
+    config: Config,
+    request: LabelRequest | None = None,
+    state: RunState | None = None,
 ) -> TargetPlan:
     """The target's jobs that need labels (read from the server, planned concurrently), with the
-    label names checked first."""
+    label names checked first; with `state`, as a run with that state file would plan them."""
     request = request or LabelRequest()
     listing = read_target(session, **target)
     names = candidate_names(listing, config, setup_hint(target))
-    return TargetPlan(target, collect(listing, _stream(session, listing, config, request, None)), names)
+    return TargetPlan(target, collect(listing, _stream(session, listing, config, request, state)), names)
 
 
 def _replay(work: Work) -> Iterator[Planned]:

@@ -169,8 +169,12 @@ def run_command(
     if not dry_run:  # torch and open_clip take seconds to import: the run logs in and plans meanwhile
         _import_meanwhile("prelabel.assemble")
     session = connect_to(config, server, target, writes=None if dry_run else "run")
-    if dry_run:  # the whole plan, planned concurrently
-        planned = plan_target(session, target, config, request)
+    if dry_run:  # the whole plan, planned concurrently, as a run with this state file would plan it
+        path = Path(state_path or config.state.path)
+        with RunState(path, lock=False) if path.is_file() else contextlib.nullcontext() as state:
+            if state is not None:
+                state.check_host(session.host)
+            planned = plan_target(session, target, config, request, state)
         resolve_reviewers(session, config.review.reviewers)
         print_plan(planned.work, planned.names, dry_run)
         return
