@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from connectors.cvat.assign import Reviewer, resolve_reviewers, route_job
+from connectors.cvat.assign import Reviewer, Routing, resolve_reviewers, route_job
 from connectors.cvat.frames import DEFAULT_QUALITY, ChunkDownloads, JobFrameSource
 from connectors.cvat.jobs import (
     JobPlan,
@@ -102,6 +102,8 @@ class JobOutcome:
     stats: RunStats
     result: JobResult
     job_changes: dict[str, object] = field(default_factory=dict)
+    routing_refused: str | None = None
+    """Why CVAT refused to route the job (left as it was), if it did."""
 
 
 @dataclass(frozen=True)
@@ -543,10 +545,10 @@ def label_job(
         remembering.close()  # waits for the job's last writes; re-raises a failed one
         written_at = time.perf_counter()
         stats.stages.update(timer.snapshot())  # with the uploads that ended after the model moved on
-        changes = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
+        routing = _route(labeling, plan, review_items=sink.result.open_issues, wrote=bool(sink.result.writes))
         stats.stages["last_writes"] = written_at - closing
         stats.stages["route"] = time.perf_counter() - written_at
-        return JobOutcome(plan, stats, sink.result, changes)
+        return JobOutcome(plan, stats, sink.result, routing.changes, routing.refused)
 
     return route
 
@@ -575,25 +577,25 @@ def job_source(
     )
 
 
-def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool) -> dict[str, object]:
+def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool) -> Routing:
     """Route the job once: after any write to it, or when the state has no record of routing it.
 
     A job that was already routed and got no new writes is left alone, so that a person
     can move it on without a rerun moving it back. A job that `--limit` cut short is not
     routed: its outcome is not known yet, and a stage such as acceptance would have the
-    next run skip it as finished. The state records the job's `updated_date` after its
-    writes and routing as the moment it was seen finished (a job finished when planned: the
-    listing's date, unless routing just changed the job), unless `--limit` left frames out
-    or the run relabels.
+    next run skip it as finished. A job CVAT refused to route is recorded as not routed. The
+    state records the job's `updated_date` after its writes and routing as the moment it was
+    seen finished (a job finished when planned: the listing's date, unless routing just
+    changed the job), unless `--limit` left frames out or the run relabels.
     """
     state = labeling.state
-    changes: dict[str, object] = {}
-    date = None
+    routing = Routing({}, None)
     routed = not plan.truncated
     if routed and (wrote or state is None or not state.job_routed(plan.job_id)):
-        changes, date = route_job(
-            labeling.session, plan.job_id, review_items, labeling.reviewers, labeling.config.review
-        )
+        review = labeling.config.review
+        routing = route_job(labeling.session, plan.job_id, review_items, labeling.reviewers, review)
+        routed = routing.refused is None
+    changes, date = routing.changes, routing.updated_date
     if state is not None:
         finished = not plan.truncated and not labeling.request.relabel
         if not plan.frames:  # finished when planned: as the listing showed it, unless routing changed it
@@ -610,7 +612,7 @@ def _route(labeling: Labeling, plan: JobPlan, *, review_items: int, wrote: bool)
             finished_flags=plan_flags(labeling.config, labeling.request),
             created_at=plan.created_date,
         )
-    return changes
+    return routing
 
 
 def _updated_date(session: CvatSession, job_id: int) -> str | None:

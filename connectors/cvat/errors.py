@@ -16,6 +16,10 @@ class CvatError(PrelabelError):
     """The CVAT server refused or failed a request, or cannot be reached."""
 
 
+class CvatPermissionError(CvatError):
+    """The CVAT server answered 403: the user may not do this."""
+
+
 @contextlib.contextmanager
 def failing_as(doing: str) -> Iterator[None]:
     """Turn a failure inside the block into one `CvatError` line that says what was being done."""
@@ -37,7 +41,7 @@ def server_error(exc: BaseException, doing: str) -> PrelabelError:
         if status == 401:
             return credentials_error(doing, exc)
         if status == 403:
-            return CvatError(
+            return CvatPermissionError(
                 f"{doing}: permission denied ({detail})",
                 hint="the user must own or be assigned to the project, task or job (in an organization: "
                 "be a member whose role allows it), and an access token must not be read-only",

@@ -206,6 +206,7 @@ def run_command(
                     if outcome.job_changes
                     else ""
                 )
+                + (f"; job left as it is ({outcome.routing_refused})" if outcome.routing_refused else "")
             )
             per_job[plan.job_id] = stats
 
