@@ -168,6 +168,24 @@ def test_a_worker_runs_the_job_assigned_to_them_in_the_organization(org_server):
     assert result.returncode == 0, result.stderr
     assert "working in it" in result.stderr and "2 frames in 1 jobs" in result.stdout
 
+    # CVAT lets a job's assignee write its annotations, not move it to another stage
+    # (jobs.rego: update:stage is for the task's staff): the tags stay, the job stays put.
+    before = org_server.job(job_id)
+    args = ("run", "--job-id", str(job_id), *tiny_args("--accept-threshold", "0", "--min-margin", "0"))
+    for attempt, says in enumerate(
+        ("job left as it is (CVAT lets only the owner", "skipped, nothing to label")
+    ):
+        result = run_cli(*args, env=_env(org_server, "walt"))
+        assert result.returncode == 0, result.stderr
+        assert says in result.stdout, attempt
+        assert {tag["frame"] for tag in org_server.annotations(job_id)["tags"]} == {
+            before["start_frame"],
+            before["stop_frame"],
+        }
+        assert {key: org_server.job(job_id)[key] for key in ("stage", "state", "assignee_id")} == {
+            key: before[key] for key in ("stage", "state", "assignee_id")
+        }
+
 
 @pytest.mark.parametrize(
     ("user", "extra", "fragment"),

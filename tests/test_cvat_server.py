@@ -434,6 +434,26 @@ def test_job_retrieve_and_patch(seeded: Seeded, client: Client) -> None:
     assert status == 400 and "assignee" in body
     assert raw(api.retrieve, 999999)[:2] == (404, {"detail": "No Job matches the given query."})
 
+    # JobWriteSerializer.update: a stage change without a state sets the state to new
+    client.jobs.retrieve(job_id).update({"state": "in progress"})
+    client.jobs.retrieve(job_id).update({"stage": "validation"})
+    assert (client.jobs.retrieve(job_id).stage, client.jobs.retrieve(job_id).state) == ("validation", "new")
+    client.jobs.retrieve(job_id).update({"stage": "annotation", "state": "in progress"})
+    client.jobs.retrieve(job_id).update({"stage": "annotation"})  # the same stage: the state stays
+    assert client.jobs.retrieve(job_id).state == "in progress"
+
+    # jobs.rego: the job's assignee may change its state, not its stage or assignee
+    seeded.server.add_user("ann", "pw")
+    seeded.server.assign("job", job_id, "ann")
+    annotator = make_client(seeded.server.url, credentials=("ann", "pw")).api_client.jobs_api
+    for fields, expected in (
+        ({"state": "completed"}, 200),
+        ({"stage": "validation"}, 403),
+        ({"assignee": None}, 403),
+    ):
+        request = models.PatchedJobWriteRequest(**fields)
+        assert raw(annotator.partial_update, job_id, patched_job_write_request=request)[0] == expected, fields
+
 
 def test_job_meta_deleted_and_ground_truth_frames(client: Client, seeded: Seeded) -> None:
     server = seeded.server

@@ -160,6 +160,23 @@ def test_unknown_reviewer_fails_before_any_write(project: Project, tmp_path: Pat
     assert project.server.write_count == 0
 
 
+def test_a_job_moved_to_another_stage_gets_the_configured_state(project: Project, tmp_path: Path):
+    # CVAT sets a job whose stage changes to state new unless the request names the state:
+    # a job already in the configured state must not end up new.
+    prepare(project)
+    lead = make_client(project.server.url, credentials=("lead", "lead-password"))
+    jobs = [job["id"] for job in project.annotation_jobs()]
+    for job in jobs:
+        lead.api_client.jobs_api.partial_update(job, patched_job_write_request={"state": "in progress"})
+    config = write_config(tmp_path, 1.0, stage="validation", state="in progress")  # every frame to review
+    result = run_cli(*run_args(project, config, tmp_path / "state.db"), env=lead_env(project))
+    assert result.returncode == 0, result.stderr
+    assert all(project.server.issues(job) for job in jobs)
+    assert {(project.server.job(job)["stage"], project.server.job(job)["state"]) for job in jobs} == {
+        ("validation", "in progress")
+    }
+
+
 def test_second_run_writes_nothing(project: Project, tmp_path: Path):
     prepare(project)
     config = write_config(tmp_path, split_threshold(project))

@@ -564,12 +564,15 @@ class Api:
             if "state" in body and body["state"] not in JOB_STATES:
                 raise bad_request({"state": [f'"{body["state"]}" is not a valid choice.']})
             assignee = self._user_id_field(body.get("assignee"), "assignee")
+            if ("stage" in body or "assignee" in body) and not self.state.may_route_job(ctx.user, job):
+                raise forbidden()
             watched = ("status", "stage", "state")
             before = {"updated_date": job["updated_date"], "status": self.ser.job_status(job)}
             before.update({key: job[key] for key in ("stage", "state")})
-            for key in ("stage", "state"):
-                if key in body:
-                    job[key] = body[key]
+            stage = body.get("stage", job["stage"])
+            # JobWriteSerializer.update: a stage change without a state sets the state to new
+            job["state"] = body.get("state", "new" if stage != job["stage"] else job["state"])
+            job["stage"] = stage
             if "assignee" in body and assignee != job["assignee_id"]:
                 job["assignee_id"] = assignee
                 job["assignee_updated_date"] = now()

@@ -475,6 +475,16 @@ class State:
         project = self.projects.get(task["project_id"])
         return bool(project) and user["id"] in (project["owner_id"], project["assignee_id"])
 
+    def may_route_job(self, user: dict[str, Any], job: dict[str, Any]) -> bool:
+        """Whether `user` may change the job's stage or assignee (jobs.rego ``update:stage``,
+        ``update:assignee``): staff of its task (not its own assignee alone), or an owner or
+        maintainer of the job's organization."""
+        task = self.tasks[job["task_id"]]
+        org_id = self.object_org("job", job)
+        if org_id is not None and self.member_role(user, org_id) in ("owner", "maintainer"):
+            return True
+        return self._task_staff(user, task)
+
     def can_see_task(self, user: dict[str, Any], task: dict[str, Any]) -> bool:
         """Task staff, or the assignee of one of its jobs."""
         return self._task_staff(user, task) or any(
