@@ -7,6 +7,8 @@ organization's jobs are listed only in its context. The CLI runs as a subprocess
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cvat_sdk import make_client
 from cvat_sdk.api_client.exceptions import ApiException
@@ -120,6 +122,24 @@ def org_server():
 
 def _env(server, user: str) -> dict[str, str]:
     return {"CVAT_HOST": server.url, "CVAT_USERNAME": user, "CVAT_PASSWORD": PASSWORD}
+
+
+def test_reviewers_in_an_organization_are_its_members(org_server, tmp_path: Path):
+    # users.rego: in an organization the user list holds its members, for an admin too
+    setup = run_cli("setup", "--project-id", str(org_server.org_project), env=_env(org_server, "olga"))
+    assert setup.returncode == 0, setup.stderr
+    for user, reviewer, found in (("maria", "walt", True), ("root", "eve", False)):
+        config = tmp_path / f"{user}.yaml"
+        config.write_text(f'review:\n  reviewers: ["{reviewer}"]\n')
+        result = run_cli(
+            "run", "--project-id", str(org_server.org_project), "--dry-run", "--config", str(config),
+            env=_env(org_server, user),
+        )  # fmt: skip
+        if found:
+            assert result.returncode == 0, result.stderr
+        else:
+            assert result.returncode != 0 and "Traceback" not in result.stderr
+            assert f"unknown reviewer '{reviewer}'" in result.stderr and "its members" in result.stderr
 
 
 def test_the_test_server_lists_an_organizations_jobs_only_in_its_context(org_server):

@@ -57,8 +57,9 @@ def resolve_reviewers(session: CvatSession, usernames: list[str]) -> list[Review
         if not match:
             raise CvatError(
                 f"unknown reviewer {username!r}: no CVAT user with that username is visible",
-                hint="fix review.reviewers (usernames, not e-mail addresses); outside an organization "
-                "CVAT shows a regular user no other users, so assigning reviewers needs an admin",
+                hint="fix review.reviewers (usernames, not e-mail addresses); in an organization CVAT "
+                "lists only its members, and outside one it shows a regular user no other users, so "
+                "assigning reviewers there needs an admin",
             )
         reviewers.append(Reviewer(match[0].id, username))
     return reviewers

@@ -300,12 +300,22 @@ class Api:
         return Reply(body=self.ser.user(ctx.user))
 
     def users_list(self, ctx: Ctx) -> Reply:
-        """GET /api/users; non-admins see only themselves, as BasicUser."""
+        """GET /api/users, as users.rego filters it: in an organization, its members (for
+        admins too; others than members get 403); outside one, every user for an admin and
+        only themselves for anyone else (as BasicUser)."""
         user = ctx.user
         assert user is not None
         admin = self.state.is_admin(user)
+        org_id = (ctx.org or OrgContext()).org_id
         with self.state.lock:
-            users = [u for u in self.state.users.values() if admin or u["id"] == user["id"]]
+            if org_id is not None:
+                if not admin and self.state.member_role(user, org_id) is None:
+                    raise forbidden()
+                memberships = self.state.memberships.values()
+                members = {m["user_id"] for m in memberships if m["organization_id"] == org_id}
+                users = [u for u in self.state.users.values() if u["id"] in members]
+            else:
+                users = [u for u in self.state.users.values() if admin or u["id"] == user["id"]]
             users = self._filter(
                 users,
                 ctx.query,
