@@ -292,13 +292,22 @@ class CvatSink:
             self.state.record_upload(job_id, frame, issue_id=issue_id)
 
     def _remove_ours(self, frame: int, tags: list[OurTag], issue: OurIssue | None) -> None:
-        """--relabel: delete prelabel's own tags and open issue on this frame, nothing else.
+        """--relabel: delete prelabel's own open issue and tags on this frame, nothing else.
 
         The state file forgets them first: a tag it still records but the server no longer
         holds is one a person removed, which no later run writes again (`jobs._plan_job`).
+        The issue goes first: CVAT refuses its deletion to a user who neither created it nor
+        is staff of the task (issues.rego), and the refusal then leaves the frame as it was.
         """
         if self.state is not None:
             self.state.forget_uploads(self.plan.job_id, frame)
+        if issue is not None:
+            self.session.call(
+                f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}",
+                lambda: self.session.client.api_client.issues_api.destroy(issue.id),
+            )
+            with self._lock:
+                self.result.issues_deleted.append(issue.id)
         if tags:
             request = models.PatchedLabeledDataRequest(
                 version=0,
@@ -317,13 +326,6 @@ class CvatSink:
             )
             with self._lock:
                 self.result.tags_deleted.extend(tag.id for tag in tags)
-        if issue is not None:
-            self.session.call(
-                f"removing prelabel's issue from frame {frame} of job {self.plan.job_id}",
-                lambda: self.session.client.api_client.issues_api.destroy(issue.id),
-            )
-            with self._lock:
-                self.result.issues_deleted.append(issue.id)
 
 
 class Outcome:
