@@ -207,6 +207,25 @@ def test_a_worker_runs_the_job_assigned_to_them_in_the_organization(org_server):
         }
 
 
+def test_relabel_by_a_job_s_assignee_leaves_the_issues_they_may_not_delete(org_server):
+    # issues.rego: only an issue's owner, the task's staff or an organization maintainer may
+    # delete it. The refused deletion comes before any of the frame's tags are touched.
+    job_id = org_server.jobs(org_server.org_task)[1]["id"]
+    org_server.assign("job", job_id, "walt")
+    owner = _env(org_server, "olga")
+    assert run_cli("setup", "--project-id", str(org_server.org_project), env=owner).returncode == 0
+    to_review = tiny_args("--accept-threshold", "1", "--min-margin", "0")  # every frame: an issue by olga
+    assert run_cli("run", "--job-id", str(job_id), *to_review, env=owner).returncode == 0
+    before = (org_server.annotations(job_id), org_server.issues(job_id))
+    assert len(before[1]) == 2
+
+    result = run_cli("run", "--job-id", str(job_id), "--relabel", *to_review, env=_env(org_server, "walt"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
+    assert "removing prelabel's issue from frame" in line and "permission denied" in line
+    assert (org_server.annotations(job_id), org_server.issues(job_id)) == before
+
+
 @pytest.mark.parametrize(
     ("user", "extra", "fragment"),
     [

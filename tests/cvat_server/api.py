@@ -759,9 +759,11 @@ class Api:
             return Reply(body=self.ser.issue(issue))
 
     def issues_delete(self, ctx: Ctx, id: int) -> Reply:
-        """DELETE /api/issues/{id}: 204, its comments go too."""
+        """DELETE /api/issues/{id}: 204, its comments go too; 403 for whom issues.rego refuses."""
         with self.state.lock:
-            self._get(ctx, "issue", id)
+            issue = self._get(ctx, "issue", id)
+            if not self.state.may_delete_issue(ctx.user, issue):
+                raise forbidden()
             self.state.delete_issue(id)
             return Reply(status=204)
 

@@ -485,6 +485,16 @@ class State:
             return True
         return self._task_staff(user, task)
 
+    def may_delete_issue(self, user: dict[str, Any], issue: dict[str, Any]) -> bool:
+        """Whether `user` may delete the issue (issues.rego ``delete``): its owner, staff of its
+        job's task (not the job's assignee alone), or an owner or maintainer of its organization."""
+        if issue["owner_id"] == user["id"]:
+            return True
+        org_id = self.object_org("issue", issue)
+        if org_id is not None and self.member_role(user, org_id) in ("owner", "maintainer"):
+            return True
+        return self._task_staff(user, self.tasks[self.jobs[issue["job_id"]]["task_id"]])
+
     def can_see_task(self, user: dict[str, Any], task: dict[str, Any]) -> bool:
         """Task staff, or the assignee of one of its jobs."""
         return self._task_staff(user, task) or any(
