@@ -654,6 +654,11 @@ def test_job_annotations_create_update_delete(seeded: Seeded, client: Client) ->
         models.LabeledDataRequest(tags=[tag_request(0, label_ids["cat"]), tag_request(2, label_ids["dog"])])
     )
     assert [t["frame"] for t in seeded.server.annotations(job_id)["tags"]] == [0, 2]
+    # read back, a tag written without its label's attributes has them at their defaults
+    read = api.retrieve_annotations(job_id)[0].tags[0]
+    cat = client.api_client.labels_api.retrieve(label_ids["cat"])[0]
+    defaults = {spec.id: spec.default_value for spec in cat.attributes}
+    assert {a.spec_id: a.value for a in read.attributes} == defaults and defaults
     job.remove_annotations()
     assert seeded.server.annotations(job_id)["tags"] == []
     assert seeded.server.violations == []

@@ -722,9 +722,20 @@ class State:
                 self.projects[task["project_id"]]["updated_date"] = ts
 
     def job_annotations(self, job_id: int) -> dict[str, Any]:
-        """A copy of a job's annotations."""
+        """A copy of a job's annotations, as CVAT reads them back: a tag or shape lacking an
+        attribute of its label gets it at its default value (`_extend_attributes` in
+        cvat/apps/dataset_manager/task.py)."""
         with self.lock:
-            return {"version": 0, **copy.deepcopy(self.annotations[job_id])}
+            data = {"version": 0, **copy.deepcopy(self.annotations[job_id])}
+            for obj in data["tags"] + data["shapes"]:
+                label = self.labels.get(obj["label_id"])
+                present = {attribute["spec_id"] for attribute in obj["attributes"]}
+                obj["attributes"] += [
+                    {"spec_id": spec["id"], "value": spec["default_value"]}
+                    for spec in (label["attributes"] if label else [])
+                    if spec["id"] not in present
+                ]
+            return data
 
     def task_jobs(self, task_id: int, job_type: str | None = "annotation") -> list[dict[str, Any]]:
         """A task's jobs (of one type, or all), by start frame."""
