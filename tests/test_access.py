@@ -13,7 +13,7 @@ import pytest
 from cvat_sdk import make_client
 from cvat_sdk.api_client.exceptions import ApiException
 
-from tests.conftest import run_cli
+from tests.conftest import TINY_MODEL, run_cli
 from tests.cvat_fixtures import LABELS, PASSWORD, Project, tiny_args
 from tests.cvat_server import CvatTestServer, sample_jpegs
 
@@ -122,6 +122,31 @@ def org_server():
 
 def _env(server, user: str) -> dict[str, str]:
     return {"CVAT_HOST": server.url, "CVAT_USERNAME": user, "CVAT_PASSWORD": PASSWORD}
+
+
+def test_the_webhook_service_works_on_each_task_in_its_own_organization(org_server, tmp_path: Path):
+    # `prelabel serve` knows no target when it starts: each delivery's task (or job) is worked
+    # on in its organization, the next one in its own, as `run` does with its target.
+    from connectors.cvat.perform import CvatWork
+    from connectors.cvat.session import CvatSession
+    from prelabel.config import load_config
+
+    for project in (org_server.org_project, org_server.personal_project):
+        assert run_cli("setup", "--project-id", str(project), env=_env(org_server, "maria")).returncode == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(f'model: {{name: "{TINY_MODEL}", pretrained: none}}\n')
+    client = make_client(org_server.url, credentials=("maria", PASSWORD))
+    work = CvatWork(CvatSession(client), load_config(config), tmp_path / "state.db")
+    tasks = org_server.state.tasks
+    personal = next(t for t in tasks if tasks[t]["project_id"] == org_server.personal_project)
+    later = org_server.add_image_task(
+        org_server.org_project, sample_jpegs(2, prefix="l_"), name="l", segment_size=2
+    )
+    wanted = {org_server.org_task: "3 jobs labeled, 6 frames", personal: "1 jobs labeled, 2 frames"}
+    wanted[later] = "1 jobs labeled, 2 frames"
+    for task, says in wanted.items():
+        done = work({"kind": "label_task", "project_id": None, "task_id": task})
+        assert done.startswith(f"task {task}: {says},"), done
 
 
 def test_reviewers_in_an_organization_are_its_members(org_server, tmp_path: Path):

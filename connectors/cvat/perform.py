@@ -6,6 +6,8 @@ same composition as `prelabel run` (`label_target`) and `review sync`
 nothing the second time. The model is loaded once, at the first task; the text classifier
 is built once per label set. With a queue, a task's jobs are put on it instead (one entry
 per job, as `prelabel enqueue --task-id` does) and `prelabel worker` processes label them.
+Each item is worked on in the organization of its task or job, as `run` follows its target's
+(CVAT lists an organization's jobs only in its context), unless `--org` names the one to use.
 With `metrics`, each labeled job is counted as it finishes, and each labeled task's time
 from creation in CVAT to its pre-labels.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 from redis import Redis
 
+from connectors.cvat.access import resolve_organization
 from connectors.cvat.assign import Reviewer, resolve_reviewers
 from connectors.cvat.driver import LabelRequest, label_target
 from connectors.cvat.observe import observed, record_job, task_created_at
@@ -50,13 +53,17 @@ class CvatWork:
         self.state_path = Path(state_path)
         self.pipelines = PipelineCache()
         self._reviewers: list[Reviewer] | None = None
+        self._organization = session.client.organization_slug
+        """The organization asked for (--org, cvat.organization), or None: each item's own."""
 
     def __call__(self, item: dict[str, Any]) -> str:
         """Do one item (a `WorkItem` as a dict); returns a one-line summary."""
         work = WorkItem.from_dict(item)
         if work.kind == "label_task" and work.task_id is not None:
+            self._work_in_organization_of({"task_id": work.task_id})
             return self.label_task(work.task_id)
         if work.kind != "label_task" and work.job_id is not None:
+            self._work_in_organization_of({"job_id": work.job_id})
             return self.sync_job(work.job_id)
         raise PrelabelError(f"a {work.kind} work item without its task or job id: {item}")
 
@@ -105,3 +112,8 @@ class CvatWork:
             counts = sync_reviews(self.session, state, [job_id])
         summary = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items()))
         return f"job {job_id}: synced {summary or 'nothing (prelabel has no frames of it)'}"
+
+    def _work_in_organization_of(self, target: dict[str, int]) -> None:
+        """Switch the session to the organization of `target`'s object (`resolve_organization`)."""
+        self.session.client.organization_slug = self._organization
+        resolve_organization(self.session, target)
