@@ -300,9 +300,9 @@ class Api:
         return Reply(body=self.ser.user(ctx.user))
 
     def users_list(self, ctx: Ctx) -> Reply:
-        """GET /api/users, as users.rego filters it: in an organization, its members (for
-        admins too; others than members get 403); outside one, every user for an admin and
-        only themselves for anyone else (as BasicUser)."""
+        """GET /api/users, as users.rego filters it: in an organization, its members (to an
+        admin too; anyone else who is not a member gets 403); outside one, every user to an
+        admin and only themselves to anyone else (as BasicUser)."""
         user = ctx.user
         assert user is not None
         admin = self.state.is_admin(user)

@@ -479,21 +479,18 @@ class State:
         """Whether `user` may change the job's stage or assignee (jobs.rego ``update:stage``,
         ``update:assignee``): staff of its task (not its own assignee alone), or an owner or
         maintainer of the job's organization."""
-        task = self.tasks[job["task_id"]]
-        org_id = self.object_org("job", job)
-        if org_id is not None and self.member_role(user, org_id) in ("owner", "maintainer"):
-            return True
-        return self._task_staff(user, task)
+        return self._manages(user, "job", job) or self._task_staff(user, self.tasks[job["task_id"]])
 
     def may_delete_issue(self, user: dict[str, Any], issue: dict[str, Any]) -> bool:
         """Whether `user` may delete the issue (issues.rego ``delete``): its owner, staff of its
         job's task (not the job's assignee alone), or an owner or maintainer of its organization."""
-        if issue["owner_id"] == user["id"]:
-            return True
-        org_id = self.object_org("issue", issue)
-        if org_id is not None and self.member_role(user, org_id) in ("owner", "maintainer"):
-            return True
-        return self._task_staff(user, self.tasks[self.jobs[issue["job_id"]]["task_id"]])
+        job = self.jobs[issue["job_id"]]
+        return issue["owner_id"] == user["id"] or self.may_route_job(user, job)
+
+    def _manages(self, user: dict[str, Any], kind: str, obj: dict[str, Any]) -> bool:
+        """An owner or maintainer of the organization the object belongs to."""
+        org_id = self.object_org(kind, obj)
+        return org_id is not None and self.member_role(user, org_id) in ("owner", "maintainer")
 
     def can_see_task(self, user: dict[str, Any], task: dict[str, Any]) -> bool:
         """Task staff, or the assignee of one of its jobs."""
